@@ -1,0 +1,122 @@
+"""The embedded default: synthetic rendered hands from the procedural MANO-format hand.
+
+Usage:
+  python launch.py --config=configs/synthetic.py            # the demo setting
+  python launch.py --config=configs/synthetic.py:smoke      # tiny, seconds on one CPU core
+  python launch.py --config=configs/synthetic.py --config.decoder=vanilla --config.diffusion=False
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  """Returns the experiment config; `arg` picks a variant (None or 'smoke')."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # ---- Hand model ----
+  config.mano_path = ''             # '' = synthetic_mano(config.mano_seed); else MANO_RIGHT.pkl / .npz
+  config.mano_seed = 0
+  config.tip_vertex_ids = (744, 320, 443, 555, 672)  # thumb, index, middle, ring, pinky (FreiHAND)
+  config.vertex_scale = 0.1         # metres per unit of the diffusion variable
+
+  # ---- Ablation switches (paper Table 4) ----
+  config.decoder = 'cross_modality'  # 'cross_modality' | 'vanilla'
+  config.diffusion = True            # False: direct regression from a zero input with t = 0
+
+  # ---- Data ----
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'synthetic'     # 'synthetic' | 'freihand'
+  config.data.root = ''              # FreiHAND root (manual_dir) for name='freihand'
+  config.data.tfds_data_dir = 'data/tfds'
+  config.data.num_train = 8192       # synthetic set sizes (examples)
+  config.data.num_eval = 512
+  config.data.render_size = 224      # synthetic images are rendered at this size
+  config.data.image_size = 128       # network input (crop resized to this)
+  config.data.use_depth = False
+  config.data.shuffle_buffer = 2048
+  config.data.scale_jitter = 0.25    # relative crop size jitter
+  config.data.center_jitter = 0.1    # crop centre jitter, fraction of the crop size
+  config.data.rotation_deg = 30.0    # uniform in [-r, r]
+  config.data.color_jitter = 0.2
+  config.data.flip = False           # random horizontal flip (right<->left handled)
+  config.data.crop_margin = 1.4      # crop side = margin * extent of the 2D joints
+
+  # ---- Model ----
+  config.model = ml_collections.ConfigDict()
+  config.model.encoder = 'vit'        # 'vit' | 'deit' | 'hrnet'
+  config.model.encoder_size = 'tiny'  # tiny | small | base | large (ViT/DeiT); hrnet: w32 | w48 | w64
+  config.model.patch_size = 16
+  config.model.distilled = False      # DeiT distillation token
+  config.model.pretrained_path = ''   # timm-format .safetensors (user supplied)
+  config.model.pretrained_image_size = 224
+  config.model.width = 128            # decoder channels C
+  config.model.num_heads = 4
+  config.model.num_blocks = 3         # cross-modality blocks
+  config.model.downsample_rate = 4    # r: levels N, N/r, N/r^2
+  config.model.num_levels = 2         # downsamplings in the U-shaped vertex block
+  config.model.mlp_ratio = 4
+  config.model.use_depth = False
+  config.model.dtype = 'float32'      # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+
+  # ---- Diffusion ----
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.num_timesteps = 1000
+  config.schedule.cosine_s = 0.008
+  config.sampling = ml_collections.ConfigDict()
+  config.sampling.num_steps = 10
+  config.sampling.eta = 0.0
+  config.sampling.num_hypotheses = 1
+  config.sampling.aggregate = 'mean'  # 'mean' | 'medoid'
+
+  # ---- Losses (DESIGN §5) ----
+  config.loss = ml_collections.ConfigDict()
+  config.loss.x0_weight = 1.0
+  config.loss.mesh_weight = 1.0
+  config.loss.normal_weight = 0.05
+
+  # ---- Optimiser ----
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 3e-4
+  config.optim.warmup_steps = 200
+  config.optim.weight_decay = 1e-4
+  config.optim.grad_clip_norm = 1.0
+  config.optim.ema_decay = 0.0        # > 0: keep an EMA of params, used for evaluation
+
+  # ---- Training ----
+  config.train = ml_collections.ConfigDict()
+  config.train.global_batch_size = 32
+  config.train.num_steps = 3000
+  config.train.parallelism = 'jit'     # 'jit' (NamedSharding over a 1-D data mesh) | 'pmap'
+  config.train.log_every = 50
+  config.train.eval_every = 1000
+  config.train.checkpoint_every = 500
+  config.train.keep_checkpoints = 3
+  config.train.best_metric = 'pa_mpvpe'  # lower is better
+
+  # ---- Evaluation ----
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 64
+  config.eval.tta_angles = ()          # degrees, e.g. (-10., 0., 10.)
+  config.eval.num_examples = -1        # -1 = the whole split
+
+  if arg == 'smoke':
+    config.data.num_train = 64
+    config.data.num_eval = 16
+    config.data.render_size = 64
+    config.data.image_size = 64
+    config.data.shuffle_buffer = 64
+    config.model.width = 32
+    config.model.num_heads = 2
+    config.model.num_blocks = 1
+    config.model.encoder_size = 'micro'  # 2 blocks of width 64: tests and smoke runs only
+    config.sampling.num_steps = 2
+    config.optim.warmup_steps = 2
+    config.train.global_batch_size = 8
+    config.train.num_steps = 4
+    config.train.log_every = 1
+    config.train.eval_every = 4
+    config.train.checkpoint_every = 2
+    config.eval.batch_size = 8
+  elif arg not in (None, ''):
+    raise ValueError(f'unknown variant {arg!r} of configs/synthetic.py (known: smoke)')
+  return config
