@@ -1,0 +1,76 @@
+"""Encoder factory: `config.model` -> a Flax module `(images, depth=None) -> (tokens, embedding)`.
+
+Config keys read (configs/synthetic.py, `config.model`): encoder ('vit' | 'deit' | 'hrnet'),
+encoder_size, patch_size, distilled, use_depth, pretrained_image_size, and depth_zero_init
+('all' | 'last', default 'all' when absent).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from diffhand_jax.models import hrnet
+from diffhand_jax.models import vit
+
+ENCODERS = ('vit', 'deit', 'hrnet')
+
+
+def _check_name(model_config):
+  """Validates encoder / size / distilled and returns (encoder, size)."""
+  name, size = model_config.encoder, model_config.encoder_size
+  if name not in ENCODERS:
+    raise ValueError(f'model.encoder={name!r}; expected one of {ENCODERS}')
+  sizes = hrnet.HRNET_SIZES if name == 'hrnet' else vit.VIT_SIZES
+  if size not in sizes:
+    raise ValueError(f'model.encoder_size={size!r} is not a {name} size; expected one of '
+                     f'{tuple(sizes)}')
+  # The distillation token is DeiT's; HRNet has no tokens to add it to.
+  if model_config.distilled and name != 'deit':
+    raise ValueError(f'model.distilled=True needs model.encoder="deit", got {name!r}')
+  return name, size
+
+
+def encoder_width(model_config) -> int:
+  """Token / embedding width D of the encoder that `build_encoder` makes."""
+  name, size = _check_name(model_config)
+  if name == 'hrnet':
+    return hrnet.HRNET_SIZES[size].widths[0]
+  return vit.VIT_SIZES[size][1]
+
+
+def encoder_stride(model_config) -> int:
+  """Pixels per token side: patch_size for ViT/DeiT, 4 for HRNet's high-resolution branch."""
+  name, _ = _check_name(model_config)
+  return hrnet.STEM_STRIDE if name == 'hrnet' else model_config.patch_size
+
+
+def num_tokens(model_config, image_size: int) -> int:
+  """Number of tokens P for square images of side `image_size`."""
+  stride = encoder_stride(model_config)
+  if image_size % stride:
+    raise ValueError(f'image_size={image_size} is not a multiple of the encoder stride {stride}')
+  return (image_size // stride)**2
+
+
+def build_encoder(model_config, dtype: Any = jnp.float32) -> nn.Module:
+  """Builds the image encoder described by `config.model`.
+
+  Args:
+    model_config: `config.model` (see the module docstring for the keys read).
+    dtype: computation dtype (a jnp dtype or its name, e.g. 'bfloat16'); params stay float32.
+  Returns:
+    A module whose `__call__(images [B,H,W,3], depth=None [B,H,W,1])` returns
+    (tokens [B,P,D], embedding [B,D]) with D = encoder_width(model_config).
+  """
+  name, size = _check_name(model_config)
+  dtype = jnp.dtype(dtype)
+  depth_zero_init = model_config.get('depth_zero_init', 'all')
+  if name == 'hrnet':
+    return hrnet.HRNet(spec=hrnet.HRNET_SIZES[size], use_depth=model_config.use_depth,
+                       depth_zero_init=depth_zero_init, dtype=dtype)
+  depth, width, num_heads = vit.VIT_SIZES[size]
+  return vit.VisionTransformer(
+      width=width, depth=depth, num_heads=num_heads, patch_size=model_config.patch_size,
+      distilled=model_config.distilled,
+      pretrained_image_size=model_config.pretrained_image_size,
+      use_depth=model_config.use_depth, depth_zero_init=depth_zero_init, dtype=dtype)

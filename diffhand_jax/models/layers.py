@@ -1,0 +1,76 @@
+"""Small building blocks shared by the encoders and the decoder.
+
+Parameters are float32 (`param_dtype`); computation runs in `dtype` (e.g. bfloat16 for mixed
+precision). Submodule names follow timm (`fc1`, `fc2`, `qkv`, `proj`) so that importing timm
+weights is a mechanical renaming (kernel = weight.T).
+"""
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# timm initialises Linear weights with a truncated normal of std 0.02 and zero biases.
+DENSE_INIT = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def exact_gelu(x: jax.Array) -> jax.Array:
+  """GELU with erf, as timm / PyTorch `nn.GELU()`; flax's default is the tanh approximation."""
+  return nn.gelu(x, approximate=False)
+
+
+class Mlp(nn.Module):
+  """Two dense layers with an exact GELU between them (the transformer MLP).
+
+  Attributes:
+    hidden_dim: width of the hidden layer.
+    out_dim: output width; None keeps the input width.
+    dtype: computation dtype.
+  """
+  hidden_dim: int
+  out_dim: Optional[int] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x: [..., channels]. Returns: [..., out_dim or channels]."""
+    out_dim = x.shape[-1] if self.out_dim is None else self.out_dim
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=DENSE_INIT, name='fc1')(x)
+    x = exact_gelu(x)
+    return nn.Dense(out_dim, dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=DENSE_INIT, name='fc2')(x)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with one fused qkv projection (timm's `Attention`).
+
+  A fused `qkv` Dense of width 3*D (ordered q | k | v, heads contiguous inside each) maps
+  one-to-one onto timm's `attn.qkv` Linear; `nn.MultiHeadDotProductAttention` would need the
+  timm matrix split and reshaped per head. The softmax runs in float32 for bfloat16 stability.
+
+  Attributes:
+    num_heads: number of heads; must divide the token width.
+    dtype: computation dtype.
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x: [batch, tokens, width]. Returns: [batch, tokens, width]."""
+    batch, tokens, width = x.shape
+    if width % self.num_heads:
+      raise ValueError(f'token width {width} is not divisible by num_heads={self.num_heads}')
+    head_dim = width // self.num_heads
+    qkv = nn.Dense(3 * width, dtype=self.dtype, param_dtype=jnp.float32,
+                   kernel_init=DENSE_INIT, name='qkv')(x)
+    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [batch, tokens, heads, head_dim]
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * head_dim**-0.5
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, tokens, width)
+    return nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=DENSE_INIT, name='proj')(out)
