@@ -56,6 +56,7 @@ def get_config(arg=None):
   config.model.num_levels = 2         # downsamplings in the U-shaped vertex block
   config.model.mlp_ratio = 4
   config.model.use_depth = False
+  config.model.depth_zero_init = 'all'  # 'all' (paper/DESIGN: every depth conv zero) | 'last'
   config.model.dtype = 'float32'      # compute dtype: 'float32' | 'bfloat16' (params stay float32)
 
   # ---- Diffusion ----
