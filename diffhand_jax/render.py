@@ -1,0 +1,468 @@
+"""A CPU z-buffer renderer for triangle meshes (numpy only, no OpenGL).
+
+Conventions (shared by every function here):
+- Vertices are in the camera frame, metres: x right, y down, z forward along the optical axis
+  (OpenCV). A point projects to `uv = (K @ p)[:2] / p[2]`.
+- Pixel (row i, column j) has its centre at u = j, v = i (OpenCV), so `uv` from `project_points`
+  can be compared with pixel indices directly.
+- Colours are RGB floats in [0, 1]; images passed in and returned by the drawing helpers are
+  uint8 (H, W, 3).
+- Triangles are rendered two-sided; a triangle with a vertex at z <= `near` is skipped (there is
+  no near-plane clipping: the meshes we draw lie well in front of the camera).
+"""
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+
+# FreiHAND skeleton: wrist -> each finger's base -> ... -> tip (joint order of datasets/features).
+HAND_BONES = ((0, 1), (1, 2), (2, 3), (3, 4),
+              (0, 5), (5, 6), (6, 7), (7, 8),
+              (0, 9), (9, 10), (10, 11), (11, 12),
+              (0, 13), (13, 14), (14, 15), (15, 16),
+              (0, 17), (17, 18), (18, 19), (19, 20))
+# One colour per finger (thumb, index, middle, ring, pinky), used for bones and joints.
+FINGER_COLORS = ((0.95, 0.25, 0.2), (0.95, 0.75, 0.1), (0.2, 0.8, 0.25),
+                 (0.15, 0.6, 0.95), (0.75, 0.3, 0.9))
+DEFAULT_SKIN = (0.85, 0.64, 0.52)
+# The light comes from the camera's side, slightly from above (-y) and the left (-x).
+DEFAULT_LIGHT = (-0.3, -0.4, -1.0)
+# Barycentric tolerance: pixels exactly on a shared edge are claimed by both triangles (the
+# z-buffer picks one), so rounding never opens cracks between neighbours.
+_INSIDE_EPS = 1e-9
+
+
+class Rasterization(NamedTuple):
+  """Per-pixel result of `rasterize`.
+
+  Attributes:
+    depth: [H, W] float32, metres along the optical axis of the nearest surface, 0 = empty.
+    face_index: [H, W] int32, index of the visible face, -1 = empty.
+    barycentric: [H, W, 3] float32, perspective-correct barycentric coordinates of the visible
+      point in its face (sum to 1; zeros where empty).
+  """
+  depth: np.ndarray
+  face_index: np.ndarray
+  barycentric: np.ndarray
+
+
+# ---- Input checks ----
+
+def _check_vertices(vertices, name='vertices'):
+  vertices = np.asarray(vertices, dtype=np.float64)
+  if vertices.ndim != 2 or vertices.shape[1] != 3:
+    raise ValueError(f'{name} must have shape (V, 3), got {vertices.shape}')
+  if not np.all(np.isfinite(vertices)):
+    raise ValueError(f'{name} contain NaN or inf')
+  return vertices
+
+
+def _check_faces(faces, num_vertices):
+  faces = np.asarray(faces)
+  if faces.ndim != 2 or faces.shape[1] != 3:
+    raise ValueError(f'faces must have shape (F, 3), got {faces.shape}')
+  if not np.issubdtype(faces.dtype, np.integer):
+    raise ValueError(f'faces must be integer indices, got dtype {faces.dtype}')
+  if faces.size and (faces.min() < 0 or faces.max() >= num_vertices):
+    raise ValueError(f'faces index vertices outside [0, {num_vertices})')
+  return faces.astype(np.int64)
+
+
+def _check_intrinsics(K):
+  K = np.asarray(K, dtype=np.float64)
+  if K.shape != (3, 3):
+    raise ValueError(f'K must have shape (3, 3), got {K.shape}')
+  if not np.all(np.isfinite(K)):
+    raise ValueError('K contains NaN or inf')
+  return K
+
+
+def _check_size(height, width):
+  if int(height) != height or int(width) != width or height < 1 or width < 1:
+    raise ValueError(f'image size must be positive integers, got {height}x{width}')
+  return int(height), int(width)
+
+
+def _check_color(color, name='color'):
+  color = np.asarray(color, dtype=np.float64)
+  if color.shape != (3,) or not np.all(np.isfinite(color)):
+    raise ValueError(f'{name} must be 3 finite RGB floats in [0, 1], got {color!r}')
+  return color
+
+
+def _check_image(image):
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+    raise ValueError(f'image must be uint8 (H, W, 3), got {image.dtype} {image.shape}')
+  return image
+
+
+# ---- Geometry ----
+
+def project_points(points, K):
+  """Pinhole projection.
+
+  Args:
+    points: [N, 3] camera-frame points (z > 0).
+    K: [3, 3] intrinsics.
+
+  Returns:
+    [N, 2] pixel coordinates (u, v).
+  """
+  points = _check_vertices(points, 'points')
+  K = _check_intrinsics(K)
+  homogeneous = points @ K.T
+  return homogeneous[:, :2] / homogeneous[:, 2:3]
+
+
+def face_normals(vertices, faces):
+  """Unnormalised face normals (v1 - v0) x (v2 - v0), length = twice the face area.
+
+  Args:
+    vertices: [V, 3].
+    faces: [F, 3] int.
+
+  Returns:
+    [F, 3].
+  """
+  tri = vertices[faces]
+  return np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+
+
+def vertex_normals(vertices, faces):
+  """Area-weighted unit vertex normals (zero for vertices in no face).
+
+  Args:
+    vertices: [V, 3].
+    faces: [F, 3] int.
+
+  Returns:
+    [V, 3].
+  """
+  normals = np.zeros_like(vertices, dtype=np.float64)
+  per_face = face_normals(vertices, faces)
+  for corner in range(3):
+    np.add.at(normals, faces[:, corner], per_face)
+  length = np.linalg.norm(normals, axis=1, keepdims=True)
+  return normals / np.maximum(length, 1e-30)
+
+
+# ---- Rasterisation ----
+
+def _face_chunks(counts, max_candidates):
+  """Splits faces into runs whose bounding boxes hold at most ~max_candidates pixels."""
+  bounds = [0]
+  total = 0
+  for face, count in enumerate(counts):
+    if total and total + count > max_candidates:
+      bounds.append(face)
+      total = 0
+    total += count
+  bounds.append(len(counts))
+  return zip(bounds[:-1], bounds[1:])
+
+
+def rasterize(vertices, faces, K, height, width, *, near=1e-4, max_candidates=1 << 21):
+  """Rasterises a triangle mesh with a z-buffer.
+
+  Every face tests the pixel centres inside its screen bounding box (vectorised over all
+  faces at once); 1/z is affine in screen space, so the depth of a covered pixel is the exact
+  depth of the plane of its triangle along that pixel's ray.
+
+  Args:
+    vertices: [V, 3] camera-frame vertices, metres.
+    faces: [F, 3] int vertex indices.
+    K: [3, 3] intrinsics.
+    height: image rows.
+    width: image columns.
+    near: faces with a vertex at z <= near are skipped.
+    max_candidates: bounds the memory used at once (pixel tests per chunk of faces).
+
+  Returns:
+    A `Rasterization` (depth [H, W], face_index [H, W], barycentric [H, W, 3]).
+  """
+  vertices = _check_vertices(vertices)
+  faces = _check_faces(faces, len(vertices))
+  K = _check_intrinsics(K)
+  height, width = _check_size(height, width)
+
+  z = vertices[:, 2]
+  safe_z = np.where(z > near, z, 1.0)
+  uv = (vertices @ K.T)[:, :2] / safe_z[:, None]
+  tri_u, tri_v = uv[faces, 0], uv[faces, 1]                # [F, 3] each
+  tri_inv_z = 1.0 / safe_z[faces]                           # [F, 3]
+  area2 = ((tri_u[:, 1] - tri_u[:, 0]) * (tri_v[:, 2] - tri_v[:, 0])
+           - (tri_u[:, 2] - tri_u[:, 0]) * (tri_v[:, 1] - tri_v[:, 0]))
+  usable = np.all(z[faces] > near, axis=1) & (np.abs(area2) > 1e-12)
+  area2 = np.where(usable, area2, 1.0)
+
+  # Screen-space barycentric w_k(u, v) = a_k u + b_k v + c_k (edge functions / 2 * area).
+  nxt, prv = [1, 2, 0], [2, 0, 1]
+  coef_a = (tri_v[:, nxt] - tri_v[:, prv]) / area2[:, None]
+  coef_b = (tri_u[:, prv] - tri_u[:, nxt]) / area2[:, None]
+  coef_c = (tri_u[:, nxt] * tri_v[:, prv] - tri_u[:, prv] * tri_v[:, nxt]) / area2[:, None]
+
+  x_lo = np.clip(np.ceil(tri_u.min(axis=1)), 0, width).astype(np.int64)
+  x_hi = np.clip(np.floor(tri_u.max(axis=1)), -1, width - 1).astype(np.int64)
+  y_lo = np.clip(np.ceil(tri_v.min(axis=1)), 0, height).astype(np.int64)
+  y_hi = np.clip(np.floor(tri_v.max(axis=1)), -1, height - 1).astype(np.int64)
+  box_w = np.maximum(x_hi - x_lo + 1, 0)
+  box_h = np.maximum(y_hi - y_lo + 1, 0)
+  counts = np.where(usable, box_w * box_h, 0)
+
+  best_inv_z = np.zeros(height * width)            # 1/depth of the nearest hit so far
+  face_buf = np.full(height * width, -1, dtype=np.int64)
+  bary_buf = np.zeros((height * width, 3))
+  for start, stop in _face_chunks(counts, max_candidates):
+    chunk_counts = counts[start:stop]
+    total = int(chunk_counts.sum())
+    if total == 0:
+      continue
+    face = np.repeat(np.arange(start, stop), chunk_counts)
+    offset = np.arange(total) - np.repeat(np.cumsum(chunk_counts) - chunk_counts, chunk_counts)
+    px = x_lo[face] + offset % box_w[face]
+    py = y_lo[face] + offset // box_w[face]
+    w = coef_a[face] * px[:, None] + coef_b[face] * py[:, None] + coef_c[face]
+    inside = np.all(w >= -_INSIDE_EPS, axis=1)
+    face, px, py, w = face[inside], px[inside], py[inside], w[inside]
+    inv_z = np.sum(w * tri_inv_z[face], axis=1)
+    pixel = py * width + px
+    np.maximum.at(best_inv_z, pixel, inv_z)
+    # Among candidates that reach the nearest depth keep one per pixel (the last on ties).
+    nearest = np.flatnonzero(inv_z == best_inv_z[pixel])
+    winner = np.full(height * width, -1, dtype=np.int64)
+    np.maximum.at(winner, pixel[nearest], nearest)
+    chosen = winner[winner >= 0]
+    face_buf[pixel[chosen]] = face[chosen]
+    bary_buf[pixel[chosen]] = w[chosen] * tri_inv_z[face[chosen]] / inv_z[chosen, None]
+
+  hit = face_buf >= 0
+  depth = np.where(hit, 1.0 / np.where(hit, best_inv_z, 1.0), 0.0)
+  return Rasterization(
+      depth=depth.reshape(height, width).astype(np.float32),
+      face_index=face_buf.reshape(height, width).astype(np.int32),
+      barycentric=bary_buf.reshape(height, width, 3).astype(np.float32))
+
+
+# ---- Shading ----
+
+def shade(raster, vertices, faces, *, color=DEFAULT_SKIN, light_dir=DEFAULT_LIGHT,
+          ambient=0.35, background=None):
+  """Lambert + ambient shading of a rasterised mesh with smooth (interpolated) normals.
+
+  The normal is flipped towards the camera on back faces (two-sided lighting), so the
+  face winding does not matter.
+
+  Args:
+    raster: a `Rasterization` of (vertices, faces).
+    vertices: [V, 3] camera-frame vertices.
+    faces: [F, 3] int.
+    color: RGB albedo in [0, 1].
+    light_dir: [3] direction from the surface towards the light, camera frame.
+    ambient: in [0, 1], the share of light that does not depend on the normal.
+    background: [H, W, 3] uint8 or float in [0, 1]; None = black.
+
+  Returns:
+    [H, W, 3] float32 RGB in [0, 1].
+  """
+  vertices = _check_vertices(vertices)
+  faces = _check_faces(faces, len(vertices))
+  color = _check_color(color)
+  light = np.asarray(light_dir, dtype=np.float64)
+  if light.shape != (3,) or not np.all(np.isfinite(light)) or not np.any(light):
+    raise ValueError(f'light_dir must be a finite non-zero 3-vector, got {light_dir!r}')
+  if not 0.0 <= ambient <= 1.0:
+    raise ValueError(f'ambient must be in [0, 1], got {ambient}')
+  light = light / np.linalg.norm(light)
+  height, width = raster.face_index.shape
+  if background is None:
+    image = np.zeros((height, width, 3), dtype=np.float32)
+  else:
+    image = _background_float(background, height, width)
+
+  mask = raster.face_index >= 0
+  face = raster.face_index[mask]
+  corner_normals = vertex_normals(vertices, faces)[faces[face]]       # [P, 3, 3]
+  normal = np.einsum('pk,pkc->pc', raster.barycentric[mask], corner_normals)
+  normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-30)
+  centroid = vertices[faces].mean(axis=1)
+  towards_camera = np.sum(face_normals(vertices, faces) * -centroid, axis=1) >= 0
+  normal *= np.where(towards_camera[face], 1.0, -1.0)[:, None]
+  intensity = ambient + (1.0 - ambient) * np.clip(normal @ light, 0.0, None)
+  image[mask] = (intensity[:, None] * color).astype(np.float32)
+  return image
+
+
+def _background_float(background, height, width):
+  background = np.asarray(background)
+  if background.shape != (height, width, 3):
+    raise ValueError(f'background must have shape {(height, width, 3)}, got {background.shape}')
+  if background.dtype == np.uint8:
+    return background.astype(np.float32) / 255.0
+  return np.clip(background, 0.0, 1.0).astype(np.float32)
+
+
+def to_uint8(image):
+  """[H, W, C] float in [0, 1] -> uint8 (rounded, clipped)."""
+  return np.clip(np.round(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
+
+
+def render(vertices, faces, K, height, width, *, color=DEFAULT_SKIN, light_dir=DEFAULT_LIGHT,
+           ambient=0.35, background=None):
+  """Renders a mesh: shaded RGB, exact depth and mask.
+
+  Args:
+    vertices: [V, 3] camera-frame vertices, metres.
+    faces: [F, 3] int.
+    K: [3, 3] intrinsics.
+    height: image rows.
+    width: image columns.
+    color, light_dir, ambient, background: see `shade`.
+
+  Returns:
+    dict with 'image' uint8 [H, W, 3], 'depth' float32 [H, W] (0 = background),
+    'mask' bool [H, W] (= depth > 0), 'face_index' int32 [H, W] (-1 = background).
+  """
+  raster = rasterize(vertices, faces, K, height, width)
+  image = shade(raster, vertices, faces, color=color, light_dir=light_dir, ambient=ambient,
+                background=background)
+  return {'image': to_uint8(image), 'depth': raster.depth, 'mask': raster.face_index >= 0,
+          'face_index': raster.face_index}
+
+
+# ---- Drawing on images (visualisation) ----
+
+def overlay_mesh(image, vertices, faces, K, color=(0.55, 0.7, 1.0), alpha=0.6,
+                 light_dir=DEFAULT_LIGHT, ambient=0.35):
+  """Blends a shaded mesh over an image (e.g. a prediction over its input).
+
+  Args:
+    image: [H, W, 3] uint8.
+    vertices: [V, 3] camera-frame vertices for the intrinsics K of `image`.
+    faces: [F, 3] int.
+    K: [3, 3] intrinsics of `image`.
+    color: RGB in [0, 1].
+    alpha: opacity of the mesh in [0, 1].
+    light_dir, ambient: see `shade`.
+
+  Returns:
+    [H, W, 3] uint8, a new array.
+  """
+  image = _check_image(image)
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f'alpha must be in [0, 1], got {alpha}')
+  height, width = image.shape[:2]
+  raster = rasterize(vertices, faces, K, height, width)
+  shaded = shade(raster, vertices, faces, color=color, light_dir=light_dir, ambient=ambient)
+  mask = (raster.face_index >= 0)[..., None]
+  base = image.astype(np.float32) / 255.0
+  blended = np.where(mask, alpha * shaded + (1.0 - alpha) * base, base)
+  return to_uint8(blended)
+
+
+def _stamp_disks(image, centers, colors, radius):
+  """Paints filled disks (in place). centers: [N, 2] (u, v); colors: [N, 3] in [0, 1]."""
+  height, width = image.shape[:2]
+  reach = int(np.ceil(radius))
+  offsets = np.arange(-reach, reach + 1)
+  du, dv = np.meshgrid(offsets, offsets)
+  disk = (du ** 2 + dv ** 2) <= radius ** 2 + 1e-9
+  du, dv = du[disk], dv[disk]
+  finite = np.all(np.isfinite(centers), axis=1)
+  centers, colors = centers[finite], colors[finite]
+  cu = np.round(centers[:, 0]).astype(np.int64)[:, None] + du
+  cv = np.round(centers[:, 1]).astype(np.int64)[:, None] + dv
+  inside = (cu >= 0) & (cu < width) & (cv >= 0) & (cv < height)
+  pixel_colors = np.broadcast_to(to_uint8(colors)[:, None, :], cu.shape + (3,))
+  image[cv[inside], cu[inside]] = pixel_colors[inside]
+
+
+def _check_points2d(points2d):
+  points2d = np.asarray(points2d, dtype=np.float64)
+  if points2d.ndim != 2 or points2d.shape[1] != 2:
+    raise ValueError(f'points2d must have shape (N, 2), got {points2d.shape}')
+  return points2d
+
+
+def _per_point_colors(color, count):
+  color = np.asarray(color, dtype=np.float64)
+  if color.shape == (3,):
+    color = np.broadcast_to(color, (count, 3))
+  if color.shape != (count, 3):
+    raise ValueError(f'color must be one RGB triple or one per point ({count}, 3), '
+                     f'got {color.shape}')
+  return color
+
+
+def draw_points(image, points2d, color=(1.0, 0.2, 0.2), radius=2.0):
+  """Draws filled dots; points off the image or NaN are skipped.
+
+  Args:
+    image: [H, W, 3] uint8.
+    points2d: [N, 2] pixel coordinates (u, v).
+    color: RGB in [0, 1], one triple or [N, 3].
+    radius: dot radius in pixels.
+
+  Returns:
+    [H, W, 3] uint8, a new array.
+  """
+  image = _check_image(image).copy()
+  points2d = _check_points2d(points2d)
+  _stamp_disks(image, points2d, _per_point_colors(color, len(points2d)), radius)
+  return image
+
+
+def draw_lines(image, starts, ends, color=(1.0, 1.0, 1.0), thickness=1.0):
+  """Draws line segments as a dense chain of dots.
+
+  Args:
+    image: [H, W, 3] uint8.
+    starts: [N, 2] (u, v).
+    ends: [N, 2] (u, v).
+    color: RGB in [0, 1], one triple or [N, 3].
+    thickness: line width in pixels.
+
+  Returns:
+    [H, W, 3] uint8, a new array.
+  """
+  image = _check_image(image).copy()
+  starts, ends = _check_points2d(starts), _check_points2d(ends)
+  if starts.shape != ends.shape:
+    raise ValueError(f'starts {starts.shape} and ends {ends.shape} differ')
+  colors = _per_point_colors(color, len(starts))
+  length = np.linalg.norm(ends - starts, axis=1)
+  length = np.where(np.isfinite(length), length, 0.0)
+  # Two samples per pixel of length leave no gaps.
+  num_samples = np.minimum(np.ceil(2.0 * length).astype(np.int64) + 1, 4 * sum(image.shape))
+  segment = np.repeat(np.arange(len(starts)), num_samples)
+  step = np.arange(num_samples.sum()) - np.repeat(np.cumsum(num_samples) - num_samples,
+                                                  num_samples)
+  fraction = (step / np.maximum(num_samples[segment] - 1, 1))[:, None]
+  points = starts[segment] + fraction * (ends[segment] - starts[segment])
+  _stamp_disks(image, points, colors[segment], max(thickness / 2.0, 0.5))
+  return image
+
+
+def draw_skeleton(image, joints2d, bones=HAND_BONES, thickness=2.0, joint_radius=2.5):
+  """Draws a 21-joint hand skeleton, one colour per finger.
+
+  Args:
+    image: [H, W, 3] uint8.
+    joints2d: [21, 2] pixel coordinates in FreiHAND order.
+    bones: (parent, child) joint index pairs.
+    thickness: bone width in pixels.
+    joint_radius: joint dot radius in pixels.
+
+  Returns:
+    [H, W, 3] uint8, a new array.
+  """
+  joints2d = _check_points2d(joints2d)
+  if len(joints2d) != 21:
+    raise ValueError(f'joints2d must have 21 joints, got {len(joints2d)}')
+  bones = np.asarray(bones, dtype=np.int64)
+  finger_of_joint = np.concatenate([[0], np.repeat(np.arange(5), 4)])
+  palette = np.asarray(FINGER_COLORS)
+  image = draw_lines(image, joints2d[bones[:, 0]], joints2d[bones[:, 1]],
+                     palette[finger_of_joint[bones[:, 1]]], thickness)
+  joint_colors = palette[finger_of_joint]
+  joint_colors[0] = (1.0, 1.0, 1.0)
+  return draw_points(image, joints2d, joint_colors, joint_radius)
