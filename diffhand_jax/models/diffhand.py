@@ -1,0 +1,239 @@
+"""The DiffHand model: image encoder + camera head + x0-predicting mesh decoder.
+
+`build_model(config)` returns a hashable Flax module (usable as a static jit argument);
+`init_params(model, rng, images)` its parameters. Use with
+`model.apply({'params': params}, ..., method=...)`; see docs/ARCHITECTURE.md "Model".
+"""
+import hashlib
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffhand_jax.models import decoder as decoder_lib
+from diffhand_jax.models.layers import DENSE_INIT
+
+# Initial weak-perspective scale (normalised image units per metre). The crop side is
+# `crop_margin` (1.4) x the 2D extent of the joints, and a hand's joints span about
+# 0.15-0.2 m, so the hand covers ~2/1.4 = 1.4 normalised units: s ~ 1.4 / 0.17 ~ 8.
+INITIAL_CAMERA_SCALE = 8.0
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class StaticArray:
+  """A read-only numpy array that hashes by value, for static fields of a jit-static module.
+
+  The hash is computed once, so a jit cache lookup does not rehash the array every call.
+  """
+
+  def __init__(self, array):
+    array = np.array(array)  # a private copy
+    array.setflags(write=False)
+    self._array = array
+    self._hash = hash((array.shape, array.dtype.str,
+                       hashlib.sha1(array.tobytes()).hexdigest()))
+
+  @property
+  def array(self) -> np.ndarray:
+    return self._array
+
+  @property
+  def shape(self):
+    return self._array.shape
+
+  def __hash__(self):
+    return self._hash
+
+  def __eq__(self, other):
+    return (isinstance(other, StaticArray) and self._hash == other._hash
+            and self._array.shape == other._array.shape
+            and np.array_equal(self._array, other._array))
+
+  def __repr__(self):
+    return f'StaticArray(shape={self._array.shape}, dtype={self._array.dtype})'
+
+
+def compute_dtype(name: str):
+  """'float32' | 'bfloat16' -> the jnp dtype of the computation (params stay float32)."""
+  if name not in _DTYPES:
+    raise ValueError(f'model.dtype must be one of {tuple(_DTYPES)}, got {name!r}')
+  return _DTYPES[name]
+
+
+def check_images(images: jax.Array, depth: Optional[jax.Array] = None):
+  """Raises ValueError unless images is float [B, H, W, 3] and depth None or [B, H, W, 1]."""
+  if jnp.ndim(images) != 4 or images.shape[-1] != 3:
+    raise ValueError(f'images must be [batch, height, width, 3], got shape {jnp.shape(images)}')
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f'images must be floating point (ImageNet-normalised), got {images.dtype}')
+  if depth is not None and tuple(jnp.shape(depth)) != tuple(images.shape[:3]) + (1,):
+    raise ValueError(f'depth must be {tuple(images.shape[:3]) + (1,)} to match the images, '
+                     f'got {jnp.shape(depth)}')
+
+
+class DiffHand(nn.Module):
+  """Encoder + camera head + decoder. All fields are hashable.
+
+  Attributes:
+    encoder: module (images [B,H,W,3], depth=None) -> (tokens [B,P,D], embedding [B,D]).
+    decoder: `decoder.Decoder` working in diffusion space (vertices / vertex_scale).
+    joint_regressor: [21, N] `mano.joint_regressor21` of the template hand (joints = R @ V).
+    vertex_scale: metres per unit of the diffusion variable.
+    diffusion: False = direct regressor (`__call__` uses x_t = 0, t = 0).
+    num_timesteps: T of the training schedule.
+    cosine_s: offset s of the cosine schedule.
+    dtype: computation dtype of the camera head.
+  """
+  encoder: nn.Module
+  decoder: decoder_lib.Decoder
+  joint_regressor: StaticArray
+  vertex_scale: float = 0.1
+  diffusion: bool = True
+  num_timesteps: int = 1000
+  cosine_s: float = 0.008
+  dtype: Any = jnp.float32
+
+  @property
+  def num_points(self) -> int:
+    return self.decoder.num_points
+
+  def encode(self, images: jax.Array, depth: Optional[jax.Array] = None):
+    """Image encoder, once per image.
+
+    Args:
+      images: [B, H, W, 3] float, ImageNet-normalised.
+      depth: optional [B, H, W, 1] root-relative depth.
+
+    Returns:
+      tokens [B, P, D], embedding [B, D].
+    """
+    check_images(images, depth)
+    tokens, embedding = self.encoder(images, depth)
+    return tokens, embedding
+
+  def denoise(self, x_t: jax.Array, t: jax.Array, tokens: jax.Array,
+              embedding: jax.Array) -> jax.Array:
+    """Decoder step: x0_hat [B, N, 3] (float32, diffusion space) from x_t [B, N, 3], t [B]."""
+    return self.decoder(x_t, t, tokens, embedding)
+
+  @nn.compact
+  def camera(self, embedding: jax.Array) -> jax.Array:
+    """Weak-perspective camera (s, tx, ty) with uv_norm = s * X[..., :2] + t.
+
+    s = INITIAL_CAMERA_SCALE * exp(raw): positive, and about INITIAL_CAMERA_SCALE at
+    initialisation (small kernel, zero bias), where it is scale-equivariant to learn.
+
+    Args:
+      embedding: [B, D].
+
+    Returns:
+      [B, 3] float32.
+    """
+    raw = nn.Dense(3, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=DENSE_INIT,
+                   name='camera_head')(embedding).astype(jnp.float32)
+    scale = INITIAL_CAMERA_SCALE * jnp.exp(raw[:, :1])
+    return jnp.concatenate([scale, raw[:, 1:]], axis=-1)
+
+  def __call__(self, images: jax.Array, x_t: jax.Array, t: jax.Array,
+               depth: Optional[jax.Array] = None):
+    """Training forward pass.
+
+    Args:
+      images: [B, H, W, 3].
+      x_t: [B, N, 3] noisy vertices in diffusion space (ignored when not diffusion).
+      t: [B] int timesteps (ignored when not diffusion).
+      depth: optional [B, H, W, 1].
+
+    Returns:
+      {'x0': [B, N, 3] float32 diffusion space, 'camera': [B, 3] float32}.
+    """
+    tokens, embedding = self.encode(images, depth)
+    if not self.diffusion:
+      x_t, t = jnp.zeros_like(x_t), jnp.zeros_like(t)
+    return {'x0': self.denoise(x_t, t, tokens, embedding), 'camera': self.camera(embedding)}
+
+
+def build_model(config) -> DiffHand:
+  """Builds DiffHand from the experiment config (contract of docs/ARCHITECTURE.md).
+
+  The template hand is `mano.load_hand_model(config)`: its vertices give the FPS levels and
+  `mano.joint_regressor21(hand, config.tip_vertex_ids)` the 21-joint regressor, both computed
+  here once. The encoder is `encoder.build_encoder(config.model, dtype)`.
+
+  Args:
+    config: the experiment ConfigDict.
+
+  Returns:
+    The (hashable, unbound) DiffHand module.
+  """
+  # Imported here: the hand model and the encoders are only needed to build a model.
+  from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
+  from diffhand_jax.models import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
+  hand = mano.load_hand_model(config)
+  regressor = mano.joint_regressor21(hand, tuple(config.tip_vertex_ids))
+  encoder = encoder_lib.build_encoder(config.model, compute_dtype(config.model.dtype))
+  return assemble_model(config, encoder, hand.v_template, regressor)
+
+
+def assemble_model(config, encoder: nn.Module, template: np.ndarray,
+                   joint_regressor: np.ndarray) -> DiffHand:
+  """DiffHand from explicit parts (what `build_model` uses; tests pass stand-ins).
+
+  Reads config.model (width, num_heads, num_blocks, downsample_rate, num_levels, mlp_ratio,
+  dtype), config.decoder, config.diffusion, config.vertex_scale and config.schedule.
+
+  Args:
+    config: the experiment ConfigDict.
+    encoder: (images, depth=None) -> (tokens [B,P,D], embedding [B,D]) module.
+    template: [N, 3] template vertices (for farthest point sampling).
+    joint_regressor: [21, N] joints = R @ vertices.
+
+  Returns:
+    The DiffHand module.
+  """
+  dtype = compute_dtype(config.model.dtype)
+  if config.decoder not in ('cross_modality', 'vanilla'):
+    raise ValueError(f"config.decoder must be 'cross_modality' or 'vanilla', "
+                     f'got {config.decoder!r}')
+  template = np.asarray(template, np.float64)
+  if template.ndim != 2 or template.shape[1] != 3:
+    raise ValueError(f'template must be [num_vertices, 3], got {template.shape}')
+  joint_regressor = np.asarray(joint_regressor, np.float32)
+  if joint_regressor.shape != (21, template.shape[0]):
+    raise ValueError(f'joint_regressor must be [21, {template.shape[0]}], '
+                     f'got {joint_regressor.shape}')
+  level_indices = decoder_lib.fps_level_indices(
+      template, config.model.downsample_rate, config.model.num_levels)
+  decoder = decoder_lib.Decoder(
+      num_points=template.shape[0], width=config.model.width,
+      num_heads=config.model.num_heads, num_blocks=config.model.num_blocks,
+      mlp_ratio=config.model.mlp_ratio, level_indices=level_indices, kind=config.decoder,
+      dtype=dtype)
+  return DiffHand(encoder=encoder, decoder=decoder,
+                  joint_regressor=StaticArray(joint_regressor),
+                  vertex_scale=float(config.vertex_scale), diffusion=bool(config.diffusion),
+                  num_timesteps=int(config.schedule.num_timesteps),
+                  cosine_s=float(config.schedule.cosine_s), dtype=dtype)
+
+
+def init_params(model: DiffHand, rng: jax.Array, images: jax.Array,
+                depth: Optional[jax.Array] = None):
+  """Initialises the parameters (float32) with a zero x_t and t = 0.
+
+  Args:
+    model: from `build_model`.
+    rng: PRNG key.
+    images: [B, H, W, 3] example images (only shapes matter; B = 1 is enough).
+    depth: optional [B, H, W, 1] when the encoder has a depth branch.
+
+  Returns:
+    The 'params' collection: call `model.apply({'params': params}, ...)`.
+  """
+  check_images(images, depth)
+  x_t = jnp.zeros((images.shape[0], model.num_points, 3), jnp.float32)
+  t = jnp.zeros((images.shape[0],), jnp.int32)
+  variables = jax.jit(model.init)(rng, images, x_t, t, depth)
+  return variables['params']
