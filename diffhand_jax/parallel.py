@@ -1,0 +1,162 @@
+"""Device mesh, shardings and host->device batch placement for data parallelism.
+
+Two equivalent paths (config.train.parallelism):
+- 'jit':  one program over a 1-D `data` mesh; the batch is a global jax.Array
+          sharded on its leading axis, parameters are replicated.
+- 'pmap': the card's classic version; the per-process batch is reshaped to
+          [local_devices, per_device, ...] and parameters carry a leading
+          device axis.
+"""
+import functools
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+PARALLELISMS = ('jit', 'pmap')
+
+
+def make_data_mesh(devices: Optional[Sequence[jax.Device]] = None
+                  ) -> jax.sharding.Mesh:
+  """A 1-D mesh named 'data' over `devices` (default: all global devices).
+
+  Auto axis types: with the (default) Explicit types every reshape/reduction of
+  a sharded value would need an explicit out_sharding; data parallelism needs
+  none of that.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
+def replicated_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the data axis, the rest replicated."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_divisible(batch_size: int, num_shards: int, what: str):
+  if batch_size % num_shards:
+    raise ValueError(f'{what}={batch_size} is not divisible by the number of '
+                     f'devices/processes ({num_shards})')
+
+
+def global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
+  """Per-process numpy batch -> global jax.Arrays sharded over `mesh`.
+
+  Args:
+    local_batch: dict of arrays [local_batch, ...] (this process's share).
+  Returns:
+    dict of jax.Arrays [local_batch * process_count, ...], examples in
+    process-major order.
+  """
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      local_batch)
+
+
+def pmap_batch(local_batch: dict, num_local_devices: Optional[int] = None
+              ) -> dict:
+  """[B, ...] -> [local_devices, B / local_devices, ...] for pmap."""
+  n = num_local_devices or jax.local_device_count()
+  def split(x):
+    x = np.asarray(x)
+    check_batch_divisible(x.shape[0], n, 'per-process batch')
+    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+  return jax.tree.map(split, local_batch)
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Places every leaf, whole, on every device of `mesh` (jit path)."""
+  return jax.device_put(tree, replicated_sharding(mesh))
+
+
+def pmap_replicate(tree: Any, devices: Optional[Sequence[jax.Device]] = None
+                  ) -> Any:
+  """Adds a leading device axis; copy i lives on local device i (pmap path).
+
+  (`jax.device_put_replicated` is gone in jax 0.10: a NamedSharding over a mesh
+  of the local devices places one slice per device.)
+  """
+  devices = list(jax.local_devices() if devices is None else devices)
+  sharding = NamedSharding(jax.sharding.Mesh(np.array(devices), (DATA_AXIS,)),
+                           P(DATA_AXIS))
+  def put(x):
+    x = np.asarray(x)
+    return jax.device_put(np.broadcast_to(x[None], (len(devices),) + x.shape),
+                          sharding)
+  return jax.tree.map(put, tree)
+
+
+def unreplicate(tree: Any) -> Any:
+  """First copy of every leaf of a pmap-replicated tree."""
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+class DataParallel(NamedTuple):
+  """A step function compiled for one of the two data-parallel paths.
+
+  step: (placed_state, placed_batch) -> (placed_state, metrics); the input state
+    is donated; metrics are device scalars, identical on every device.
+  put_state: a single-copy state -> placed (replicated) state.
+  put_batch: a per-process numpy batch -> placed batch.
+  get_state: placed state -> single-copy state (to save or evaluate).
+  num_devices: the global number of devices the batch is split over.
+  """
+  step: Callable[[Any, Any], Tuple[Any, Any]]
+  put_state: Callable[[Any], Any]
+  put_batch: Callable[[dict], Any]
+  get_state: Callable[[Any], Any]
+  num_devices: int
+
+
+def data_parallel(step_fn: Callable[..., Tuple[Any, Any]], parallelism: str,
+                  devices: Optional[Sequence[jax.Device]] = None
+                 ) -> DataParallel:
+  """Compiles `step_fn(state, batch, axis_name=...)` for 'jit' or 'pmap'.
+
+  `step_fn` averages its gradients and metrics over `axis_name` when it is not
+  None (pmap); under jit it sees the global batch and needs no collective.
+
+  Args:
+    step_fn: the per-step function; must accept `axis_name` as a keyword.
+    parallelism: 'jit' or 'pmap'.
+    devices: the devices to use (default all); e.g. one device for a
+      single-device reference run.
+  """
+  if parallelism == 'jit':
+    mesh = make_data_mesh(devices)
+    step = jax.jit(
+        functools.partial(step_fn, axis_name=None),
+        in_shardings=(replicated_sharding(mesh), batch_sharding(mesh)),
+        out_shardings=(replicated_sharding(mesh), replicated_sharding(mesh)),
+        donate_argnums=(0,))
+    return DataParallel(
+        step=step,
+        put_state=lambda state: replicate(state, mesh),
+        put_batch=lambda batch: global_batch(batch, mesh),
+        get_state=lambda state: state,
+        num_devices=mesh.size)
+  if parallelism == 'pmap':
+    local = list(jax.local_devices() if devices is None else devices)
+    # devices=None lets pmap span every process's devices (multi-host).
+    pstep = jax.pmap(functools.partial(step_fn, axis_name=DATA_AXIS),
+                     axis_name=DATA_AXIS, devices=devices, donate_argnums=(0,))
+    def step(state, batch):
+      state, metrics = pstep(state, batch)
+      return state, unreplicate(metrics)
+    return DataParallel(
+        step=step,
+        put_state=lambda state: pmap_replicate(state, local),
+        put_batch=lambda batch: pmap_batch(batch, len(local)),
+        get_state=unreplicate,
+        num_devices=len(local) * jax.process_count())
+  raise ValueError(f'config.train.parallelism must be one of {PARALLELISMS}, '
+                   f'got {parallelism!r}')

@@ -1,0 +1,323 @@
+"""Training: train state, the diffusion train step, data parallelism, the loop.
+
+The loop (`run_training`) is generic over a `Task` (init, loss, data, eval) so
+that its machinery (jit/pmap, checkpoints, resume, preemption, NaN guard) is
+tested with a tiny stand-in; `train_and_evaluate` builds the DiffHand task.
+"""
+import functools
+import signal
+import threading
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from diffhand_jax import checkpointing
+from diffhand_jax import logging_utils
+from diffhand_jax import optim
+from diffhand_jax import parallel
+
+# loss_fn(params, batch, example_keys [B] keys) -> (loss scalar, aux scalars)
+LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array],
+                  tuple[jax.Array, Mapping[str, jax.Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs; the data position is `step` itself.
+
+  step: int32 [], number of updates applied.
+  params: model parameters (float32).
+  opt_state: optax state.
+  ema_params: EMA of params (config.optim.ema_decay > 0), else None.
+  rng: uint32 [2], fixed for the run; step keys are fold_in(rng, step).
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: jax.Array
+
+
+class Task(NamedTuple):
+  """What the generic loop trains.
+
+  init_params: rng -> params.
+  loss_fn: see LossFn; averages over its batch.
+  train_iterator: start_step -> iterator of per-process numpy batches, the
+    same batches from step k on whatever the start (ARCHITECTURE.md).
+  evaluate: (params, step) -> dict of metrics (lower-is-better
+    config.train.best_metric among them), or None to skip evaluation.
+  """
+  init_params: Callable[[jax.Array], Any]
+  loss_fn: LossFn
+  train_iterator: Callable[[int], Iterator[Mapping[str, np.ndarray]]]
+  evaluate: Optional[Callable[[Any, int], Mapping[str, float]]] = None
+
+
+def create_train_state(params, optimizer: optax.GradientTransformation,
+                       rng: jax.Array, ema_decay: float) -> TrainState:
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      opt_state=optimizer.init(params),
+      ema_params=jax.tree.map(jnp.array, params) if ema_decay > 0 else None,
+      rng=rng)
+
+
+def eval_params(state: TrainState):
+  """The parameters to evaluate: the EMA when kept, else the raw params."""
+  return state.params if state.ema_params is None else state.ema_params
+
+
+# ---- The train step ----
+def example_keys(step_key: jax.Array, first_index, batch_size: int
+                ) -> jax.Array:
+  """One key per example, from its index in the global batch.
+
+  Keying by the global example index (not by device) makes the noise a
+  function of the example alone, so jit over any mesh, pmap and a single
+  device draw the same noise for the same global batch.
+
+  Returns:
+    [batch_size, 2] uint32 keys.
+  """
+  indices = first_index + jnp.arange(batch_size)
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, indices)
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
+               loss_fn: LossFn, optimizer: optax.GradientTransformation,
+               schedule: optax.Schedule, ema_decay: float,
+               axis_name: Optional[str] = None):
+  """One optimiser update.
+
+  Args:
+    state: the TrainState (donated by the compiled versions).
+    batch: jit: the global batch; pmap: this device's slice.
+    axis_name: the pmap axis to average gradients/metrics over, or None.
+  Returns:
+    (new state, metrics: loss, aux losses, grad_norm, lr — global averages).
+  """
+  batch_size = jax.tree.leaves(batch)[0].shape[0]
+  first = 0 if axis_name is None else (
+      jax.lax.axis_index(axis_name) * batch_size)
+  keys = example_keys(jax.random.fold_in(state.rng, state.step), first,
+                      batch_size)
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, batch, keys)
+  if axis_name is not None:
+    # Equal per-device batches: the mean of device means is the global mean.
+    grads, loss, aux = jax.lax.pmean((grads, loss, aux), axis_name)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = state.ema_params
+  if ema is not None:
+    ema = optim.update_ema(ema, params, ema_decay)
+  metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads),
+                 lr=schedule(state.step))
+  new_state = state.replace(step=state.step + 1, params=params,
+                            opt_state=opt_state, ema_params=ema)
+  return new_state, metrics
+
+
+# ---- Guards: preemption and non-finite losses ----
+class PreemptionFlag:
+  """Set by SIGTERM while installed; the loop saves and stops at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def handler(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def __enter__(self):
+    # Signal handlers can only be installed from the main thread.
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self.handler)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_finite(step: int, metrics: Mapping[str, Any], last_good: Any):
+  """Raises FloatingPointError naming the step when loss/grad norm is not finite.
+
+  Args:
+    step: the 0-based index of the update that produced `metrics`.
+    last_good: the last checkpointed step (named in the message).
+  """
+  for name in ('loss', 'grad_norm'):
+    value = float(metrics[name])
+    if not np.isfinite(value):
+      raise FloatingPointError(
+          f'non-finite {name} ({value}) in train step {step} (the update from '
+          f'state step {step} to {step + 1}); training stopped without saving '
+          f'it. Last good checkpoint: step {last_good}.')
+
+
+# ---- The loop ----
+def run_training(config: ml_collections.ConfigDict, workdir: str, task: Task,
+                 devices=None) -> TrainState:
+  """Trains `task` to config.train.num_steps, resuming from workdir if possible.
+
+  Returns the final (single-copy) TrainState; on SIGTERM saves and returns the
+  state reached so far (re-running the same command resumes).
+  """
+  train_config = config.train
+  num_steps = int(train_config.num_steps)
+  ema_decay = float(config.optim.ema_decay)
+  is_writer = jax.process_index() == 0
+
+  # ---- Optimiser and state ----
+  schedule = optim.learning_rate_schedule(config.optim, num_steps)
+  optimizer = optim.make_optimizer(config.optim, num_steps)
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, state_rng = jax.random.split(rng)
+  state = create_train_state(task.init_params(init_rng), optimizer, state_rng,
+                             ema_decay)
+
+  # ---- Checkpoints: resume ----
+  manager = checkpointing.make_manager(
+      workdir, keep=int(train_config.keep_checkpoints),
+      best_metric=train_config.get('best_metric') or None)
+  start_step = manager.latest_step() or 0
+  if start_step:
+    state = checkpointing.restore_state(manager, start_step, target=state)
+    logging.info('Resumed from %s at step %d', manager.directory, start_step)
+  elif config.get('init_from'):
+    state = state.replace(params=load_params_into(
+        state.params, config.init_from))
+    if state.ema_params is not None:
+      state = state.replace(ema_params=jax.tree.map(jnp.array, state.params))
+
+  # ---- Parallelism ----
+  runner = parallel.data_parallel(
+      functools.partial(train_step, loss_fn=task.loss_fn, optimizer=optimizer,
+                        schedule=schedule, ema_decay=ema_decay),
+      train_config.parallelism, devices)
+  parallel.check_batch_divisible(int(train_config.global_batch_size),
+                                 runner.num_devices, 'train.global_batch_size')
+  placed = runner.put_state(state)
+  del state
+
+  # ---- Data ----
+  batches = task.train_iterator(start_step)
+
+  # ---- Train loop ----
+  writer = logging_utils.MetricWriter(workdir, 'train')
+  progress = logging_utils.ProgressLogger(num_steps, start_step)
+  last_saved = start_step if start_step else None
+  pending = None  # (step index, device metrics): checked one step late so
+  #                  the host never waits on the step it has just dispatched.
+
+  def save(step, metrics=None):
+    nonlocal last_saved
+    checkpointing.save(manager, step, runner.get_state(placed), config,
+                       metrics=metrics)
+    last_saved = step
+
+  # An error (e.g. a non-finite loss) must not lose the async saves in flight.
+  try:
+    with PreemptionFlag() as preemption:
+      for step in range(start_step, num_steps):
+        placed, metrics = runner.step(placed, runner.put_batch(next(batches)))
+        if pending is not None:
+          check_finite(pending[0], jax.device_get(pending[1]), last_saved)
+        pending = (step, metrics)
+        done = step + 1
+        is_last = done == num_steps
+        log_now = done % train_config.log_every == 0 or is_last
+        eval_now = task.evaluate is not None and (
+            done % train_config.eval_every == 0 or is_last)
+        save_now = done % train_config.checkpoint_every == 0 or is_last
+        if not (log_now or eval_now or save_now or preemption.requested):
+          continue
+        host_metrics = jax.device_get(metrics)
+        check_finite(step, host_metrics, last_saved)
+        pending = None
+        if log_now:
+          progress.log(done, host_metrics)
+          writer.scalars(done, host_metrics)
+        eval_metrics = None
+        if eval_now:
+          eval_metrics = task.evaluate(eval_params(runner.get_state(placed)),
+                                       done)
+          if eval_metrics:
+            writer.scalars(done, {f'eval/{k}': v for k, v in eval_metrics.items()
+                                  if np.ndim(v) == 0})
+        if save_now or eval_metrics or preemption.requested:
+          save(done, _scalar_metrics(eval_metrics))
+        if preemption.requested:
+          logging.warning('SIGTERM: saved step %d; re-run to resume.', done)
+          if is_writer:
+            print(f'Preempted: saved a checkpoint at step {done}; re-run the same '
+                  'command to resume.', flush=True)
+          break
+      if pending is not None:
+        check_finite(pending[0], jax.device_get(pending[1]), last_saved)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  return runner.get_state(placed)
+
+
+def _scalar_metrics(metrics):
+  if not metrics:
+    return None
+  return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+
+
+# ---- Parameters for eval / predict / fine-tuning ----
+def restore_params(config: ml_collections.ConfigDict, workdir: str,
+                   step: Optional[int] = None):
+  """The parameters of the latest (or given) checkpoint in workdir.
+
+  Returns the EMA parameters when the run kept them, else the raw ones, as
+  numpy arrays in nested dicts (the model's `params` collection).
+  Raises FileNotFoundError when the workdir has no checkpoint.
+  """
+  del config  # the checkpoint is self-describing; kept for a stable signature
+  with checkpointing.make_manager(workdir, read_only=True) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(
+          f'no checkpoint under {checkpointing.checkpoint_dir(workdir)}: train '
+          'first (--mode=train) or point --workdir at a trained run')
+    raw = checkpointing.restore_state(manager, step)
+  ema = raw.get('ema_params')
+  return ema if ema else raw['params']
+
+
+def load_params_into(params, workdir: str):
+  """`params` with every leaf that a checkpoint in `workdir` has replaced.
+
+  Leaves the checkpoint lacks (e.g. the depth branch when fine-tuning a model
+  trained without depth) keep their initial values; a leaf present in both
+  with a different shape is an error.
+  """
+  loaded = flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(restore_params(None, workdir)))
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  missing = []
+  for path, value in flat.items():
+    if path not in loaded:
+      missing.append('/'.join(path))
+      continue
+    if np.shape(loaded[path]) != np.shape(value):
+      raise ValueError(f'init_from {workdir}: parameter {"/".join(path)} has '
+                       f'shape {np.shape(loaded[path])}, the model wants '
+                       f'{np.shape(value)}')
+    flat[path] = jnp.asarray(loaded[path], dtype=value.dtype)
+  if missing:
+    logging.info('init_from %s: %d parameters keep their init: %s', workdir,
+                 len(missing), ', '.join(missing[:10]))
+  return flax.traverse_util.unflatten_dict(flat)
