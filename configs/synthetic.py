@@ -12,6 +12,7 @@ def get_config(arg=None):
   """Returns the experiment config; `arg` picks a variant (None or 'smoke')."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.init_from = ''  # workdir of a run whose params start this one (e.g. depth fine-tune)
 
   # ---- Hand model ----
   config.mano_path = ''             # '' = synthetic_mano(config.mano_seed); else MANO_RIGHT.pkl / .npz
