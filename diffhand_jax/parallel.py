@@ -8,7 +8,7 @@ Two equivalent paths (config.train.parallelism):
           device axis.
 """
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -160,3 +160,25 @@ def data_parallel(step_fn: Callable[..., Tuple[Any, Any]], parallelism: str,
         num_devices=len(local) * jax.process_count())
   raise ValueError(f'config.train.parallelism must be one of {PARALLELISMS}, '
                    f'got {parallelism!r}')
+
+
+def launched_by_cluster(environ: Mapping[str, str]) -> bool:
+  """Whether this process is one of several started by a cluster launcher.
+
+  Only then does `jax.distributed.initialize()` have a coordinator to find; on
+  a plain machine (including a one-task SLURM allocation) it must not run.
+  Recognised: an explicit JAX_COORDINATOR_ADDRESS, a SLURM step with several
+  tasks, Open MPI with several ranks, and multi-host Cloud TPU slices.
+  """
+  def count(key):
+    try:
+      return int(environ.get(key, '1'))
+    except ValueError:
+      return 1
+  if environ.get('JAX_COORDINATOR_ADDRESS'):
+    return True
+  if 'SLURM_STEP_ID' in environ and count('SLURM_NTASKS') > 1:
+    return True
+  if count('OMPI_COMM_WORLD_SIZE') > 1:
+    return True
+  return ',' in environ.get('TPU_WORKER_HOSTNAMES', '')

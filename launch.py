@@ -1,0 +1,77 @@
+"""Entry point: train, evaluate or predict with a config file.
+
+  python launch.py --config=configs/synthetic.py:smoke --mode=train
+  python launch.py --config=configs/synthetic.py:smoke --mode=eval
+  python launch.py --config=configs/synthetic.py:smoke --mode=predict --input=photos/
+  python launch.py --config=configs/freihand.py --config.data.root=/data/FreiHAND \
+      --config.decoder=vanilla --config.diffusion=False --workdir=runs/ablation
+
+Re-running the same training command with the same --workdir resumes it.
+"""
+import os
+import shutil
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file(
+    'config', None, 'Config file, optionally with a variant: FILE[:variant].',
+    lock_config=True)
+flags.DEFINE_string('workdir', None,
+                    'Run directory (default: runs/<config name>[_<variant>]).')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'], 'What to do.')
+flags.DEFINE_string('input', None, '--mode=predict: an image or a folder.')
+flags.DEFINE_bool('overwrite', False,
+                  'train: delete the workdir first (start over instead of '
+                  'resuming); predict: replace existing outputs.')
+FLAGS = flags.FLAGS
+
+
+def default_workdir(config_arg: str) -> str:
+  """runs/<file stem>[_<variant>] from 'configs/freihand.py:smoke'."""
+  path, _, variant = config_arg.partition(':')
+  name = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join('runs', f'{name}_{variant}' if variant else name)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # Imported after flag parsing so `--help` stays fast.
+  import jax  # pylint: disable=g-import-not-at-top
+  from diffhand_jax import parallel  # pylint: disable=g-import-not-at-top
+
+  if parallel.launched_by_cluster(os.environ):
+    jax.distributed.initialize()
+  config = FLAGS.config
+  workdir = FLAGS.workdir or default_workdir(_config_argument())
+  logging.info('JAX devices: %d (%d local), process %d of %d; workdir %s',
+               jax.device_count(), jax.local_device_count(),
+               jax.process_index(), jax.process_count(), workdir)
+
+  if FLAGS.mode == 'train':
+    from diffhand_jax import train  # pylint: disable=g-import-not-at-top
+    if FLAGS.overwrite and os.path.isdir(workdir) and jax.process_index() == 0:
+      shutil.rmtree(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    train.train_and_evaluate(config, workdir)
+  elif FLAGS.mode == 'eval':
+    from diffhand_jax import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.evaluate_checkpoint(config, workdir)
+  else:
+    from diffhand_jax import predict  # pylint: disable=g-import-not-at-top
+    if not FLAGS.input:
+      raise app.UsageError('--mode=predict needs --input=IMAGE_OR_FOLDER')
+    predict.predict(config, workdir, FLAGS.input, overwrite=FLAGS.overwrite)
+
+
+def _config_argument() -> str:
+  """The raw --config value (file[:variant]) as given on the command line."""
+  return FLAGS['config'].serialize().partition('=')[2]
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
