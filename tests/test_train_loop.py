@@ -222,3 +222,34 @@ def test_bad_parallelism_and_batch_raise():
     parallel.data_parallel(lambda s, b, axis_name: (s, {}), 'pjit')
   with pytest.raises(ValueError, match='divisible'):
     parallel.pmap_batch({'x': np.zeros((6, 2))}, 4)
+
+
+def test_init_from_loads_known_params_and_keeps_new_ones(tmp_path):
+  config = tiny_config()
+  base_dir = str(tmp_path / 'base')
+  base = train.run_training(config, base_dir, tiny_task(config))
+  fresh = tiny_init(jax.random.PRNGKey(9))
+  fresh['depth_conv'] = jnp.zeros((3, 3))  # a branch the base run lacks
+  merged = train.load_params_into(fresh, base_dir)
+  # EMA params of the base (restore_params prefers them), the new branch kept.
+  for key in ('w1', 'b1', 'w2'):
+    np.testing.assert_array_equal(merged[key], base.ema_params[key])
+  np.testing.assert_array_equal(merged['depth_conv'], np.zeros((3, 3)))
+  fresh['w2'] = jnp.zeros((2, 2))
+  with pytest.raises(ValueError, match='w2 has shape'):
+    train.load_params_into(fresh, base_dir)
+  # A run with init_from starts from those params.
+  config.init_from = base_dir
+  config.train.num_steps = 1
+  config.optim.learning_rate = 0.0
+  config.optim.warmup_steps = 0
+  config.optim.weight_decay = 0.0
+  started = train.run_training(config, str(tmp_path / 'ft'), tiny_task(config))
+  for key in ('w1', 'b1', 'w2'):
+    np.testing.assert_allclose(started.params[key], base.ema_params[key],
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_restore_params_without_checkpoint_raises(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no checkpoint'):
+    train.restore_params(tiny_config(), str(tmp_path / 'empty'))

@@ -1,0 +1,93 @@
+"""launch.py helpers, cluster detection and the config files."""
+import importlib
+
+from absl import flags
+import pytest
+from ml_collections import config_flags
+
+import launch
+from diffhand_jax import parallel
+from diffhand_jax import train
+
+CONFIG_FILES = ('synthetic', 'freihand', 'freihand_depth', 'dexycb', 'ho3d')
+
+
+@pytest.mark.parametrize('environ, expected', [
+    ({}, False),
+    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1', 'SLURM_STEP_ID': '0'}, False),
+    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'}, False),  # salloc, no srun step
+    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4', 'SLURM_STEP_ID': '0'}, True),
+    ({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234'}, True),
+    ({'OMPI_COMM_WORLD_SIZE': '2'}, True),
+    ({'OMPI_COMM_WORLD_SIZE': '1'}, False),
+    ({'TPU_WORKER_HOSTNAMES': 'localhost'}, False),
+    ({'TPU_WORKER_HOSTNAMES': 't1,t2'}, True),
+    ({'SLURM_NTASKS': 'garbage', 'SLURM_STEP_ID': '0'}, False),
+])
+def test_launched_by_cluster(environ, expected):
+  assert parallel.launched_by_cluster(environ) is expected
+
+
+def test_default_workdir():
+  assert launch.default_workdir('configs/synthetic.py') == 'runs/synthetic'
+  assert launch.default_workdir('configs/freihand.py:smoke') == (
+      'runs/freihand_smoke')
+
+
+@pytest.mark.parametrize('name', CONFIG_FILES)
+def test_config_files_build_both_variants(name):
+  module = importlib.import_module(f'configs.{name}')
+  real, smoke = module.get_config(), module.get_config('smoke')
+  base = importlib.import_module('configs.synthetic').get_config()
+  # Same schema as the shared base: no config file invents or drops keys.
+  assert set(real.keys()) == set(base.keys()) == set(smoke.keys())
+  assert smoke.train.num_steps < real.train.num_steps or name == 'synthetic'
+  assert smoke.train.num_steps <= 10
+  with pytest.raises(ValueError, match='unknown variant'):
+    module.get_config('no_such_variant')
+
+
+def test_paper_recipe_values():
+  from configs import common, freihand, freihand_depth, dexycb, ho3d
+  config = freihand.get_config()
+  assert (config.data.name, config.model.encoder, config.data.image_size) == (
+      'freihand', 'deit', 224)
+  assert config.train.global_batch_size == 64
+  assert config.optim.learning_rate == 1e-4 and config.optim.weight_decay == 1e-4
+  # 100 epochs of 130,240 images at 64 per step.
+  assert config.train.num_steps == -(-100 * 130_240 // 64) == 203_500
+  assert config.sampling.num_steps == 10 and len(config.eval.tta_angles) == 3
+  depth = freihand_depth.get_config()
+  assert depth.model.use_depth and depth.data.use_depth and depth.init_from
+  assert depth.train.num_steps == common.steps_for(130_240, 5, 64)
+  assert dexycb.get_config().model.encoder == 'hrnet'
+  assert ho3d.get_config().model.encoder == 'deit'
+  assert ho3d.get_config('depth').model.use_depth
+  assert ho3d.get_config('depth,smoke').train.num_steps <= 10
+
+
+def _parse(argv):
+  flag_values = flags.FlagValues()
+  # sys_argv: the override flags are discovered from the command line.
+  config_flags.DEFINE_config_file('config', None, 'config',
+                                  flag_values=flag_values,
+                                  sys_argv=['launch'] + argv)
+  flag_values(['launch'] + argv)
+  return flag_values.config
+
+
+def test_ablation_switches_from_the_command_line():
+  config = _parse(['--config=configs/synthetic.py:smoke',
+                   '--config.decoder=vanilla', '--config.diffusion=False',
+                   '--config.train.parallelism=pmap'])
+  assert config.decoder == 'vanilla' and config.diffusion is False
+  assert config.train.parallelism == 'pmap' and config.train.num_steps == 4
+
+
+@pytest.mark.parametrize('name', ['dexycb', 'ho3d'])
+def test_planned_datasets_raise_clear_error(name):
+  config = importlib.import_module(f'configs.{name}').get_config('smoke')
+  with pytest.raises(NotImplementedError, match='not implemented yet'):
+    train.check_dataset_available(config)
+  train.check_dataset_available(
+      importlib.import_module('configs.freihand').get_config('smoke'))
