@@ -119,8 +119,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   ema = state.ema_params
   if ema is not None:
     ema = optim.update_ema(ema, params, ema_decay)
+  # param_norm is finite iff the new params are: the NaN guard checks it so a
+  # diverged state (finite loss, overflowing update) is never saved.
   metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads),
-                 lr=schedule(state.step))
+                 param_norm=optax.global_norm(params), lr=schedule(state.step))
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state, ema_params=ema)
   return new_state, metrics
@@ -149,13 +151,14 @@ class PreemptionFlag:
 
 
 def check_finite(step: int, metrics: Mapping[str, Any], last_good: Any):
-  """Raises FloatingPointError naming the step when loss/grad norm is not finite.
+  """Raises FloatingPointError naming the step when loss, gradients or params
+  are not finite.
 
   Args:
     step: the 0-based index of the update that produced `metrics`.
     last_good: the last checkpointed step (named in the message).
   """
-  for name in ('loss', 'grad_norm'):
+  for name in ('loss', 'grad_norm', 'param_norm'):
     value = float(metrics[name])
     if not np.isfinite(value):
       raise FloatingPointError(
