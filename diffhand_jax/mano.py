@@ -1,0 +1,543 @@
+"""The MANO hand layer: model container, file I/O without chumpy, and the LBS forward pass.
+
+`ManoModel` holds the arrays of a MANO right hand (real `MANO_RIGHT.pkl` or the procedural
+default of `synthetic_hand.py`). `mano_forward` is standard MANO/SMPL linear blend skinning in
+pure JAX; it returns vertices and 21 joints in FreiHAND order, built the way FreiHAND builds
+them: `J_regressor @ posed vertices` for the 16 skeleton joints plus five fingertip vertices.
+
+Reading the official pickles: they are Python-2 pickles that hold `chumpy` objects and a
+scipy sparse matrix. `load_mano` uses a restricted unpickler: only an allow-list of numpy /
+scipy.sparse reconstruction globals and inert stand-ins for chumpy classes can be resolved;
+anything else (os.system, builtins.eval, ...) raises ValueError before it can run.
+
+CLI: `python -m diffhand_jax.mano synthesize OUT.pkl [--seed N]` writes the procedural hand.
+"""
+import argparse
+import codecs
+import dataclasses
+import functools
+import os
+import pickle
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse
+
+NUM_VERTICES = 778
+NUM_FACES = 1538
+NUM_JOINTS = 16
+NUM_BETAS = 10
+NUM_POSE = 48
+# Fingertip vertices used by FreiHAND: thumb, index, middle, ring, pinky.
+TIP_VERTEX_IDS = (744, 320, 443, 555, 672)
+# MANO joint id -> FreiHAND joint id (FreiHAND's utils/mano_utils.py).
+MANO_TO_FREIHAND = {0: 0, 1: 5, 2: 6, 3: 7, 4: 9, 5: 10, 6: 11, 7: 17, 8: 18, 9: 19,
+                    10: 13, 11: 14, 12: 15, 13: 1, 14: 2, 15: 3}
+# FreiHAND ids of the fingertips, in TIP_VERTEX_IDS order (thumb, index, middle, ring, pinky).
+FREIHAND_TIP_IDS = (4, 8, 12, 16, 20)
+# MANO's kinematic tree: wrist; index, middle, pinky, ring, thumb (3 joints each).
+MANO_PARENTS = (-1, 0, 1, 2, 0, 4, 5, 0, 7, 8, 0, 10, 11, 0, 13, 14)
+_UINT32_ROOT = 2**32 - 1
+
+# name: expected shape. Shapes of the official MANO_RIGHT.pkl.
+_ARRAY_SHAPES = {
+    'v_template': (NUM_VERTICES, 3),
+    'shapedirs': (NUM_VERTICES, 3, NUM_BETAS),
+    'posedirs': (NUM_VERTICES, 3, (NUM_JOINTS - 1) * 9),
+    'J_regressor': (NUM_JOINTS, NUM_VERTICES),
+    'weights': (NUM_VERTICES, NUM_JOINTS),
+    'hands_mean': ((NUM_JOINTS - 1) * 3,),
+    'hands_components': ((NUM_JOINTS - 1) * 3, (NUM_JOINTS - 1) * 3),
+}
+_FLOAT_FIELDS = tuple(_ARRAY_SHAPES)
+
+
+# ---- Model container ----
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class ManoModel:
+  """A MANO-format hand model (right hand, metres).
+
+  Attributes:
+    v_template: [778, 3] rest-pose template.
+    shapedirs: [778, 3, 10] shape blend shapes.
+    posedirs: [778, 3, 135] pose-corrective blend shapes, driven by (R - I) of joints 1..15.
+    J_regressor: [16, 778] dense joint regressor.
+    weights: [778, 16] skinning weights.
+    parents: [16] int, parent joint of each joint (-1 for the root). Static pytree data.
+    faces: [1538, 3] int32 triangles (outward normals by the right-hand rule).
+    hands_mean: [45] mean hand pose (axis-angle of joints 1..15).
+    hands_components: [45, 45] PCA basis of hand poses (rows are components).
+  """
+  v_template: np.ndarray
+  shapedirs: np.ndarray
+  posedirs: np.ndarray
+  J_regressor: np.ndarray  # pylint: disable=invalid-name
+  weights: np.ndarray
+  parents: np.ndarray
+  faces: np.ndarray
+  hands_mean: np.ndarray
+  hands_components: np.ndarray
+
+  def tree_flatten(self):
+    # parents drive the Python loop of the kinematic chain, so they are static (hashable).
+    leaves = tuple(getattr(self, name) for name in _FLOAT_FIELDS) + (self.faces,)
+    return leaves, tuple(int(p) for p in np.asarray(self.parents))
+
+  @classmethod
+  def tree_unflatten(cls, parents, leaves):
+    fields = dict(zip(_FLOAT_FIELDS + ('faces',), leaves))
+    return cls(parents=np.asarray(parents, np.int32), **fields)
+
+
+def make_model(arrays):
+  """Validates a dict of arrays and builds a float32 `ManoModel`.
+
+  Args:
+    arrays: dict with the keys of `_ARRAY_SHAPES` plus `faces` (or `f`) and `parents` (or
+      `kintree_table` [2, 16] with the root's parent stored as 2**32 - 1 or -1).
+
+  Returns:
+    The validated `ManoModel`.
+
+  Raises:
+    ValueError: on a missing key, a wrong shape, a non-finite value or a bad kinematic tree.
+  """
+  fields = {}
+  for name, shape in _ARRAY_SHAPES.items():
+    if name not in arrays:
+      raise ValueError(f'MANO model is missing {name!r} (expected shape {shape})')
+    value = np.asarray(arrays[name])
+    if value.shape != shape:
+      raise ValueError(f'MANO {name!r} has shape {value.shape}, expected {shape}')
+    if not np.issubdtype(value.dtype, np.number):
+      raise ValueError(f'MANO {name!r} has non-numeric dtype {value.dtype}')
+    if not np.all(np.isfinite(value)):
+      raise ValueError(f'MANO {name!r} contains NaN or infinite values')
+    fields[name] = value.astype(np.float32)
+  fields['faces'] = _faces_from(arrays)
+  fields['parents'] = _parents_from(arrays)
+  return ManoModel(**fields)
+
+
+def _faces_from(arrays):
+  key = 'faces' if 'faces' in arrays else 'f'
+  if key not in arrays:
+    raise ValueError(f"MANO model is missing 'f' (faces, expected shape ({NUM_FACES}, 3))")
+  faces = np.asarray(arrays[key])
+  if faces.shape != (NUM_FACES, 3):
+    raise ValueError(f'MANO {key!r} has shape {faces.shape}, expected ({NUM_FACES}, 3)')
+  if not np.issubdtype(faces.dtype, np.integer):
+    raise ValueError(f'MANO {key!r} must hold integers, got {faces.dtype}')
+  if faces.min() < 0 or faces.max() >= NUM_VERTICES:
+    raise ValueError(f'MANO {key!r} indexes vertices outside [0, {NUM_VERTICES})')
+  return faces.astype(np.int32)
+
+
+def _parents_from(arrays):
+  """Parents [16] from `parents` or the official `kintree_table` [2, 16]."""
+  if 'parents' in arrays:
+    parents = np.asarray(arrays['parents']).astype(np.int64)
+    if parents.shape != (NUM_JOINTS,):
+      raise ValueError(f"MANO 'parents' has shape {parents.shape}, expected ({NUM_JOINTS},)")
+  elif 'kintree_table' in arrays:
+    table = np.asarray(arrays['kintree_table']).astype(np.int64)
+    if table.shape != (2, NUM_JOINTS):
+      raise ValueError(f"MANO 'kintree_table' has shape {table.shape}, expected (2, 16)")
+    if sorted(table[1].tolist()) != list(range(NUM_JOINTS)):
+      raise ValueError("MANO 'kintree_table' row 1 must list the joint ids 0..15")
+    parents = np.empty(NUM_JOINTS, np.int64)
+    parents[table[1]] = table[0]
+  else:
+    raise ValueError("MANO model is missing 'kintree_table' (expected shape (2, 16))")
+  parents = np.where((parents == _UINT32_ROOT) | (parents < 0), -1, parents)
+  if parents[0] != -1 or np.any(parents[1:] < 0) or np.any(
+      parents[1:] >= np.arange(1, NUM_JOINTS)):
+    raise ValueError(f'MANO kinematic tree must have root 0 and parents before children, '
+                     f'got parents {parents.tolist()}')
+  return parents.astype(np.int32)
+
+
+# ---- Restricted unpickling of the official files ----
+class _ChumpyStandIn:
+  """Inert stand-in for any chumpy class: keeps the pickled state, runs nothing."""
+
+  def __init__(self, *args, **kwargs):
+    del args, kwargs
+
+  def __setstate__(self, state):
+    self.state = state
+
+  def to_array(self, key):
+    """The array this chumpy object holds (`Ch.x`, or a `Select` of one)."""
+    state = getattr(self, 'state', None)
+    if not isinstance(state, dict):
+      raise ValueError(f'MANO {key!r}: chumpy object without a state dict')
+    if 'x' in state:
+      return _to_array(state['x'], key)
+    if 'a' in state and 'idxs' in state:  # chumpy.reordering.Select
+      values = np.asarray(_to_array(state['a'], key)).ravel()[np.asarray(state['idxs'])]
+      shape = state.get('preferred_shape')
+      return values.reshape(shape) if shape is not None else values
+    raise ValueError(f'MANO {key!r}: unsupported chumpy object (state keys '
+                     f'{sorted(state)})')
+
+
+class _SparseStandIn:
+  """Stand-in for a pickled scipy.sparse csc/csr matrix; rebuilt from its arrays."""
+
+  def __setstate__(self, state):
+    self.state = state
+
+  def to_array(self, key):
+    state = getattr(self, 'state', None)
+    try:
+      shape = tuple(int(s) for s in state.get('_shape', state.get('shape')))
+      data = np.asarray(state['data'])
+      indices = np.asarray(state['indices'])
+      indptr = np.asarray(state['indptr'])
+      kind = str(state.get('format', self.kind))
+      matrix_class = {'csc': scipy.sparse.csc_matrix, 'csr': scipy.sparse.csr_matrix}[kind]
+      return matrix_class((data, indices, indptr), shape=shape).toarray()
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+      raise ValueError(f'MANO {key!r}: corrupt sparse matrix ({e})') from e
+
+
+class _CscStandIn(_SparseStandIn):
+  kind = 'csc'
+
+
+class _CsrStandIn(_SparseStandIn):
+  kind = 'csr'
+
+
+def _safe_reconstructor(cls, base, state):
+  """copyreg._reconstructor restricted to plain `object.__new__` of allowed classes."""
+  if base is not object or state is not None:
+    raise ValueError(f'refusing copyreg._reconstructor with base {base!r}')
+  return object.__new__(cls)
+
+
+def _safe_ndarray_reconstruct(subtype, shape, dtype):
+  if subtype is not np.ndarray:
+    raise ValueError(f'refusing to rebuild array subtype {subtype!r}')
+  return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+def _safe_codecs_encode(text, encoding='utf-8'):
+  # Python 3 pickles of protocol < 3 store bytes as codecs.encode(str, 'latin1').
+  if encoding not in ('latin1', 'latin-1'):
+    raise ValueError(f'refusing codecs.encode with encoding {encoding!r}')
+  return codecs.encode(text, encoding)
+
+
+def _numpy_scalar():
+  try:
+    from numpy._core import multiarray  # pylint: disable=g-import-not-at-top
+  except ImportError:  # numpy < 2
+    from numpy.core import multiarray  # pylint: disable=g-import-not-at-top
+  return multiarray.scalar
+
+
+def _allowed_globals():
+  """(module, name) -> object: everything a MANO pickle may reference."""
+  allowed = {
+      ('copy_reg', '_reconstructor'): _safe_reconstructor,
+      ('copyreg', '_reconstructor'): _safe_reconstructor,
+      ('__builtin__', 'object'): object,
+      ('builtins', 'object'): object,
+      ('_codecs', 'encode'): _safe_codecs_encode,
+  }
+  for numpy_core in ('numpy.core.multiarray', 'numpy._core.multiarray'):
+    allowed[(numpy_core, '_reconstruct')] = _safe_ndarray_reconstruct
+    allowed[(numpy_core, 'scalar')] = _numpy_scalar()
+  for module in ('numpy', 'numpy.core.multiarray', 'numpy._core.multiarray'):
+    allowed[(module, 'ndarray')] = np.ndarray
+    allowed[(module, 'dtype')] = np.dtype
+  for kind, stand_in in (('csc', _CscStandIn), ('csr', _CsrStandIn)):
+    for module in ('scipy.sparse', f'scipy.sparse.{kind}', f'scipy.sparse._{kind}'):
+      allowed[(module, f'{kind}_matrix')] = stand_in
+  return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+  """Resolves only allow-listed globals; chumpy classes become inert stand-ins."""
+
+  _ALLOWED = None
+
+  def find_class(self, module, name):
+    if _RestrictedUnpickler._ALLOWED is None:
+      _RestrictedUnpickler._ALLOWED = _allowed_globals()
+    if (module, name) in self._ALLOWED:
+      return self._ALLOWED[(module, name)]
+    if module == 'chumpy' or module.startswith('chumpy.'):
+      return _ChumpyStandIn
+    raise ValueError(f'refusing to load global {module}.{name} from a MANO pickle '
+                     '(not on the allow-list; the file may be malicious)')
+
+  def persistent_load(self, pid):
+    raise ValueError(f'refusing persistent id {pid!r} in a MANO pickle')
+
+
+def _to_array(value, key):
+  if isinstance(value, (_ChumpyStandIn, _SparseStandIn)):
+    return value.to_array(key)
+  return value
+
+
+def _read_pickle(path):
+  with open(path, 'rb') as f:
+    try:
+      data = _RestrictedUnpickler(f, encoding='latin1').load()
+    except ValueError:
+      raise
+    except Exception as e:  # corrupt or truncated files raise many different types
+      raise ValueError(f'{path}: not a readable MANO pickle ({type(e).__name__}: {e})') from e
+  if not isinstance(data, dict):
+    raise ValueError(f'{path}: expected a dict in the MANO pickle, got {type(data).__name__}')
+  return data
+
+
+def _read_npz(path):
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      return {key: data[key] for key in data.files}
+  except ValueError:
+    raise
+  except Exception as e:
+    raise ValueError(f'{path}: not a readable .npz file ({type(e).__name__}: {e})') from e
+
+
+def load_mano(path):
+  """Reads a MANO model from an official `.pkl` (no chumpy needed) or a `.npz`.
+
+  Args:
+    path: MANO_RIGHT.pkl / MANO_LEFT.pkl as distributed, a file written by `save_mano`, or an
+      `.npz` with the same keys.
+
+  Returns:
+    The `ManoModel`.
+
+  Raises:
+    FileNotFoundError: when `path` does not exist.
+    ValueError: on a disallowed pickle global, a corrupt file, a missing key or a wrong shape.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'MANO model file not found: {path}')
+  raw = _read_npz(path) if path.endswith('.npz') else _read_pickle(path)
+  arrays = {key: _to_array(value, key) for key, value in raw.items()}
+  try:
+    return make_model(arrays)
+  except ValueError as e:
+    raise ValueError(f'{path}: {e}') from e
+
+
+def save_mano(model, path):
+  """Writes `model` in the official layout (`.pkl`) or as `.npz` (by extension).
+
+  The pickle holds plain numpy arrays (no chumpy), `J_regressor` as a scipy csc_matrix, the
+  `kintree_table` with the root's parent as 2**32 - 1, and `f` as uint32, like MANO_RIGHT.pkl.
+
+  Args:
+    model: a `ManoModel`.
+    path: output file; `.npz` writes numpy's format, anything else a pickle.
+  """
+  path = os.fspath(path)
+  arrays = {name: np.asarray(getattr(model, name)) for name in _FLOAT_FIELDS}
+  parents = np.asarray(model.parents).astype(np.int64)
+  kintree = np.stack([np.where(parents < 0, _UINT32_ROOT, parents),
+                      np.arange(NUM_JOINTS)]).astype(np.uint32)
+  faces = np.asarray(model.faces).astype(np.uint32)
+  v_shaped_joints = arrays['J_regressor'] @ arrays['v_template']
+  if path.endswith('.npz'):
+    np.savez(path, kintree_table=kintree, f=faces, J=v_shaped_joints, **arrays)
+    return
+  official = dict(arrays)
+  official.update({
+      'J_regressor': scipy.sparse.csc_matrix(arrays['J_regressor'].astype(np.float64)),
+      'kintree_table': kintree,
+      'f': faces,
+      'J': v_shaped_joints,
+      'bs_type': 'lrotmin',
+      'bs_style': 'lbs',
+      'hands_coeffs': np.zeros((1, arrays['hands_mean'].shape[0]), np.float32),
+  })
+  with open(path, 'wb') as f:
+    pickle.dump(official, f, protocol=2)
+
+
+def load_hand_model(config):
+  """`synthetic_mano(config.mano_seed)` if `config.mano_path` is empty, else the file."""
+  if not config.mano_path:
+    return synthetic_mano(int(config.mano_seed))
+  return load_mano(config.mano_path)
+
+
+@functools.lru_cache(maxsize=4)
+def synthetic_mano(seed=0):
+  """The procedural MANO-format right hand (cached per seed); see `synthetic_hand.py`."""
+  from diffhand_jax import synthetic_hand  # pylint: disable=g-import-not-at-top
+  return synthetic_hand.synthetic_mano(seed)
+
+
+# ---- Forward pass ----
+def rodrigues(axis_angle):
+  """Rotation matrices from axis-angle vectors, finite with finite gradients at zero.
+
+  Uses R = I + a [r]x + b [r]x^2 with a = sin(t)/t and b = (1 - cos t)/t^2 written as
+  0.5 * sinc(t/2)^2 (no cancellation in float32); below a tiny angle both come from their
+  Taylor series, and `jnp.where` picks from a safe angle so no branch produces NaNs.
+
+  Args:
+    axis_angle: [..., 3].
+
+  Returns:
+    [..., 3, 3].
+  """
+  theta_sq = jnp.sum(axis_angle**2, axis=-1)
+  small = theta_sq < 1e-8
+  theta = jnp.sqrt(jnp.where(small, 1.0, theta_sq))
+  half = 0.5 * theta
+  a = jnp.where(small, 1.0 - theta_sq / 6.0, jnp.sin(theta) / theta)
+  b = jnp.where(small, 0.5 - theta_sq / 24.0, 0.5 * (jnp.sin(half) / half)**2)
+  rx, ry, rz = axis_angle[..., 0], axis_angle[..., 1], axis_angle[..., 2]
+  zero = jnp.zeros_like(rx)
+  skew = jnp.stack([zero, -rz, ry, rz, zero, -rx, -ry, rx, zero], -1)
+  skew = skew.reshape(axis_angle.shape[:-1] + (3, 3))
+  eye = jnp.eye(3, dtype=axis_angle.dtype)
+  return eye + a[..., None, None] * skew + b[..., None, None] * (skew @ skew)
+
+
+def _freihand_order(num_joints=NUM_JOINTS):
+  """Indices into concat([16 skeleton joints, 5 tips]) that give FreiHAND's 21 joints."""
+  order = np.zeros(num_joints + len(FREIHAND_TIP_IDS), np.int32)
+  for mano_id, freihand_id in MANO_TO_FREIHAND.items():
+    order[freihand_id] = mano_id
+  for tip, freihand_id in enumerate(FREIHAND_TIP_IDS):
+    order[freihand_id] = num_joints + tip
+  return order
+
+
+def _check_tip_ids(tip_ids):
+  tip_ids = tuple(int(t) for t in tip_ids)
+  if len(tip_ids) != len(FREIHAND_TIP_IDS) or not all(0 <= t < NUM_VERTICES for t in tip_ids):
+    raise ValueError(f'tip_ids must be 5 vertex ids in [0, {NUM_VERTICES}), got {tip_ids}')
+  return np.asarray(tip_ids, np.int32)
+
+
+def joint_regressor21(model, tip_ids=TIP_VERTEX_IDS):
+  """The linear map R [21, 778] with joints = R @ vertices, FreiHAND order.
+
+  Args:
+    model: a `ManoModel`.
+    tip_ids: fingertip vertices (thumb, index, middle, ring, pinky).
+
+  Returns:
+    np.ndarray float32 [21, 778]: the 16 J_regressor rows re-ordered plus one-hot tip rows.
+  """
+  tips = np.zeros((len(FREIHAND_TIP_IDS), NUM_VERTICES), np.float32)
+  tips[np.arange(len(FREIHAND_TIP_IDS)), _check_tip_ids(tip_ids)] = 1.0
+  stacked = np.concatenate([np.asarray(model.J_regressor, np.float32), tips])
+  return stacked[_freihand_order()]
+
+
+def full_pose(model, pose, flat_hand_mean=False):
+  """[B, 48] axis-angle pose -> [B, 16, 3], adding `hands_mean` unless flat_hand_mean."""
+  if flat_hand_mean:
+    return pose.reshape(pose.shape[0], NUM_JOINTS, 3)
+  hand = pose[:, 3:] + jnp.asarray(model.hands_mean, pose.dtype)
+  return jnp.concatenate([pose[:, :3], hand], axis=1).reshape(pose.shape[0], NUM_JOINTS, 3)
+
+
+def _rigid_transforms(rotations, joints, parents):
+  """Forward kinematics: world transforms that move rest-pose points with each joint.
+
+  Args:
+    rotations: [B, 16, 3, 3] local rotations.
+    joints: [B, 16, 3] rest-pose joint locations.
+    parents: static tuple of 16 parent ids.
+
+  Returns:
+    (rot [B, 16, 3, 3], trans [B, 16, 3]) such that a rest point p bound to joint k goes to
+    rot[k] @ p + trans[k].
+  """
+  world_rot, world_pos = [], []
+  for k, parent in enumerate(parents):
+    if parent < 0:
+      world_rot.append(rotations[:, k])
+      world_pos.append(joints[:, k])
+    else:
+      offset = joints[:, k] - joints[:, parent]
+      world_rot.append(world_rot[parent] @ rotations[:, k])
+      world_pos.append(world_pos[parent] + jnp.einsum('bij,bj->bi', world_rot[parent], offset))
+  rot = jnp.stack(world_rot, axis=1)
+  pos = jnp.stack(world_pos, axis=1)
+  # Remove the rest position: a point at the rest joint must land at the posed joint.
+  trans = pos - jnp.einsum('bkij,bkj->bki', rot, joints)
+  return rot, trans
+
+
+def mano_forward(model, pose, betas, transl=None, *, flat_hand_mean=False,
+                 tip_ids=TIP_VERTEX_IDS):
+  """MANO linear blend skinning.
+
+  Args:
+    model: a `ManoModel`.
+    pose: [B, 48] axis-angle, global orientation first, then 15 hand joints (relative to
+      `hands_mean` unless flat_hand_mean: smplx semantics).
+    betas: [B, 10] shape coefficients.
+    transl: optional [B, 3] translation added to vertices and joints.
+    flat_hand_mean: if True, `pose` is the full pose and `hands_mean` is not added.
+    tip_ids: fingertip vertex ids (thumb, index, middle, ring, pinky).
+
+  Returns:
+    vertices [B, 778, 3] and joints [B, 21, 3] (FreiHAND order), metres, float32.
+  """
+  pose = jnp.asarray(pose, jnp.float32)
+  betas = jnp.asarray(betas, jnp.float32)
+  if pose.ndim != 2 or pose.shape[1] != NUM_POSE:
+    raise ValueError(f'pose must be [batch, {NUM_POSE}], got {pose.shape}')
+  if betas.ndim != 2 or betas.shape != (pose.shape[0], NUM_BETAS):
+    raise ValueError(f'betas must be [{pose.shape[0]}, {NUM_BETAS}], got {betas.shape}')
+  parents = tuple(int(p) for p in np.asarray(model.parents))
+  tips = _check_tip_ids(tip_ids)
+
+  v_shaped = model.v_template + jnp.einsum('vcs,bs->bvc', model.shapedirs, betas)
+  rest_joints = jnp.einsum('jv,bvc->bjc', model.J_regressor, v_shaped)
+  rotations = rodrigues(full_pose(model, pose, flat_hand_mean))
+  pose_feature = (rotations[:, 1:] - jnp.eye(3)).reshape(pose.shape[0], -1)
+  v_posed = v_shaped + jnp.einsum('vcp,bp->bvc', model.posedirs, pose_feature)
+
+  rot, trans = _rigid_transforms(rotations, rest_joints, parents)
+  vertex_rot = jnp.einsum('vk,bkij->bvij', model.weights, rot)
+  vertex_trans = jnp.einsum('vk,bki->bvi', model.weights, trans)
+  vertices = jnp.einsum('bvij,bvj->bvi', vertex_rot, v_posed) + vertex_trans
+  if transl is not None:
+    transl = jnp.asarray(transl, jnp.float32)
+    if transl.shape != (pose.shape[0], 3):
+      raise ValueError(f'transl must be [{pose.shape[0]}, 3], got {transl.shape}')
+    vertices = vertices + transl[:, None, :]
+
+  skeleton = jnp.einsum('jv,bvc->bjc', model.J_regressor, vertices)
+  joints = jnp.concatenate([skeleton, vertices[:, tips]], axis=1)[:, _freihand_order()]
+  return vertices, joints
+
+
+# ---- CLI ----
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog='python -m diffhand_jax.mano')
+  commands = parser.add_subparsers(dest='command', required=True)
+  synth = commands.add_parser('synthesize', help='write the procedural hand as a MANO file')
+  synth.add_argument('out', help='output path (.pkl official layout, or .npz)')
+  synth.add_argument('--seed', type=int, default=0)
+  args = parser.parse_args(argv)
+  if args.command == 'synthesize':
+    save_mano(synthetic_mano(args.seed), args.out)
+    print(f'wrote {args.out}')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

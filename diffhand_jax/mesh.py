@@ -1,0 +1,119 @@
+"""Triangle-mesh helpers: face and vertex normals (numpy or jnp), .obj / .ply writers.
+
+The normal functions take the array module from their input, so the same code serves the
+numpy data generator and the JAX losses (`face_normals(jnp_vertices, faces)` is jittable).
+"""
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def _array_module(x):
+  return np if isinstance(x, np.ndarray) else jnp
+
+
+def _check_mesh(vertices, faces):
+  if vertices.ndim < 2 or vertices.shape[-1] != 3:
+    raise ValueError(f'vertices must be [..., V, 3], got {vertices.shape}')
+  if faces.ndim != 2 or faces.shape[-1] != 3:
+    raise ValueError(f'faces must be [F, 3], got {faces.shape}')
+
+
+def _normalize(xp, v, eps):
+  norm = xp.sqrt(xp.sum(v * v, axis=-1, keepdims=True))
+  return v / xp.maximum(norm, eps)
+
+
+def face_normals(vertices, faces, eps=1e-12):
+  """Unit normals of each triangle, right-hand rule (v1 - v0) x (v2 - v0).
+
+  Args:
+    vertices: [..., V, 3] (numpy or jnp; the result has the same type).
+    faces: [F, 3] integer vertex ids.
+    eps: floor on the norm so degenerate faces give a zero-length normal, not NaN.
+
+  Returns:
+    [..., F, 3] unit normals.
+  """
+  xp = _array_module(vertices)
+  _check_mesh(vertices, faces)
+  faces = np.asarray(faces) if xp is np else faces
+  v0 = vertices[..., faces[:, 0], :]
+  v1 = vertices[..., faces[:, 1], :]
+  v2 = vertices[..., faces[:, 2], :]
+  return _normalize(xp, xp.cross(v1 - v0, v2 - v0), eps)
+
+
+def vertex_normals(vertices, faces, eps=1e-12):
+  """Unit vertex normals: area-weighted sum of the normals of the incident faces.
+
+  Args:
+    vertices: [..., V, 3] (numpy or jnp).
+    faces: [F, 3] integer vertex ids.
+    eps: floor on the norm (isolated vertices get a zero normal).
+
+  Returns:
+    [..., V, 3] unit normals.
+  """
+  xp = _array_module(vertices)
+  _check_mesh(vertices, faces)
+  faces_np = np.asarray(faces)
+  v0 = vertices[..., faces_np[:, 0], :]
+  v1 = vertices[..., faces_np[:, 1], :]
+  v2 = vertices[..., faces_np[:, 2], :]
+  # The unnormalised cross product has length 2 * area: area weighting for free.
+  weighted = xp.cross(v1 - v0, v2 - v0)
+  # Sum face normals into vertices with a [V, F] incidence matrix (static, works in both).
+  num_vertices = vertices.shape[-2]
+  incidence = np.zeros((num_vertices, faces_np.shape[0]), np.float32)
+  for corner in range(3):
+    incidence[faces_np[:, corner], np.arange(faces_np.shape[0])] = 1.0
+  summed = xp.einsum('vf,...fc->...vc', xp.asarray(incidence, dtype=weighted.dtype), weighted)
+  return _normalize(xp, summed, eps)
+
+
+def _checked_numpy(vertices, faces):
+  vertices = np.asarray(vertices, np.float64)
+  faces = np.asarray(faces)
+  if vertices.ndim != 2 or vertices.shape[1] != 3:
+    raise ValueError(f'vertices must be [V, 3], got {vertices.shape}')
+  if faces.ndim != 2 or faces.shape[1] != 3 or not np.issubdtype(faces.dtype, np.integer):
+    raise ValueError(f'faces must be an integer [F, 3] array, got {faces.shape} {faces.dtype}')
+  if faces.size and (faces.min() < 0 or faces.max() >= len(vertices)):
+    raise ValueError(f'faces index vertices outside [0, {len(vertices)})')
+  if not np.all(np.isfinite(vertices)):
+    raise ValueError('vertices contain NaN or infinite values')
+  return vertices, faces
+
+
+def save_obj(path, vertices, faces):
+  """Writes a Wavefront .obj (1-based face indices).
+
+  Args:
+    path: output file.
+    vertices: [V, 3].
+    faces: [F, 3] 0-based vertex ids.
+  """
+  vertices, faces = _checked_numpy(vertices, faces)
+  with open(os.fspath(path), 'w') as f:
+    f.writelines(f'v {x:.9g} {y:.9g} {z:.9g}\n' for x, y, z in vertices)
+    f.writelines(f'f {a + 1} {b + 1} {c + 1}\n' for a, b, c in faces)
+
+
+def save_ply(path, vertices, faces):
+  """Writes an ASCII .ply with float vertices and triangle faces.
+
+  Args:
+    path: output file.
+    vertices: [V, 3].
+    faces: [F, 3] 0-based vertex ids.
+  """
+  vertices, faces = _checked_numpy(vertices, faces)
+  header = ['ply', 'format ascii 1.0', f'element vertex {len(vertices)}', 'property float x',
+            'property float y', 'property float z', f'element face {len(faces)}',
+            'property list uchar int vertex_indices', 'end_header']
+  with open(os.fspath(path), 'w') as f:
+    f.write('\n'.join(header) + '\n')
+    f.writelines(f'{x:.9g} {y:.9g} {z:.9g}\n' for x, y, z in vertices)
+    f.writelines(f'3 {a} {b} {c}\n' for a, b, c in faces)
