@@ -36,7 +36,10 @@ _THUMB_RINGS = 11   # rings beyond the thumb's base ring
 _LOWER_PALM = ((0.0, 16), (0.012, 24), (0.023, 32))
 _SPLIT_X, _SPLIT_PALM = 0.032, 30
 _UPPER_PALM = ((0.046, 33), (0.058, 38), (0.068, 40))
-_SPLIT_GAP = 0.1    # fraction of the split ring's angle given to the thumb base
+_SPLIT_GAP = 0.12   # fraction of the split ring's angle given to the thumb base
+# Direction of the thumb at rest (CMC to tip) and the side its pad faces.
+THUMB_DIRECTION = (0.88, 0.30, 0.46)
+_THUMB_PALMAR = (0.0, 0.6, -0.8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +53,8 @@ class _Chain:
     frame: [3, 3] rows e_x (along the digit), e_y (palmar side), e_z = e_x x e_y.
     joint_s: [3] arc length of the three joints from `base`.
     length: arc length from `base` to the tip.
-    radius: (base, end) half-widths; the half-thickness is `flatten` times these.
+    radius: half-widths at the three joints and at the start of the tip's round cap (the
+      last one is the cap's radius); the half-thickness is `flatten` times these.
     flatten: thickness / width of the cross-section.
   """
   name: str
@@ -74,13 +78,24 @@ def _frame(direction, palmar=(0.0, 1.0, 0.0)):
   return np.stack([e_x, e_y, np.cross(e_x, e_y)])
 
 
+def flexion_axes():
+  """[16, 3] unit axes: a positive rotation about axis k curls joint k towards the palm.
+
+  Fingers flex about +z; the thumb about e_x x e_y of its own frame (towards its pad).
+  Row 0 (the wrist) is +z too. These are the rest-frame axes MANO's axis-angle uses.
+  """
+  axes = np.tile([0.0, 0.0, 1.0], (mano.NUM_JOINTS, 1))
+  axes[list(_THUMB_JOINTS)] = _frame(THUMB_DIRECTION, _THUMB_PALMAR)[2]
+  return axes
+
+
 def _skeleton(rng):
   """The five chains; `rng` adds a small per-seed variation of sizes."""
   def jitter(scale=0.03):
     return 1.0 + scale * rng.standard_normal()
   chains = []
   # name, MCP (x, z), spread angle (deg, + towards the thumb), length, PIP and DIP arc
-  # length fractions, radius at base and tip.
+  # length fractions, radius at the MCP and at the tip.
   specs = {
       'index': ((0.086, 0.024), 6.0, 0.086, (0.45, 0.72), (0.0100, 0.0080)),
       'middle': ((0.090, 0.004), 0.0, 0.095, (0.46, 0.74), (0.0102, 0.0082)),
@@ -95,13 +110,15 @@ def _skeleton(rng):
         name=name, joints=joints, base=np.array([x * jitter(0.01), 0.0, z]),
         frame=_frame([np.cos(angle), 0.0, np.sin(angle)]),
         joint_s=np.array([0.0, pip * length, dip * length]), length=length,
-        radius=tuple(r * jitter(0.02) for r in radius), flatten=0.88))
-  thumb_length = 0.100 * jitter()
+        radius=tuple(np.array([1.0, 0.92, 0.86, radius[1] / radius[0]]) * radius[0] *
+                     jitter(0.02)), flatten=0.88))
+  thumb_length = 0.095 * jitter()
   chains.append(_Chain(
-      name='thumb', joints=_THUMB_JOINTS, base=np.array([0.026, 0.008, 0.030]),
-      frame=_frame([0.80, 0.30, 0.62], palmar=(0.0, 0.6, -0.8)),
+      name='thumb', joints=_THUMB_JOINTS, base=np.array([0.020, 0.008, 0.036]),
+      frame=_frame(THUMB_DIRECTION, palmar=_THUMB_PALMAR),
       joint_s=np.array([0.0, 0.40, 0.70]) * thumb_length, length=thumb_length,
-      radius=(0.0150 * jitter(0.02), 0.0085 * jitter(0.02)), flatten=0.85))
+      radius=tuple(np.array([0.0165, 0.0112, 0.0098, 0.0088]) * jitter(0.02)),
+      flatten=0.85))
   return chains
 
 
@@ -167,10 +184,9 @@ class _Builder:
 
 def _digit_ring(chain, s, n, u):
   """Ring of a digit at arc length s, rounded into a hemisphere near the tip."""
-  r_base, r_tip = chain.radius
-  t = min(s / chain.length, 1.0)
-  radius = r_base + (r_tip - r_base) * t
+  r_tip = chain.radius[-1]
   cap_start = chain.length - r_tip
+  radius = np.interp(s, [*chain.joint_s, cap_start], chain.radius)
   if s > cap_start:  # hemisphere of radius r_tip ending at the tip
     radius = r_tip * np.sqrt(max(0.0, 1.0 - ((s - cap_start) / r_tip)**2))
   return _superellipse_ring(chain.point(s), chain.frame[1], chain.frame[2], radius,
@@ -179,9 +195,9 @@ def _digit_ring(chain, s, n, u):
 
 def _digit_stations(chain, num_rings):
   """Arc lengths of the rings beyond the base: even along the digit, two on the tip cap."""
-  cap_start = chain.length - chain.radius[1]
+  cap_start = chain.length - chain.radius[-1]
   body = np.linspace(0.0, cap_start, num_rings - 1)[1:]
-  cap = cap_start + chain.radius[1] * np.sin(np.deg2rad([40.0, 70.0]))
+  cap = cap_start + chain.radius[-1] * np.sin(np.deg2rad([40.0, 70.0]))
   return np.concatenate([body, cap])
 
 
