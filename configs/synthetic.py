@@ -101,6 +101,10 @@ def get_config(arg=None):
   config.eval.tta_angles = ()          # degrees, e.g. (-10., 0., 10.)
   config.eval.num_examples = -1        # -1 = the whole split
 
+  # ---- Prediction on user images (--mode=predict) ----
+  config.predict = ml_collections.ConfigDict()
+  config.predict.focal_length_224 = 500.0  # px at a 224 px crop, scaled with the image; no K given
+
   if arg == 'smoke':
     config.data.num_train = 64
     config.data.num_eval = 16
