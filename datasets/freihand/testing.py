@@ -35,14 +35,21 @@ def _write_json(path, array):
     json.dump(np.asarray(array).tolist(), f)
 
 
-def _write_jpeg(path, colour, size):
-  Image.fromarray(np.broadcast_to(colour, (size, size, 3)).copy()).save(path, quality=95)
+def _write_jpeg(path, colour, size, rng=None):
+  """A uniform image, or with rng a textured one (photo-like JPEG decoding cost)."""
+  image = np.broadcast_to(colour, (size, size, 3)).astype(np.float32)
+  if rng is not None:
+    coarse = rng.normal(0, 40, (size // 8 + 1, size // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)
+    image = image + coarse[:size, :size] + rng.normal(0, 8, (size, size, 3))
+  Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path, quality=95)
 
 
-def write_layout(root, num_train=3, num_eval=2, *, image_size=32, eval_annotations=True, seed=0):
+def write_layout(root, num_train=3, num_eval=2, *, image_size=32, eval_annotations=True, seed=0,
+                 textured=False):
   """Writes a FreiHAND-layout directory and returns the annotations written.
 
-  Every RGB image is uniformly coloured with `image_colour(image_id)`; the masks hold a square.
+  Every RGB image is uniformly coloured with `image_colour(image_id)` (plus noise when
+  `textured`, for benchmarks); the masks hold a square.
 
   Args:
     root: the directory to fill (created).
@@ -51,6 +58,7 @@ def write_layout(root, num_train=3, num_eval=2, *, image_size=32, eval_annotatio
     image_size: the square image side in pixels.
     eval_annotations: also write evaluation_{xyz,verts,mano}.json.
     seed: the numpy seed of the annotations.
+    textured: add smooth and fine noise to the images.
 
   Returns:
     {'training': {...}, 'evaluation': {...}}: the arrays of each JSON file, [N,...] float32
@@ -74,7 +82,7 @@ def write_layout(root, num_train=3, num_eval=2, *, image_size=32, eval_annotatio
       for idx in range(num):
         image_id = idx + num * version_index
         _write_jpeg(root / prefix / 'rgb' / f'{image_id:08d}.jpg', image_colour(image_id),
-                    image_size)
+                    image_size, rng if textured else None)
     if prefix == 'training':
       (root / prefix / 'mask').mkdir(exist_ok=True)
       mask = np.zeros((image_size, image_size), np.uint8)

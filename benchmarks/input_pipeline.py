@@ -1,0 +1,119 @@
+"""Input-pipeline throughput next to what one training step consumes (not a test).
+
+  .venv/bin/python benchmarks/input_pipeline.py [--markdown]
+
+Pipeline: FreiHAND-layout files (textured 224 px JPEGs, written to a temporary directory) ->
+the `freihand` TFDS builder -> `input_pipeline.create_train_iterator` with the default config's
+augmentation, at 224 px and at the default image size. Training: the jitted train step
+(`train.train_step` with `train.make_loss_fn`, forward + backward + AdamW) of the default config
+on a batch of that pipeline. Both run on this machine's CPU; the target ratio is >= 5x.
+"""
+import argparse
+import functools
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
+from datasets.freihand import testing  # pylint: disable=g-import-not-at-top
+from diffhand_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+
+def pipeline_examples_per_second(config, num_batches):
+  """Examples/s of the training stream after two warm-up batches."""
+  iterator = input_pipeline.create_train_iterator(config)
+  batch = next(iterator)
+  next(iterator)
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    next(iterator)
+  elapsed = time.perf_counter() - start
+  return num_batches * len(batch['index']) / elapsed, batch
+
+
+def train_step_examples_per_second(config, batch, num_steps):
+  """Examples/s that the jitted train step of `config` consumes (median of num_steps)."""
+  from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
+  from diffhand_jax import models  # pylint: disable=g-import-not-at-top
+  from diffhand_jax import optim  # pylint: disable=g-import-not-at-top
+  from diffhand_jax import train  # pylint: disable=g-import-not-at-top
+  model = models.build_model(config)
+  params = models.init_params(model, jax.random.PRNGKey(0), jnp.asarray(batch['image'][:1]))
+  total_steps = int(config.train.num_steps)
+  optimizer = optim.make_optimizer(config.optim, total_steps)
+  state = train.create_train_state(params, optimizer, jax.random.PRNGKey(1), 0.0)
+  step = jax.jit(functools.partial(
+      train.train_step, loss_fn=train.make_loss_fn(model, config, mano.load_hand_model(config).faces),
+      optimizer=optimizer, schedule=optim.learning_rate_schedule(config.optim, total_steps),
+      ema_decay=0.0), donate_argnums=0)
+  batch = jax.tree.map(jnp.asarray, batch)
+  start = time.perf_counter()
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  compile_seconds = time.perf_counter() - start
+  times = []
+  for _ in range(num_steps):
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return len(batch['index']) / float(np.median(times)), compile_seconds
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--num_annotations', type=int, default=64,
+                      help='unique FreiHAND-layout annotations (x 4 images each)')
+  parser.add_argument('--num_batches', type=int, default=10)
+  parser.add_argument('--num_steps', type=int, default=3)
+  parser.add_argument('--markdown', action='store_true', help='print a BENCHMARKS.md section')
+  args = parser.parse_args()
+
+  config = synthetic_config.get_config()
+  with tempfile.TemporaryDirectory() as tmp:
+    testing.write_layout(os.path.join(tmp, 'files'), args.num_annotations, 2, image_size=224,
+                         textured=True)
+    config.data.name = 'freihand'
+    config.data.root = os.path.join(tmp, 'files')
+    config.data.tfds_data_dir = os.path.join(tmp, 'tfds')
+    input_pipeline.get_builder(config)  # prepare once, outside the timings
+    rows = []
+    batches = {}
+    for size in sorted({224, int(synthetic_config.get_config().data.image_size)}, reverse=True):
+      config.data.image_size = size
+      rate, batches[size] = pipeline_examples_per_second(config, args.num_batches)
+      rows.append((f'train pipeline, {size}x{size}, batch {config.train.global_batch_size}',
+                   rate))
+  default = synthetic_config.get_config()
+  step_rate, compile_seconds = train_step_examples_per_second(
+      default, batches[default.data.image_size], args.num_steps)
+  rows.append((f'train step consumes (default config: {default.model.encoder}-'
+               f'{default.model.encoder_size}, {default.data.image_size} px, batch '
+               f'{default.train.global_batch_size}; compile {compile_seconds:.1f} s)', step_rate))
+  ratio = rows[0][1] / step_rate
+  load = os.getloadavg()[0]
+  if args.markdown:
+    print('## Input pipeline (benchmarks/input_pipeline.py)\n')
+    print(f'CPU, {os.cpu_count()} cores shared (1-min load average {load:.1f} at the end), '
+          'jax/tf on CPU; FreiHAND-layout textured 224 px JPEGs through the `freihand` TFDS '
+          'builder, default augmentation.\n')
+    print('| what | examples/s |\n| --- | --- |')
+    for name, rate in rows:
+      print(f'| {name} | {rate:.1f} |')
+    print(f'| ratio pipeline (224 px) / train step | {ratio:.1f}x (target >= 5x) |')
+  else:
+    for name, rate in rows:
+      print(f'{name:100s} {rate:8.1f} examples/s')
+    print(f'ratio pipeline (224 px) / train step: {ratio:.1f}x (target >= 5x); '
+          f'load average {load:.1f}')
+
+
+if __name__ == '__main__':
+  main()
