@@ -35,6 +35,23 @@ def test_builder_prepares_both_splits_like_the_reader(tmp_path):
 
 def test_builder_without_manual_dir_files_fails_clearly(tmp_path):
   builder = freihand.Freihand(data_dir=str(tmp_path / 'tfds'))
-  with pytest.raises(Exception, match='training_K.json|manual'):
+  with pytest.raises(FileNotFoundError, match='training_K.json'):
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_depth_config_reads_the_mirrored_depth_directory(tmp_path):
+  root = tmp_path / 'fh'
+  testing.write_layout(root, num_train=1, num_eval=1, image_size=16)
+  for prefix, count in (('training', 4), ('evaluation', 1)):
+    (root / 'depth' / prefix / 'rgb').mkdir(parents=True)
+    for image_id in range(count):
+      np.save(root / 'depth' / prefix / 'rgb' / f'{image_id:08d}.npy',
+              np.full((16, 16), 0.5 + image_id / 100, np.float32))
+  builder = freihand.Freihand(config='depth', data_dir=str(tmp_path / 'tfds'))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+  for record in tfds.as_numpy(builder.as_dataset(split='train')):
+    assert record['depth'].shape == (16, 16, 1)
+    np.testing.assert_allclose(record['depth'], 0.5 + record['image_id'] / 100, rtol=1e-6)
