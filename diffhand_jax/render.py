@@ -14,6 +14,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from diffhand_jax import mesh
+
 # FreiHAND skeleton: wrist -> each finger's base -> ... -> tip (joint order of datasets/features).
 HAND_BONES = ((0, 1), (1, 2), (2, 3), (3, 4),
               (0, 5), (5, 6), (6, 7), (7, 8),
@@ -114,51 +116,18 @@ def project_points(points, K):
   return homogeneous[:, :2] / homogeneous[:, 2:3]
 
 
-def face_normals(vertices, faces):
-  """Unnormalised face normals (v1 - v0) x (v2 - v0), length = twice the face area.
-
-  Args:
-    vertices: [V, 3].
-    faces: [F, 3] int.
-
-  Returns:
-    [F, 3].
-  """
-  tri = vertices[faces]
-  return np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-
-
-def vertex_normals(vertices, faces):
-  """Area-weighted unit vertex normals (zero for vertices in no face).
-
-  Args:
-    vertices: [V, 3].
-    faces: [F, 3] int.
-
-  Returns:
-    [V, 3].
-  """
-  normals = np.zeros_like(vertices, dtype=np.float64)
-  per_face = face_normals(vertices, faces)
-  for corner in range(3):
-    np.add.at(normals, faces[:, corner], per_face)
-  length = np.linalg.norm(normals, axis=1, keepdims=True)
-  return normals / np.maximum(length, 1e-30)
-
-
 # ---- Rasterisation ----
 
 def _face_chunks(counts, max_candidates):
-  """Splits faces into runs whose bounding boxes hold at most ~max_candidates pixels."""
-  bounds = [0]
-  total = 0
-  for face, count in enumerate(counts):
-    if total and total + count > max_candidates:
-      bounds.append(face)
-      total = 0
-    total += count
-  bounds.append(len(counts))
-  return zip(bounds[:-1], bounds[1:])
+  """Splits faces into runs whose bounding boxes hold about max_candidates pixels or fewer.
+
+  A run exceeds the bound only by its last face (a single face larger than the bound forms
+  its own run).
+  """
+  before = np.cumsum(counts) - counts
+  run_of_face = before // max(int(max_candidates), 1)
+  bounds = np.concatenate([[0], np.flatnonzero(np.diff(run_of_face)) + 1, [len(counts)]])
+  return zip(bounds[:-1].tolist(), bounds[1:].tolist())
 
 
 def rasterize(vertices, faces, K, height, width, *, near=1e-4, max_candidates=1 << 21):
@@ -195,11 +164,17 @@ def rasterize(vertices, faces, K, height, width, *, near=1e-4, max_candidates=1 
   usable = np.all(z[faces] > near, axis=1) & (np.abs(area2) > 1e-12)
   area2 = np.where(usable, area2, 1.0)
 
-  # Screen-space barycentric w_k(u, v) = a_k u + b_k v + c_k (edge functions / 2 * area).
+  # Screen-space barycentrics are affine in the pixel position, w_k = a_k u + b_k v + c_k
+  # (edge functions over twice the area), and so is 1/z = sum_k w_k / z_k. One [F, 9] table
+  # of (a, b, c) for w_0, w_1 and 1/z keeps the per-candidate work to a single gather.
   nxt, prv = [1, 2, 0], [2, 0, 1]
   coef_a = (tri_v[:, nxt] - tri_v[:, prv]) / area2[:, None]
   coef_b = (tri_u[:, prv] - tri_u[:, nxt]) / area2[:, None]
   coef_c = (tri_u[:, nxt] * tri_v[:, prv] - tri_u[:, prv] * tri_v[:, nxt]) / area2[:, None]
+  table = np.stack([coef_a[:, 0], coef_b[:, 0], coef_c[:, 0],
+                    coef_a[:, 1], coef_b[:, 1], coef_c[:, 1],
+                    np.sum(coef_a * tri_inv_z, 1), np.sum(coef_b * tri_inv_z, 1),
+                    np.sum(coef_c * tri_inv_z, 1)], axis=1)
 
   x_lo = np.clip(np.ceil(tri_u.min(axis=1)), 0, width).astype(np.int64)
   x_hi = np.clip(np.floor(tri_u.max(axis=1)), -1, width - 1).astype(np.int64)
@@ -219,21 +194,28 @@ def rasterize(vertices, faces, K, height, width, *, near=1e-4, max_candidates=1 
       continue
     face = np.repeat(np.arange(start, stop), chunk_counts)
     offset = np.arange(total) - np.repeat(np.cumsum(chunk_counts) - chunk_counts, chunk_counts)
-    px = x_lo[face] + offset % box_w[face]
-    py = y_lo[face] + offset // box_w[face]
-    w = coef_a[face] * px[:, None] + coef_b[face] * py[:, None] + coef_c[face]
-    inside = np.all(w >= -_INSIDE_EPS, axis=1)
-    face, px, py, w = face[inside], px[inside], py[inside], w[inside]
-    inv_z = np.sum(w * tri_inv_z[face], axis=1)
-    pixel = py * width + px
+    row, col = np.divmod(offset, box_w[face])
+    px = (x_lo[face] + col).astype(np.float64)
+    py = (y_lo[face] + row).astype(np.float64)
+    coef = table[face]
+    w0 = coef[:, 0] * px + coef[:, 1] * py + coef[:, 2]
+    w1 = coef[:, 3] * px + coef[:, 4] * py + coef[:, 5]
+    inside = np.flatnonzero((w0 >= -_INSIDE_EPS) & (w1 >= -_INSIDE_EPS)
+                            & (w0 + w1 <= 1.0 + _INSIDE_EPS))
+    face, w0, w1, coef = face[inside], w0[inside], w1[inside], coef[inside]
+    px, py = px[inside], py[inside]
+    inv_z = coef[:, 6] * px + coef[:, 7] * py + coef[:, 8]
+    pixel = py.astype(np.int64) * width + px.astype(np.int64)
     np.maximum.at(best_inv_z, pixel, inv_z)
     # Among candidates that reach the nearest depth keep one per pixel (the last on ties).
     nearest = np.flatnonzero(inv_z == best_inv_z[pixel])
     winner = np.full(height * width, -1, dtype=np.int64)
     np.maximum.at(winner, pixel[nearest], nearest)
     chosen = winner[winner >= 0]
+    screen = np.stack([w0[chosen], w1[chosen], 1.0 - w0[chosen] - w1[chosen]], axis=1)
     face_buf[pixel[chosen]] = face[chosen]
-    bary_buf[pixel[chosen]] = w[chosen] * tri_inv_z[face[chosen]] / inv_z[chosen, None]
+    # Perspective correction: weights proportional to w_k / z_k, normalised by 1/z.
+    bary_buf[pixel[chosen]] = screen * tri_inv_z[face[chosen]] / inv_z[chosen, None]
 
   hit = face_buf >= 0
   depth = np.where(hit, 1.0 / np.where(hit, best_inv_z, 1.0), 0.0)
@@ -281,11 +263,11 @@ def shade(raster, vertices, faces, *, color=DEFAULT_SKIN, light_dir=DEFAULT_LIGH
 
   mask = raster.face_index >= 0
   face = raster.face_index[mask]
-  corner_normals = vertex_normals(vertices, faces)[faces[face]]       # [P, 3, 3]
+  corner_normals = mesh.vertex_normals(vertices, faces)[faces[face]]       # [P, 3, 3]
   normal = np.einsum('pk,pkc->pc', raster.barycentric[mask], corner_normals)
   normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-30)
   centroid = vertices[faces].mean(axis=1)
-  towards_camera = np.sum(face_normals(vertices, faces) * -centroid, axis=1) >= 0
+  towards_camera = np.sum(mesh.face_normals(vertices, faces) * -centroid, axis=1) >= 0
   normal *= np.where(towards_camera[face], 1.0, -1.0)[:, None]
   intensity = ambient + (1.0 - ambient) * np.clip(normal @ light, 0.0, None)
   image[mask] = (intensity[:, None] * color).astype(np.float32)

@@ -1,0 +1,136 @@
+"""Random appearance of a synthetic example: skin, light, background texture, occluder.
+
+Every function draws from an explicit `np.random.Generator`, so an example's look is a pure
+function of its seed. Colours are RGB floats in [0, 1].
+"""
+import numpy as np
+
+# Skin tones from light to dark (RGB albedo); a tone is interpolated between two neighbours.
+SKIN_TONES = np.array([
+    (0.97, 0.82, 0.72), (0.91, 0.72, 0.60), (0.82, 0.62, 0.48),
+    (0.68, 0.48, 0.34), (0.50, 0.34, 0.23), (0.34, 0.23, 0.16)])
+OCCLUDER_PROBABILITY = 0.3
+
+
+def sample_skin(rng):
+  """Returns an RGB albedo [3]: a tone between two palette neighbours plus a small tint."""
+  position = rng.uniform(0.0, len(SKIN_TONES) - 1)
+  low = int(np.floor(position))
+  high = min(low + 1, len(SKIN_TONES) - 1)
+  tone = SKIN_TONES[low] + (position - low) * (SKIN_TONES[high] - SKIN_TONES[low])
+  return np.clip(tone + rng.uniform(-0.03, 0.03, size=3), 0.0, 1.0)
+
+
+def sample_light(rng):
+  """Returns (light_dir [3], ambient): the light is on the camera's side (negative z)."""
+  direction = np.array([rng.uniform(-1.0, 1.0), rng.uniform(-1.0, 1.0),
+                        -rng.uniform(0.4, 1.5)])
+  return direction / np.linalg.norm(direction), rng.uniform(0.25, 0.5)
+
+
+def _interpolation_matrix(size, grid):
+  """[size, grid] linear interpolation weights from `grid` knots spread over `size` pixels."""
+  position = np.linspace(0.0, grid - 1.0, size)
+  low = np.minimum(np.floor(position).astype(np.int64), grid - 2)
+  fraction = position - low
+  weights = np.zeros((size, grid))
+  weights[np.arange(size), low] = 1.0 - fraction
+  weights[np.arange(size), low + 1] = fraction
+  return weights
+
+
+def smooth_noise(rng, size, grid):
+  """Bilinearly upsampled random colours on a `grid` x `grid` lattice: [size, size, 3]."""
+  knots = rng.uniform(0.0, 1.0, size=(grid, grid, 3))
+  weights = _interpolation_matrix(size, grid)
+  rows = np.tensordot(weights, knots, axes=(1, 0))                   # [size, grid, 3]
+  return np.einsum('igc,jg->ijc', rows, weights, optimize=True)
+
+
+def _random_colors(rng, count):
+  return rng.uniform(0.0, 1.0, size=(count, 3))
+
+
+def _coordinates_along(rng, size):
+  """Pixel coordinates projected on a random direction: [size, size], in pixels."""
+  angle = rng.uniform(0.0, np.pi)
+  v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+  return u * np.cos(angle) + v * np.sin(angle)
+
+
+def _blend(colors, weight):
+  """colors [2, 3], weight [H, W] in [0, 1] -> [H, W, 3]."""
+  return colors[0] + weight[..., None] * (colors[1] - colors[0])
+
+
+def background_texture(rng, size):
+  """A random background: smooth noise, stripes, a gradient or a checkerboard, plus grain.
+
+  Args:
+    rng: numpy Generator.
+    size: image side in pixels.
+
+  Returns:
+    [size, size, 3] float in [0, 1].
+  """
+  kind = rng.integers(4)
+  if kind == 0:
+    # Two octaves of smooth noise: large blobs with some finer structure.
+    image = (0.7 * smooth_noise(rng, size, int(rng.integers(2, 6)))
+             + 0.3 * smooth_noise(rng, size, int(rng.integers(8, 24))))
+  elif kind == 1:
+    period = rng.uniform(0.04, 0.25) * size
+    phase = _coordinates_along(rng, size) * 2 * np.pi / period
+    weight = 0.5 + 0.5 * np.sin(phase)
+    if rng.uniform() < 0.5:
+      weight = (weight > 0.5).astype(np.float64)    # hard-edged stripes
+    image = _blend(_random_colors(rng, 2), weight)
+  elif kind == 2:
+    along = _coordinates_along(rng, size)
+    weight = (along - along.min()) / max(np.ptp(along), 1e-9)
+    image = _blend(_random_colors(rng, 2), weight)
+  else:
+    cell = rng.uniform(0.06, 0.25) * size
+    first = _coordinates_along(rng, size)
+    second = _coordinates_along(rng, size)
+    weight = ((np.floor(first / cell) + np.floor(second / cell)) % 2).astype(np.float64)
+    image = _blend(_random_colors(rng, 2), weight)
+  # Mix with a faint smooth noise so no background is perfectly flat.
+  image = 0.85 * image + 0.15 * smooth_noise(rng, size, int(rng.integers(3, 9)))
+  image += rng.normal(0.0, rng.uniform(0.0, 0.03), size=image.shape)
+  return np.clip(image, 0.0, 1.0)
+
+
+def occluder_mask(rng, size, mask):
+  """Maybe draws an occluder shape over part of the hand.
+
+  With probability OCCLUDER_PROBABILITY returns a boolean [size, size] ellipse or rotated
+  rectangle centred on a random hand pixel, sized 15-40% of the hand's bounding box; else None.
+
+  Args:
+    rng: numpy Generator.
+    size: image side in pixels.
+    mask: [size, size] bool, the hand's pixels.
+  """
+  if rng.uniform() >= OCCLUDER_PROBABILITY or not mask.any():
+    return None
+  rows, cols = np.nonzero(mask)
+  pick = rng.integers(len(rows))
+  center = np.array([cols[pick], rows[pick]], dtype=np.float64)
+  extent = max(np.ptp(rows), np.ptp(cols), 4)
+  half = rng.uniform(0.075, 0.2, size=2) * extent
+  angle = rng.uniform(0.0, np.pi)
+  v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+  du, dv = u - center[0], v - center[1]
+  a = (du * np.cos(angle) + dv * np.sin(angle)) / half[0]
+  b = (-du * np.sin(angle) + dv * np.cos(angle)) / half[1]
+  if rng.uniform() < 0.5:
+    return a ** 2 + b ** 2 <= 1.0
+  return (np.abs(a) <= 1.0) & (np.abs(b) <= 1.0)
+
+
+def occluder_texture(rng, size):
+  """A plain colour with smooth shading: [size, size, 3] in [0, 1]."""
+  base = _random_colors(rng, 1)[0]
+  shading = 0.75 + 0.25 * smooth_noise(rng, size, 3).mean(axis=-1, keepdims=True)
+  return np.clip(base * shading, 0.0, 1.0)
