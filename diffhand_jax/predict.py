@@ -1,0 +1,263 @@
+"""`--mode=predict`: hand meshes for a folder of images (or one image).
+
+For every readable image `<stem>.<ext>` it writes, under `<workdir>/predictions` by default:
+- `<stem>.obj`: the mesh in the camera frame of the input image (metres);
+- `<stem>_overlay.png`: the mesh and the 21 joints drawn over the input image;
+- `<stem>.json`: the numbers (keys and shapes in `JSON_KEYS`; lengths in metres).
+
+Choices, written down:
+- Crop: the largest centred square of the image, resized to config.data.image_size
+  (`input_pipeline.preprocess_image`, the training normalisation). The hand should fill it.
+- Intrinsics: user images come without K, so a pinhole camera is assumed: principal point at
+  the image centre ((W - 1) / 2, (H - 1) / 2; pixel centres on integers) and focal length
+  config.predict.focal_length_224 (default 500 px, FreiHAND-like) at a 224 px crop, scaled with
+  the crop side min(H, W). The crop only scales and shifts pixels, so the crop camera and the
+  image camera share one frame: the camera-frame mesh drawn with the image's K lands on the
+  image. Its absolute depth is as good as this focal-length guess (the relative shape is not
+  affected).
+- Images are assumed to show a right hand (training mirrors left hands to right ones).
+- Sampling: `evaluate.make_sample_fn` (config.sampling.*, config.eval.tta_angles), noise from
+  PRNGKey(config.seed) folded with the batch number: the same checkpoint and images always give
+  the same meshes. Per-vertex uncertainty `vertex_std` is the RMS distance of the
+  config.sampling.num_hypotheses samples to their mean (0 when K = 1).
+- Unreadable files with an image extension are reported and skipped; other files are ignored.
+  Nothing already written is replaced unless `overwrite=True`: all output paths are checked
+  before any work starts.
+"""
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+from PIL import ImageOps
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+DEFAULT_FOCAL_LENGTH_224 = 500.0  # used when a config lacks config.predict.focal_length_224
+OUTPUT_SUBDIR = 'predictions'
+# Keys of each <stem>.json; V = number of mesh vertices (778), shapes per image.
+JSON_KEYS = {
+    'image': 'path of the input image',
+    'image_size': '[2] (height, width) pixels',
+    'intrinsics': '[3, 3] assumed K of the input image (see the module docstring)',
+    'crop_intrinsics': '[3, 3] K of the network crop',
+    'camera': '[3] predicted weak-perspective camera (s, tx, ty) of the crop',
+    'root': '[3] wrist position in the camera frame, metres',
+    'joints': '[21, 3] root-relative joints (wrist = 0), metres, FreiHAND order',
+    'vertices': '[V, 3] root-relative vertices, metres',
+    'joints_camera': '[21, 3] camera-frame joints, metres',
+    'vertices_camera': '[V, 3] camera-frame vertices, metres (the .obj)',
+    'joints2d': '[21, 2] joints projected into the input image, pixels (null when the mesh '
+                'is not in front of the camera)',
+    'vertex_std': '[V] per-vertex uncertainty, metres (RMS over the hypotheses)',
+    'num_hypotheses': 'int, samples per image',
+    'num_steps': 'int, DDIM steps',
+}
+
+
+def list_images(input_path: str) -> list[str]:
+  """The image files to process: `input_path` itself, or the images in that folder (sorted).
+
+  Raises:
+    FileNotFoundError: the path does not exist.
+    ValueError: a folder without image files, or a single file without an image extension.
+  """
+  if not os.path.exists(input_path):
+    raise FileNotFoundError(f'predict input {input_path!r} does not exist')
+  if os.path.isdir(input_path):
+    paths = sorted(os.path.join(input_path, name) for name in os.listdir(input_path)
+                   if name.lower().endswith(IMAGE_EXTENSIONS)
+                   and os.path.isfile(os.path.join(input_path, name)))
+    if not paths:
+      raise ValueError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) in {input_path!r}')
+    return paths
+  if not input_path.lower().endswith(IMAGE_EXTENSIONS):
+    raise ValueError(f'{input_path!r} is not an image file ({", ".join(IMAGE_EXTENSIONS)})')
+  return [input_path]
+
+
+def output_paths(output_dir: str, image_path: str) -> dict:
+  """{'obj', 'overlay', 'json'} output files of one image."""
+  stem = os.path.splitext(os.path.basename(image_path))[0]
+  return {'obj': os.path.join(output_dir, f'{stem}.obj'),
+          'overlay': os.path.join(output_dir, f'{stem}_overlay.png'),
+          'json': os.path.join(output_dir, f'{stem}.json')}
+
+
+def read_image(path: str) -> np.ndarray:
+  """uint8 [H, W, 3] RGB, EXIF orientation applied.
+
+  Raises:
+    ValueError: the file is not a readable image (the message names it and says why).
+  """
+  try:
+    with Image.open(path) as image:
+      image = ImageOps.exif_transpose(image)
+      return np.asarray(image.convert('RGB'), dtype=np.uint8)
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    # PIL signals unreadable / truncated files with OSError (UnidentifiedImageError is one)
+    # and some corrupt headers with SyntaxError or ValueError.
+    raise ValueError(f'cannot read image {path!r}: {error}') from error
+
+
+def assumed_intrinsics(height: int, width: int, focal_length_224: float) -> np.ndarray:
+  """[3, 3] K of an image without calibration (see the module docstring)."""
+  focal = focal_length_224 * min(height, width) / 224.0
+  return np.array([[focal, 0.0, (width - 1) / 2.0],
+                   [0.0, focal, (height - 1) / 2.0],
+                   [0.0, 0.0, 1.0]], np.float32)
+
+
+def _focal_length_224(config):
+  predict_config = config.get('predict') or {}
+  focal = float(predict_config.get('focal_length_224', DEFAULT_FOCAL_LENGTH_224))
+  if not np.isfinite(focal) or focal <= 0:
+    raise ValueError(f'config.predict.focal_length_224 must be positive, got {focal}')
+  return focal
+
+
+def _check_outputs_free(jobs, overwrite):
+  """Refuses, before any work, to replace an existing output file."""
+  if overwrite:
+    return
+  for _, paths in jobs:
+    for path in paths.values():
+      if os.path.exists(path):
+        raise FileExistsError(
+            f'{path} exists; pass overwrite=True (--overwrite) to replace it, or choose '
+            'another output folder')
+
+
+def _drawing(image, K, vertices_camera, joints_camera, faces):
+  """The overlay image, or the plain image when the placement cannot be drawn."""
+  from diffhand_jax import render  # pylint: disable=g-import-not-at-top
+  if not (np.all(np.isfinite(vertices_camera)) and np.all(vertices_camera[:, 2] > 0)):
+    return image, None
+  overlay = render.overlay_mesh(image, vertices_camera, faces, K)
+  joints2d = render.project_points(joints_camera, K)
+  return render.draw_skeleton(overlay, joints2d), joints2d
+
+
+def _write_result(paths, record, image, faces):
+  """Writes the .obj, the overlay PNG and the JSON of one image."""
+  from diffhand_jax import mesh  # pylint: disable=g-import-not-at-top
+  overlay, joints2d = _drawing(image, record['intrinsics'], record['vertices_camera'],
+                               record['joints_camera'], faces)
+  record['joints2d'] = joints2d
+  mesh.save_obj(paths['obj'], record['vertices_camera'], faces)
+  Image.fromarray(overlay).save(paths['overlay'])
+  serialisable = {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                  for k, v in record.items()}
+  with open(paths['json'], 'w') as f:
+    json.dump(serialisable, f)
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str, *,
+            overwrite: bool = False, params: Optional[Any] = None,
+            output_dir: Optional[str] = None) -> dict:
+  """Reconstructs a hand mesh for each image of `input_path` and writes the results.
+
+  Args:
+    config: the experiment config (model, sampling, data.image_size, predict.*).
+    workdir: the run directory; parameters come from its latest checkpoint unless `params`
+      is given, and outputs go to `<workdir>/predictions` unless `output_dir` is given.
+    input_path: an image file or a folder of images.
+    overwrite: replace existing output files (otherwise their existence is an error).
+    params: the model's 'params' collection (skips the checkpoint).
+    output_dir: where to write (default `<workdir>/predictions`).
+
+  Returns:
+    {'output_dir': str, 'written': [json paths], 'skipped': [(image path, reason)]}.
+
+  Raises:
+    FileNotFoundError: missing input, or no checkpoint in `workdir` when `params` is None.
+    FileExistsError: an output file exists and `overwrite` is False.
+    ValueError: no images, or a config this mode cannot serve (depth-conditioned models).
+  """
+  from diffhand_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from diffhand_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
+  from diffhand_jax import models  # pylint: disable=g-import-not-at-top
+
+  if config.model.use_depth:
+    raise ValueError('--mode=predict does not support depth-conditioned models '
+                     '(config.model.use_depth=True): user images come without depth maps')
+  image_paths = list_images(input_path)
+  output_dir = output_dir or os.path.join(workdir, OUTPUT_SUBDIR)
+  jobs = [(path, output_paths(output_dir, path)) for path in image_paths]
+  stems = [os.path.basename(paths['json']) for _, paths in jobs]
+  if len(set(stems)) != len(stems):
+    raise ValueError(f'images in {input_path!r} share a file stem (e.g. a.jpg and a.png): '
+                     'their outputs would collide')
+  _check_outputs_free(jobs, overwrite)
+  focal_length_224 = _focal_length_224(config)
+  if params is None:
+    from diffhand_jax import train  # pylint: disable=g-import-not-at-top
+    params = train.restore_params(config, workdir)
+  os.makedirs(output_dir, exist_ok=True)
+
+  model = models.build_model(config)
+  faces = np.asarray(mano.load_hand_model(config).faces)
+  sample_fn = evaluate.make_sample_fn(model, config)
+  image_size = int(config.data.image_size)
+  batch_size = max(1, int(config.eval.batch_size))
+  base_rng = jax.random.PRNGKey(config.seed)
+  written, skipped = [], []
+  total = len(jobs)
+
+  def flush(pending, batch_number):
+    """Samples one batch (padded to batch_size: one compilation) and writes its results."""
+    crops = np.stack([item['crop'] for item in pending])
+    crop_K = np.stack([item['crop_K'] for item in pending])
+    pad = batch_size - len(pending)
+    crops = np.concatenate([crops, np.repeat(crops[-1:], pad, axis=0)])
+    crop_K = np.concatenate([crop_K, np.repeat(crop_K[-1:], pad, axis=0)])
+    out = jax.device_get(sample_fn(params, jnp.asarray(crops),
+                                   jax.random.fold_in(base_rng, batch_number), None,
+                                   jnp.asarray(crop_K)))
+    for row, item in enumerate(pending):
+      joints_camera = np.asarray(out['joints_camera'][row], np.float64)
+      record = {
+          'image': item['path'],
+          'image_size': list(item['image'].shape[:2]),
+          'intrinsics': item['K'],
+          'crop_intrinsics': item['crop_K'],
+          'camera': np.asarray(out['camera'][row]),
+          'root': joints_camera[0],  # the sampler's joints are wrist-relative
+          'joints': np.asarray(out['joints'][row]),
+          'vertices': np.asarray(out['vertices'][row]),
+          'joints_camera': joints_camera,
+          'vertices_camera': np.asarray(out['vertices_camera'][row]),
+          'vertex_std': np.asarray(out['vertex_std'][row]),
+          'num_hypotheses': int(config.sampling.num_hypotheses),
+          'num_steps': int(config.sampling.num_steps),
+      }
+      _write_result(item['paths'], record, item['image'], faces)
+      written.append(item['paths']['json'])
+      note = '' if record['joints2d'] is not None else ' (mesh behind the camera: not drawn)'
+      print(f'[{item["number"]}/{total}] {item["path"]} -> {item["paths"]["json"]}{note}',
+            flush=True)
+
+  pending, batch_number = [], 0
+  for number, (path, paths) in enumerate(jobs, start=1):
+    try:
+      image = read_image(path)
+    except ValueError as error:
+      skipped.append((path, str(error)))
+      print(f'[{number}/{total}] skipped: {error}', flush=True)
+      continue
+    K = assumed_intrinsics(image.shape[0], image.shape[1], focal_length_224)
+    crop, crop_K = input_pipeline.preprocess_image(image, image_size, K=K)
+    pending.append({'path': path, 'paths': paths, 'image': image, 'K': K, 'crop': crop,
+                    'crop_K': crop_K, 'number': number})
+    if len(pending) == batch_size:
+      flush(pending, batch_number)
+      pending, batch_number = [], batch_number + 1
+  if pending:
+    flush(pending, batch_number)
+  print(f'Predicted {len(written)} image(s) into {output_dir}; skipped {len(skipped)} '
+        'unreadable file(s)' + ''.join(f'\n  {reason}' for _, reason in skipped), flush=True)
+  return {'output_dir': output_dir, 'written': written, 'skipped': skipped}
