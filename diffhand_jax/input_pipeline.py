@@ -105,6 +105,13 @@ def _decode(image):
   return tf.ensure_shape(image, [None, None, 3])
 
 
+def _assert_finite(example):
+  """Fails the pipeline on NaN/inf labels, naming the key and the example id."""
+  for key in ('K', 'joints3d', 'joints2d', 'verts'):
+    tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(example[key])),
+                        [f'non-finite {key} in the hand example with id', example['id']])
+
+
 def transform_example(example, data_config, image_size, draws=None):
   """Crops, augments and normalises one example into the contract's per-example layout.
 
@@ -121,6 +128,7 @@ def transform_example(example, data_config, image_size, draws=None):
     dict: image [S,S,3], (depth [S,S,1]), verts [778,3], joints3d [21,3], joints2d [21,2] in
     [-1,1], root [3], K [3,3] float32; is_right, index int32; valid float32 (= 1).
   """
+  _assert_finite(example)
   image = tf.cast(_decode(example['image']), tf.float32)
   K = tf.cast(example['K'], tf.float32)
   joints2d = tf.cast(example['joints2d'], tf.float32)
@@ -236,6 +244,8 @@ def train_dataset_from(source, num_examples, config, *, batch_size, start_step=0
 
   Each epoch is a fresh shuffle of `source` (seeded by (config.seed, epoch)) cut into
   num_examples // batch_size batches (the remainder is dropped, a different one each epoch).
+  tf.data combines the shuffle seed with TF's global seed: do not call tf.random.set_seed
+  differently between a run and its resumption (nothing in this project calls it).
 
   Args:
     source: tf.data.Dataset of this process' examples, in a fixed order.

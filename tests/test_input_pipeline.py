@@ -253,3 +253,11 @@ def test_errors_name_the_problem():
   config.data.name = 'imagenet'
   with pytest.raises(ValueError, match='unknown config.data.name'):
     input_pipeline.get_builder(config)
+
+
+def test_nan_labels_fail_naming_key_and_example():
+  examples = _hand_examples(4)
+  examples['verts'][2, 5, 1] = np.nan
+  dataset = input_pipeline.train_dataset_from(_source(examples), 4, _config(), batch_size=4)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r'non-finite verts[\s\S]*\b2\b'):
+    next(dataset.as_numpy_iterator())
