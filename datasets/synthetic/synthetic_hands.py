@@ -1,0 +1,155 @@
+"""TFDS builder `synthetic_hands`: rendered synthetic hands, splits 'train' and 'evaluation'.
+
+Nothing is downloaded and no manual files are needed: every example is made by
+`generate.make_example`. The builder-config name is a function of everything that changes the
+data (image size, split sizes, seed, depth on/off, a fingerprint of the hand model and tip
+vertices), so two different settings never collide in one data_dir.
+
+Usage (from Python; the `tfds build` CLI needs apache-beam):
+  builder = prepare(config)          # builds into config.data.tfds_data_dir if missing
+  train = builder.as_dataset(split='train')
+"""
+import dataclasses
+import hashlib
+import sys
+import time
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from datasets import features
+from datasets.synthetic import generate
+from diffhand_jax import mano
+
+_DESCRIPTION = """Synthetic right and left hands rendered on the CPU from a MANO-format hand
+model (random pose, shape, rotation, camera, skin, light, background, occluders), with exact
+depth, masks, 3D/2D joints, vertices and MANO parameters."""
+SPLIT_STREAMS = {'train': generate.TRAIN_STREAM, 'evaluation': generate.EVAL_STREAM}
+_HAND_FIELDS = ('v_template', 'shapedirs', 'posedirs', 'J_regressor', 'weights', 'parents',
+                'faces', 'hands_mean')
+
+
+def hand_fingerprint(hand_model, tip_ids=mano.TIP_VERTEX_IDS):
+  """A short hex digest of the arrays that shape the data (model arrays and tip vertices)."""
+  digest = hashlib.sha1()
+  for name in _HAND_FIELDS:
+    value = np.ascontiguousarray(getattr(hand_model, name))
+    digest.update(name.encode())
+    digest.update(str(value.dtype).encode() + str(value.shape).encode())
+    digest.update(value.tobytes())
+  digest.update(np.asarray(tip_ids, np.int64).tobytes())
+  return digest.hexdigest()[:10]
+
+
+@dataclasses.dataclass(eq=False)
+class SyntheticHandsConfig(tfds.core.BuilderConfig):
+  """What the data depend on; make it with `make_config` so the name matches the fields."""
+  image_size: int = 224
+  num_train: int = 8192
+  num_eval: int = 512
+  seed: int = 0
+  with_depth: bool = False
+  hand: str = ''                      # hand_fingerprint of the model the data come from
+  tip_ids: tuple = mano.TIP_VERTEX_IDS
+
+
+def make_config(hand_model, image_size, num_train, num_eval, seed, with_depth,
+                tip_ids=mano.TIP_VERTEX_IDS):
+  """A `SyntheticHandsConfig` named after its parameters.
+
+  Raises:
+    ValueError: on a non-positive size, negative split sizes or a negative seed.
+  """
+  if image_size < generate.MIN_IMAGE_SIZE:
+    raise ValueError(f'image_size must be at least {generate.MIN_IMAGE_SIZE}, got {image_size}')
+  if num_train < 0 or num_eval < 0 or num_train + num_eval == 0:
+    raise ValueError(f'need non-negative split sizes, not both 0: {num_train}, {num_eval}')
+  if seed < 0:
+    raise ValueError(f'seed must be non-negative, got {seed}')
+  hand = hand_fingerprint(hand_model, tip_ids)
+  name = (f'px{image_size}_train{num_train}_eval{num_eval}_seed{seed}_hand{hand}'
+          + ('_depth' if with_depth else ''))
+  return SyntheticHandsConfig(
+      name=name, version=SyntheticHands.VERSION, image_size=int(image_size),
+      num_train=int(num_train), num_eval=int(num_eval), seed=int(seed),
+      with_depth=bool(with_depth), hand=hand, tip_ids=tuple(int(t) for t in tip_ids),
+      description=f'{image_size}px, {num_train} train / {num_eval} evaluation, seed {seed}')
+
+
+class SyntheticHands(tfds.core.GeneratorBasedBuilder):
+  """Synthetic rendered hands; construct with `config=make_config(...)` and `hand_model`."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.'}
+
+  def __init__(self, *, hand_model=None, **kwargs):
+    """`hand_model` is needed only to generate (not to read a prepared data set)."""
+    self._hand_model = hand_model
+    super().__init__(**kwargs)
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        description=_DESCRIPTION,
+        features=features.hand_features(with_depth=self.builder_config.with_depth),
+        homepage='https://github.com/',
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    config = self.builder_config
+    if config is None or not config.hand:
+      raise ValueError('synthetic_hands needs config=make_config(...)')
+    if self._hand_model is None:
+      raise ValueError('synthetic_hands: pass hand_model=... to generate the data')
+    if hand_fingerprint(self._hand_model, config.tip_ids) != config.hand:
+      raise ValueError('synthetic_hands: hand_model does not match the config fingerprint '
+                       f'{config.hand}')
+    sizes = {'train': config.num_train, 'evaluation': config.num_eval}
+    return {split: self._generate_examples(split, count)
+            for split, count in sizes.items() if count > 0}
+
+  def _generate_examples(self, split, count):
+    config = self.builder_config
+    progress_every = max(1, min(500, count // 10))
+    started = time.perf_counter()
+    stream = generate.examples(self._hand_model, config.seed, 0, count, config.image_size,
+                               config.tip_ids, stream=SPLIT_STREAMS[split])
+    for done, example in enumerate(stream, start=1):
+      if not config.with_depth:
+        del example['depth']
+      yield int(example['id']), example
+      if done % progress_every == 0 or done == count:
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        print(f'synthetic_hands/{config.name} {split}: {done}/{count} examples, '
+              f'{rate:.1f} examples/s', file=sys.stderr, flush=True)
+
+
+def builder_for(config):
+  """The `SyntheticHands` builder of an experiment config (not prepared).
+
+  Args:
+    config: experiment ConfigDict (`seed`, `mano_path`, `mano_seed`, `tip_vertex_ids`,
+      `data.num_train`, `data.num_eval`, `data.render_size`, `data.use_depth`,
+      `data.tfds_data_dir`).
+  """
+  hand_model = mano.load_hand_model(config)
+  tip_ids = tuple(config.get('tip_vertex_ids', mano.TIP_VERTEX_IDS))
+  builder_config = make_config(hand_model, config.data.render_size, config.data.num_train,
+                               config.data.num_eval, config.seed, config.data.use_depth,
+                               tip_ids)
+  return SyntheticHands(config=builder_config, data_dir=config.data.tfds_data_dir,
+                        hand_model=hand_model)
+
+
+def prepare(config):
+  """Builds the synthetic data set of `config` into its data_dir if missing; returns the builder.
+
+  Progress (examples/s) goes to stderr while generating.
+  """
+  builder = builder_for(config)
+  if not builder.is_prepared():
+    print(f'preparing {builder.name}/{builder.builder_config.name} in {builder.data_dir}',
+          file=sys.stderr, flush=True)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return builder
