@@ -246,10 +246,12 @@ def _allowed_globals():
   allowed = {
       ('copy_reg', '_reconstructor'): _safe_reconstructor,
       ('copyreg', '_reconstructor'): _safe_reconstructor,
-      ('__builtin__', 'object'): object,
-      ('builtins', 'object'): object,
       ('_codecs', 'encode'): _safe_codecs_encode,
   }
+  # Inert builtins that chumpy's bookkeeping state may contain.
+  for builtin in (object, set, frozenset, slice, complex):
+    for module in ('__builtin__', 'builtins'):
+      allowed[(module, builtin.__name__)] = builtin
   for numpy_core in ('numpy.core.multiarray', 'numpy._core.multiarray'):
     allowed[(numpy_core, '_reconstruct')] = _safe_ndarray_reconstruct
     allowed[(numpy_core, 'scalar')] = _numpy_scalar()
