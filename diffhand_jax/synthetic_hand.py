@@ -398,7 +398,7 @@ def _shape_directions(points, chain_ids, arcs, chains):
       0.06 * points,                                                 # overall size
       0.10 * digit[:, None] * along * (1.0 - is_thumb),                     # finger length
       axis_field(0.12 * base_points[:, 2], 2),                       # palm width
-      axis_field(0.10 * np.clip(base_points[:, 0], 0.0, None), 0),   # palm length
+      axis_field(0.07 * np.clip(base_points[:, 0], 0.0, None), 0),   # palm length
       0.15 * radial * on_digit,                                      # digit thickness
       0.10 * digit[:, None] * along * is_thumb,                      # thumb length
       0.10 * digit[:, None] * along * (finger_of('index') - finger_of('ring')),
