@@ -10,7 +10,7 @@ Conventions (shared by every function here):
 - Triangles are rendered two-sided; a triangle with a vertex at z <= `near` is skipped (there is
   no near-plane clipping: the meshes we draw lie well in front of the camera).
 """
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -349,8 +349,9 @@ def _stamp_disks(image, centers, colors, radius):
   du, dv = np.meshgrid(offsets, offsets)
   disk = (du ** 2 + dv ** 2) <= radius ** 2 + 1e-9
   du, dv = du[disk], dv[disk]
-  finite = np.all(np.isfinite(centers), axis=1)
-  centers, colors = centers[finite], colors[finite]
+  # Far-away points would overflow the integer conversion; they draw nothing anyway.
+  near = np.all(np.abs(centers) < 1e7, axis=1)
+  centers, colors = centers[near], colors[near]
   cu = np.round(centers[:, 0]).astype(np.int64)[:, None] + du
   cv = np.round(centers[:, 1]).astype(np.int64)[:, None] + dv
   inside = (cu >= 0) & (cu < width) & (cv >= 0) & (cv < height)

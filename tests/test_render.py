@@ -191,6 +191,41 @@ def test_light_from_behind_leaves_only_ambient():
   assert np.all(image[~mask] == 0)
 
 
+def _sphere(count, radius, center):
+  """A closed triangulated sphere: hull of a Fibonacci point set."""
+  k = np.arange(count) + 0.5
+  polar = np.arccos(1 - 2 * k / count)
+  azimuth = np.pi * (1 + 5 ** 0.5) * k
+  points = np.stack([np.sin(polar) * np.cos(azimuth), np.sin(polar) * np.sin(azimuth),
+                     np.cos(polar)], axis=1)
+  faces = ConvexHull(points).simplices
+  # Hull simplices come in either winding; make them all wind outwards.
+  tri = points[faces]
+  outward = np.einsum('fi,fi->f', np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]),
+                      tri.mean(axis=1)) > 0
+  faces = np.where(outward[:, None], faces, faces[:, ::-1])
+  return points * radius + center, faces
+
+
+def test_smooth_shading_of_a_sphere_follows_its_normals():
+  K = _intrinsics(200.0, 31.5, 31.5)
+  center, radius = np.array([0.0, 0.0, 1.0]), 0.12
+  vertices, faces = _sphere(2000, radius, center)
+  light, ambient = np.array([0.48, -0.6, -0.64]), 0.2
+  raster = render.rasterize(vertices, faces, K, 64, 64)
+  image = render.shade(raster, vertices, faces, color=(1.0, 1.0, 1.0), light_dir=light,
+                       ambient=ambient)
+  mask = raster.face_index >= 0
+  # The true sphere normal at the visible point along each pixel's ray.
+  rays = _pixel_rays(K, 64, 64)[mask]
+  points = rays * raster.depth[mask][:, None]
+  normals = (points - center) / radius
+  expected = ambient + (1 - ambient) * np.clip(normals @ light, 0, None)
+  assert mask.sum() > 1000
+  assert np.abs(image[mask][:, 0] - expected).max() < 0.02
+  assert np.abs(image[mask][:, 0] - expected).mean() < 0.003
+
+
 def test_render_mask_agrees_with_depth_and_background_is_kept():
   K = _intrinsics(60.0, 24.0, 24.0)
   vertices, faces = _cube(0.2, _rotation([1.0, 1.0, 0.0], 0.5), np.array([0.0, 0.0, 1.0]))
@@ -218,8 +253,8 @@ def test_overlay_mesh_blends_only_under_the_mesh():
 
 def test_draw_points_and_lines():
   image = np.zeros((20, 30, 3), dtype=np.uint8)
-  dots = render.draw_points(image, [[5.2, 6.8], [np.nan, 1.0], [100.0, 5.0]], (1.0, 0.0, 0.0),
-                            radius=1.0)
+  dots = render.draw_points(image, [[5.2, 6.8], [np.nan, 1.0], [100.0, 5.0], [1e30, 2.0]],
+                            (1.0, 0.0, 0.0), radius=1.0)
   assert np.all(image == 0)                                        # input untouched
   painted = np.argwhere(dots[..., 0] == 255)
   assert sorted(map(tuple, painted)) == [(6, 5), (7, 4), (7, 5), (7, 6), (8, 5)]
