@@ -21,8 +21,8 @@ def _check_mesh(vertices, faces):
 
 
 def _normalize(xp, v, eps):
-  norm = xp.sqrt(xp.sum(v * v, axis=-1, keepdims=True))
-  return v / xp.maximum(norm, eps)
+  # Clamp the squared norm before the sqrt so gradients stay finite at zero length too.
+  return v / xp.sqrt(xp.maximum(xp.sum(v * v, axis=-1, keepdims=True), eps * eps))
 
 
 def face_normals(vertices, faces, eps=1e-12):
