@@ -325,8 +325,8 @@ def get_builder(config):
   """The prepared TFDS builder of `config.data.name` ('synthetic' | 'freihand')."""
   name = config.data.name
   if name == 'synthetic':
-    from datasets import synthetic  # pylint: disable=g-import-not-at-top
-    return synthetic.prepare(config)
+    from datasets.synthetic import synthetic_hands  # pylint: disable=g-import-not-at-top
+    return synthetic_hands.prepare(config)
   if name == 'freihand':
     from datasets.freihand import freihand  # pylint: disable=g-import-not-at-top
     builder = freihand.Freihand(config='depth' if config.data.use_depth else 'rgb',
