@@ -86,3 +86,5 @@ def test_bad_config_raises(tmp_path):
       data_dir=str(tmp_path), hand_model=mano.synthetic_mano(1))
   with pytest.raises(ValueError, match='fingerprint'):
     builder.download_and_prepare()
+  with pytest.raises(ValueError, match='make_config'):
+    synthetic_hands.SyntheticHands(data_dir=str(tmp_path))

@@ -84,6 +84,8 @@ class SyntheticHands(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, hand_model=None, **kwargs):
     """`hand_model` is needed only to generate (not to read a prepared data set)."""
+    if not isinstance(kwargs.get('config'), SyntheticHandsConfig):
+      raise ValueError('synthetic_hands needs config=make_config(...) (or use prepare(config))')
     self._hand_model = hand_model
     super().__init__(**kwargs)
 
@@ -97,8 +99,6 @@ class SyntheticHands(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     config = self.builder_config
-    if config is None or not config.hand:
-      raise ValueError('synthetic_hands needs config=make_config(...)')
     if self._hand_model is None:
       raise ValueError('synthetic_hands: pass hand_model=... to generate the data')
     if hand_fingerprint(self._hand_model, config.tip_ids) != config.hand:
