@@ -318,3 +318,13 @@ def test_parameter_counts_match_timm():
   # The distillation token adds one token and one position embedding row.
   distilled = count_params(model_config('deit', 'base', True, pretrained_image_size=224))
   assert distilled - base == 2 * 768
+
+
+@pytest.mark.parametrize('name,size', [('vit', 'micro'), ('deit', 'tiny'), ('hrnet', 'w8')])
+def test_encoders_are_hashable_static_arguments(name, size):
+  # DiffHand holds the encoder and is passed to jit as a static argument.
+  config = model_config(name, size, distilled=name == 'deit')
+  first = encoder.build_encoder(config, 'bfloat16')
+  second = encoder.build_encoder(config, jnp.bfloat16)
+  assert first == second and hash(first) == hash(second)
+  assert first != encoder.build_encoder(config)  # the dtype is part of the identity
