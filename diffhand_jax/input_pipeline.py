@@ -112,6 +112,42 @@ def _assert_finite(example):
                         [f'non-finite {key} in the hand example with id', example['id']])
 
 
+def _camera_motion_of(example, data_config, draws):
+  """The 3D motion M [3,3] of an example and its output handedness (is_right bool).
+
+  Without draws (evaluation) M only mirrors left hands. With draws: rotation by
+  draws[0] * rotation_deg, and a horizontal flip when data_config.flip and draws[4] > 0.
+  """
+  is_right = tf.cast(example['is_right'], tf.bool)
+  if draws is None:
+    return camera_motion(tf.constant(0.0), tf.logical_not(is_right)), is_right
+  angle = draws[0] * math.radians(data_config.rotation_deg)
+  flip = tf.logical_and(tf.constant(bool(data_config.flip)), draws[4] > 0)
+  # A flipped capture shows the other hand; canonicalisation then mirrors every left hand to
+  # the right. Composed, the geometry is mirrored iff the hand was captured left, so `flip`
+  # changes only the reported handedness (the right-hand frame of the contract makes a
+  # horizontal flip otherwise redundant).
+  shown_right = tf.math.logical_xor(is_right, flip)
+  mirror = tf.math.logical_xor(flip, tf.logical_not(shown_right))
+  return camera_motion(angle, mirror), shown_right
+
+
+def _crop_box(example, image, moved_joints2d, pixel_motion, crop_margin):
+  """The square crop (centre [2], side) around the moved 2D joints, before jitter.
+
+  Examples with has_targets = False (FreiHAND evaluation without annotations) have no joints:
+  their box is the whole (moved) image.
+  """
+  center, extent = square_box(tf.reduce_min(moved_joints2d, 0), tf.reduce_max(moved_joints2d, 0))
+  side = crop_margin * tf.maximum(extent, 1.0)
+  if 'has_targets' in example:
+    height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32))
+    image_center = apply_affine(pixel_motion, tf.stack([(width - 1) / 2, (height - 1) / 2])[None])
+    center = tf.where(example['has_targets'], center, image_center[0])
+    side = tf.where(example['has_targets'], side, tf.maximum(width, height))
+  return center, side
+
+
 def transform_example(example, data_config, image_size, draws=None):
   """Crops, augments and normalises one example into the contract's per-example layout.
 
@@ -131,31 +167,11 @@ def transform_example(example, data_config, image_size, draws=None):
   _assert_finite(example)
   image = tf.cast(_decode(example['image']), tf.float32)
   K = tf.cast(example['K'], tf.float32)
-  joints2d = tf.cast(example['joints2d'], tf.float32)
-  is_right = tf.cast(example['is_right'], tf.bool)
-  if draws is None:
-    draws = tf.zeros([_NUM_DRAWS])
-    augment = False
-  else:
-    augment = True
-  angle = draws[0] * math.radians(data_config.rotation_deg) if augment else 0.0
-  flip = tf.logical_and(tf.constant(augment and bool(data_config.flip)), draws[4] > 0)
-  # A flipped capture shows the other hand; canonicalisation then mirrors every left hand to
-  # the right. Composed, the geometry is mirrored iff the hand was captured left, so `flip`
-  # changes only the reported handedness (the right-hand frame of the contract makes a
-  # horizontal flip otherwise redundant).
-  shown_right = tf.math.logical_xor(is_right, flip)
-  mirror = tf.math.logical_xor(flip, tf.logical_not(shown_right))
-  motion = camera_motion(tf.cast(angle, tf.float32), mirror)
+  augment = draws is not None
+  motion, shown_right = _camera_motion_of(example, data_config, draws)
   pixel_motion = K @ motion @ tf.linalg.inv(K)
-  moved_joints2d = apply_affine(pixel_motion, joints2d)
-  center, extent = square_box(tf.reduce_min(moved_joints2d, 0), tf.reduce_max(moved_joints2d, 0))
-  side = data_config.crop_margin * tf.maximum(extent, 1.0)
-  if 'has_targets' in example:  # no joints: the whole (moved) image is the box
-    height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32))
-    image_center = apply_affine(pixel_motion, tf.stack([(width - 1) / 2, (height - 1) / 2])[None])
-    center = tf.where(example['has_targets'], center, image_center[0])
-    side = tf.where(example['has_targets'], side, tf.maximum(width, height))
+  moved_joints2d = apply_affine(pixel_motion, tf.cast(example['joints2d'], tf.float32))
+  center, side = _crop_box(example, image, moved_joints2d, pixel_motion, data_config.crop_margin)
   if augment:
     side *= 1.0 + data_config.scale_jitter * draws[1]
     center += data_config.center_jitter * side * draws[2:4]
