@@ -40,6 +40,8 @@ FREIHAND_TIP_IDS = (4, 8, 12, 16, 20)
 # MANO's kinematic tree: wrist; index, middle, pinky, ring, thumb (3 joints each).
 MANO_PARENTS = (-1, 0, 1, 2, 0, 4, 5, 0, 7, 8, 0, 10, 11, 0, 13, 14)
 _UINT32_ROOT = 2**32 - 1
+# Full float32 matmuls: TF32/bf16 passes on GPUs/TPUs would cost ~0.1 mm of geometry.
+_PRECISION = jax.lax.Precision.HIGHEST
 
 # name: expected shape. Shapes of the official MANO_RIGHT.pkl.
 _ARRAY_SHAPES = {
@@ -119,6 +121,8 @@ def make_model(arrays):
     fields[name] = value.astype(np.float32)
   fields['faces'] = _faces_from(arrays)
   fields['parents'] = _parents_from(arrays)
+  for value in fields.values():
+    value.setflags(write=False)  # models are shared (cached): nobody may edit them in place
   return ManoModel(**fields)
 
 
@@ -410,7 +414,12 @@ def rodrigues(axis_angle):
   skew = jnp.stack([zero, -rz, ry, rz, zero, -rx, -ry, rx, zero], -1)
   skew = skew.reshape(axis_angle.shape[:-1] + (3, 3))
   eye = jnp.eye(3, dtype=axis_angle.dtype)
-  return eye + a[..., None, None] * skew + b[..., None, None] * (skew @ skew)
+  skew_sq = jnp.matmul(skew, skew, precision=_PRECISION)
+  return eye + a[..., None, None] * skew + b[..., None, None] * skew_sq
+
+
+def _einsum(subscripts, *operands):
+  return jnp.einsum(subscripts, *operands, precision=_PRECISION)
 
 
 def _freihand_order(num_joints=NUM_JOINTS):
@@ -473,12 +482,12 @@ def _rigid_transforms(rotations, joints, parents):
       world_pos.append(joints[:, k])
     else:
       offset = joints[:, k] - joints[:, parent]
-      world_rot.append(world_rot[parent] @ rotations[:, k])
-      world_pos.append(world_pos[parent] + jnp.einsum('bij,bj->bi', world_rot[parent], offset))
+      world_rot.append(jnp.matmul(world_rot[parent], rotations[:, k], precision=_PRECISION))
+      world_pos.append(world_pos[parent] + _einsum('bij,bj->bi', world_rot[parent], offset))
   rot = jnp.stack(world_rot, axis=1)
   pos = jnp.stack(world_pos, axis=1)
   # Remove the rest position: a point at the rest joint must land at the posed joint.
-  trans = pos - jnp.einsum('bkij,bkj->bki', rot, joints)
+  trans = pos - _einsum('bkij,bkj->bki', rot, joints)
   return rot, trans
 
 
@@ -507,23 +516,23 @@ def mano_forward(model, pose, betas, transl=None, *, flat_hand_mean=False,
   parents = tuple(int(p) for p in np.asarray(model.parents))
   tips = _check_tip_ids(tip_ids)
 
-  v_shaped = model.v_template + jnp.einsum('vcs,bs->bvc', model.shapedirs, betas)
-  rest_joints = jnp.einsum('jv,bvc->bjc', model.J_regressor, v_shaped)
+  v_shaped = model.v_template + _einsum('vcs,bs->bvc', model.shapedirs, betas)
+  rest_joints = _einsum('jv,bvc->bjc', model.J_regressor, v_shaped)
   rotations = rodrigues(full_pose(model, pose, flat_hand_mean))
   pose_feature = (rotations[:, 1:] - jnp.eye(3)).reshape(pose.shape[0], -1)
-  v_posed = v_shaped + jnp.einsum('vcp,bp->bvc', model.posedirs, pose_feature)
+  v_posed = v_shaped + _einsum('vcp,bp->bvc', model.posedirs, pose_feature)
 
   rot, trans = _rigid_transforms(rotations, rest_joints, parents)
-  vertex_rot = jnp.einsum('vk,bkij->bvij', model.weights, rot)
-  vertex_trans = jnp.einsum('vk,bki->bvi', model.weights, trans)
-  vertices = jnp.einsum('bvij,bvj->bvi', vertex_rot, v_posed) + vertex_trans
+  vertex_rot = _einsum('vk,bkij->bvij', model.weights, rot)
+  vertex_trans = _einsum('vk,bki->bvi', model.weights, trans)
+  vertices = _einsum('bvij,bvj->bvi', vertex_rot, v_posed) + vertex_trans
   if transl is not None:
     transl = jnp.asarray(transl, jnp.float32)
     if transl.shape != (pose.shape[0], 3):
       raise ValueError(f'transl must be [{pose.shape[0]}, 3], got {transl.shape}')
     vertices = vertices + transl[:, None, :]
 
-  skeleton = jnp.einsum('jv,bvc->bjc', model.J_regressor, vertices)
+  skeleton = _einsum('jv,bvc->bjc', model.J_regressor, vertices)
   joints = jnp.concatenate([skeleton, vertices[:, tips]], axis=1)[:, _freihand_order()]
   return vertices, joints
 
