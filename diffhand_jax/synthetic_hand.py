@@ -97,10 +97,10 @@ def _skeleton(rng):
   # name, MCP (x, z), spread angle (deg, + towards the thumb), length, PIP and DIP arc
   # length fractions, radius at the MCP and at the tip.
   specs = {
-      'index': ((0.086, 0.024), 6.0, 0.086, (0.45, 0.72), (0.0100, 0.0080)),
-      'middle': ((0.090, 0.004), 0.0, 0.095, (0.46, 0.74), (0.0102, 0.0082)),
-      'ring': ((0.085, -0.0155), -5.0, 0.089, (0.46, 0.74), (0.0097, 0.0078)),
-      'pinky': ((0.077, -0.0340), -11.0, 0.071, (0.45, 0.72), (0.0086, 0.0070)),
+      'index': ((0.086, 0.028), 6.0, 0.086, (0.45, 0.72), (0.0100, 0.0080)),
+      'middle': ((0.090, 0.006), 0.0, 0.095, (0.46, 0.74), (0.0102, 0.0082)),
+      'ring': ((0.085, -0.015), -5.0, 0.089, (0.46, 0.74), (0.0097, 0.0078)),
+      'pinky': ((0.077, -0.036), -11.0, 0.071, (0.45, 0.72), (0.0086, 0.0070)),
   }
   for name, joints in _FINGERS:
     (x, z), angle, length, (pip, dip), radius = specs[name]
@@ -217,7 +217,7 @@ def _palm_shape(x):
   """Palm cross-section at height x: (centre z, half width, half thickness)."""
   t = np.clip(x / 0.085, 0.0, 1.0)
   center_z = -0.002 - 0.002 * t
-  half_width = 0.028 + 0.012 * np.sqrt(t)
+  half_width = 0.028 + 0.0135 * np.sqrt(t)
   half_thickness = 0.018 - 0.004 * t
   return center_z, half_width, half_thickness
 
@@ -388,6 +388,7 @@ def _shape_directions(points, chain_ids, arcs, chains):
   is_thumb = (chain_ids == len(chains) - 1)[:, None] * 1.0
   finger_of = lambda name: (chain_ids == [c.name for c in chains].index(name))[:, None] * 1.0
   zeros = np.zeros((num_vertices, 3))
+  middle_z = chains[[c.name for c in chains].index('middle')].base[2]
 
   def axis_field(values, axis):
     field = zeros.copy()
@@ -404,7 +405,7 @@ def _shape_directions(points, chain_ids, arcs, chains):
       0.10 * digit[:, None] * along * (finger_of('index') - finger_of('ring')),
       0.12 * digit[:, None] * along * finger_of('pinky'),            # pinky length
       axis_field(0.20 * points[:, 1] * (1.0 - on_digit[:, 0]), 1),   # palm thickness
-      axis_field(0.08 * digit * np.sign(base_points[:, 2] - 0.004), 2),  # finger spread
+      axis_field(2.5 * digit * (base_points[:, 2] - middle_z), 2),   # finger spread
   ]
   flat = np.stack([d.reshape(-1) for d in directions], axis=1)
   norms = np.linalg.norm(flat, axis=0)

@@ -166,6 +166,16 @@ def test_skinning_weights(model):
     assert shared.sum() >= 5, joint
 
 
+def test_joint_regressor_reproduces_the_designed_skeleton(joints):
+  """J_regressor @ v_template lands on the joints the hand was designed around."""
+  # The same draw of the seed's sizes that synthetic_mano(0) makes first.
+  chains = synthetic_hand._skeleton(np.random.default_rng(0))  # pylint: disable=protected-access
+  designed = synthetic_hand._joint_positions(chains, joints[0])  # pylint: disable=protected-access
+  np.testing.assert_allclose(joints, designed, atol=2e-6)
+  for chain in chains:  # and the design is a hand: joints in order along each digit
+    assert np.all(np.diff(chain.joint_s) > 0.015) and chain.length > chain.joint_s[-1] + 0.015
+
+
 def test_joint_regressor_rows_are_local_convex_weights(model, joints):
   regressor = model.J_regressor
   assert regressor.min() >= 0.0
