@@ -268,4 +268,8 @@ def _fmt(value, digits):
   """Formats a number for `format_table`; '-' when absent."""
   if value is None:
     return '-'
+  if isinstance(value, (int, np.integer)):  # counts such as num_examples
+    return str(value)
+  if not isinstance(value, (float, np.floating)):
+    return str(value)
   return f'{float(value):.{digits}f}'

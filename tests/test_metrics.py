@@ -242,10 +242,11 @@ def test_write_scores_txt_official_names_and_units(tmp_path):
 def test_format_table_shows_values():
   values = {key: 0.5 + i for i, key in enumerate(metrics.METRIC_KEYS)}
   values['extra'] = 7.0
+  values['num_examples'] = 3960
   table = metrics.format_table(values)
   assert '0.50' in table and '3.50' in table  # mpjpe, pa_mpvpe (mm, 2 digits)
   assert '11.500' in table  # pa_f15
-  assert 'extra: 7.0000' in table
+  assert 'extra: 7.0000' in table and 'num_examples: 3960' in table
 
 
 @pytest.mark.slow
