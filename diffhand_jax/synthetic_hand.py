@@ -1,9 +1,11 @@
 """The procedural right hand in exactly the MANO format (the embedded default, no downloads).
 
 Frame (metres, the rest pose): fingers point +x, the palm faces +y (the back of the hand is
--y), the thumb is on the +z side, the wrist joint is at the origin. This is MANO's own
-rest frame turned by 180 degrees about z, so the joint axes mean what they mean in MANO:
-a positive rotation about +z flexes a finger towards the palm (curls it), about y spreads it.
+-y), the thumb is on the +z side (a right hand: x, y, z is right-handed), the wrist joint is
+at the origin. A positive rotation about +z flexes a finger towards the palm (curls it), a
+rotation about y spreads it; the thumb flexes about its own axis, see `flexion_axes()`.
+We chose the palm side so that positive z means flexion, which we believe is also the sign
+MANO's right hand uses (not checked against the real file, which we cannot download).
 
 Surface: a closed genus-0 surface of 779 vertices is built from rings of vertices,
   wrist pole -> palm rings -> split into thumb base + palm -> palm rings -> split into the
