@@ -94,6 +94,70 @@ def _f_score_loop(gt, pred, threshold):
 _PA_TOL_MM = 1e-4
 
 
+def _official_measures(per_point_distances):
+  """EvalUtil.get_measures(0, 0.05, 100) as a loop: per point (keypoint / vertex) over samples.
+
+  Args:
+    per_point_distances: [points][samples] Euclidean distances in metres.
+
+  Returns:
+    (mean error, AUC): means over points of per-point means and per-point AUCs.
+  """
+  norm = np.trapezoid(np.ones_like(_THRESHOLDS), _THRESHOLDS)
+  means, aucs = [], []
+  for data in per_point_distances:
+    data = np.array(data)
+    means.append(np.mean(data))
+    pck = [np.mean((data <= t).astype(float)) for t in _THRESHOLDS]
+    aucs.append(np.trapezoid(pck, _THRESHOLDS) / norm)
+  return np.mean(means), np.mean(aucs)
+
+
+def _official_eval_loop(pred_j, pred_v, gt_j, gt_v):
+  """The official eval.py main loop, sample by sample, written out independently."""
+  xyz, xyz_al = [[] for _ in range(21)], [[] for _ in range(21)]
+  mesh, mesh_al = [[] for _ in range(778)], [[] for _ in range(778)]
+  f, f_al = {5: [], 15: []}, {5: [], 15: []}
+  for i in range(len(gt_j)):
+    aligned_j = _official_align_loop(gt_j[i:i + 1], pred_j[i:i + 1])[0]
+    aligned_v = _official_align_loop(gt_v[i:i + 1], pred_v[i:i + 1])[0]
+    for store, gt, pred in ((xyz, gt_j[i], pred_j[i]), (xyz_al, gt_j[i], aligned_j),
+                            (mesh, gt_v[i], pred_v[i]), (mesh_al, gt_v[i], aligned_v)):
+      for k, d in enumerate(np.sqrt(np.sum((gt - pred) ** 2, axis=1))):
+        store[k].append(d)
+    for mm in (5, 15):
+      f[mm].append(_f_score_loop(gt_v[i:i + 1], pred_v[i:i + 1], mm / 1000)[0])
+      f_al[mm].append(_f_score_loop(gt_v[i:i + 1], aligned_v[None], mm / 1000)[0])
+  out = {}
+  for (name, auc_name), store in ((('mpjpe', 'auc_joints'), xyz),
+                                  (('pa_mpjpe', 'pa_auc_joints'), xyz_al),
+                                  (('mpvpe', 'auc_verts'), mesh),
+                                  (('pa_mpvpe', 'pa_auc_verts'), mesh_al)):
+    mean, auc = _official_measures(store)
+    out[name], out[auc_name] = mean * 1000, auc
+  for mm in (5, 15):
+    out[f'f{mm}'], out[f'pa_f{mm}'] = np.mean(f[mm]), np.mean(f_al[mm])
+  return out
+
+
+def test_all_metrics_match_the_official_loop():
+  rng = np.random.default_rng(7)
+  gt_j, gt_v = _random_hands(rng, 6)
+  # Noise of a few mm around the thresholds, plus a rotation/scale/shift on some samples.
+  pred_j = gt_j + rng.normal(size=gt_j.shape) * 0.006
+  pred_v = gt_v + rng.normal(size=gt_v.shape) * 0.006
+  for i in (1, 4):
+    rot = _random_rotation(rng)
+    pred_j[i] = 1.1 * pred_j[i] @ rot + 0.03
+    pred_v[i] = 1.1 * pred_v[i] @ rot + 0.03
+  ours = metrics.freihand_metrics(pred_j, pred_v, gt_j, gt_v)
+  reference = _official_eval_loop(pred_j, pred_v, gt_j, gt_v)
+  assert set(ours) == set(reference)
+  for key, value in reference.items():
+    assert ours[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+  assert 0.05 < ours['f5'] < 0.95 and 0.05 < ours['pa_f5'] < 0.95  # not a trivial case
+
+
 def test_perfect_prediction():
   joints, verts = _random_hands(np.random.default_rng(0), 5)
   m = metrics.freihand_metrics(joints, verts, joints, verts)
