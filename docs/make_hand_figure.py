@@ -1,4 +1,4 @@
-"""Renders docs/synthetic_hand.png: the procedural hand at rest, in hands_mean, a fist, a random pose.
+"""Renders docs/synthetic_hand.png: the procedural hand at rest, hands_mean, a fist, a random pose.
 
 Usage: python docs/make_hand_figure.py [--out docs/synthetic_hand.png] [--seed 0]
 """
@@ -9,7 +9,7 @@ import sys
 import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mpl_toolkits.mplot3d.art3d import Poly3DCollection  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mpl_toolkits.mplot3d.art3d import Poly3DCollection  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
