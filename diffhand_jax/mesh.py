@@ -58,18 +58,22 @@ def vertex_normals(vertices, faces, eps=1e-12):
   """
   xp = _array_module(vertices)
   _check_mesh(vertices, faces)
-  faces_np = np.asarray(faces)
-  v0 = vertices[..., faces_np[:, 0], :]
-  v1 = vertices[..., faces_np[:, 1], :]
-  v2 = vertices[..., faces_np[:, 2], :]
+  if xp is np:
+    faces = np.asarray(faces)
+  v0 = vertices[..., faces[:, 0], :]
+  v1 = vertices[..., faces[:, 1], :]
+  v2 = vertices[..., faces[:, 2], :]
   # The unnormalised cross product has length 2 * area: area weighting for free.
   weighted = xp.cross(v1 - v0, v2 - v0)
-  # Sum face normals into vertices with a [V, F] incidence matrix (static, works in both).
-  num_vertices = vertices.shape[-2]
-  incidence = np.zeros((num_vertices, faces_np.shape[0]), np.float32)
-  for corner in range(3):
-    incidence[faces_np[:, corner], np.arange(faces_np.shape[0])] = 1.0
-  summed = xp.einsum('vf,...fc->...vc', xp.asarray(incidence, dtype=weighted.dtype), weighted)
+  if xp is np:
+    summed = np.zeros(vertices.shape, weighted.dtype)
+    by_vertex = np.moveaxis(summed, -2, 0)  # a view: scatter along the vertex axis
+    for corner in range(3):
+      np.add.at(by_vertex, faces[:, corner], np.moveaxis(weighted, -2, 0))
+  else:  # a scatter-add, so `faces` may be traced under jit
+    summed = jnp.zeros(vertices.shape, weighted.dtype)
+    for corner in range(3):
+      summed = summed.at[..., faces[:, corner], :].add(weighted)
   return _normalize(xp, summed, eps)
 
 

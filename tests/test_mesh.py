@@ -33,7 +33,7 @@ def naive_vertex_normals(vertices, faces):
 @pytest.fixture
 def random_mesh():
   rng = np.random.default_rng(0)
-  vertices = rng.standard_normal((30, 3))
+  vertices = rng.standard_normal((32, 3))  # the last two are not used by any face
   faces = np.array([rng.choice(30, 3, replace=False) for _ in range(50)])
   return vertices, faces
 
@@ -53,9 +53,21 @@ def test_normals_batched(random_mesh):
   batch = np.stack([vertices, 2.0 * vertices + 1.0])
   faces_out = mesh.face_normals(batch, faces)
   vertex_out = mesh.vertex_normals(jnp.asarray(batch), faces)
-  assert faces_out.shape == (2, 50, 3) and vertex_out.shape == (2, 30, 3)
+  assert faces_out.shape == (2, 50, 3) and vertex_out.shape == (2, 32, 3)
+  used = np.unique(faces)
   for b in range(2):
     np.testing.assert_allclose(faces_out[b], naive_face_normals(batch[b], faces), atol=1e-12)
+    np.testing.assert_allclose(vertex_out[b, used],
+                               naive_vertex_normals(batch[b], faces)[used], atol=1e-5)
+    np.testing.assert_allclose(mesh.vertex_normals(batch, faces)[b, used],
+                               naive_vertex_normals(batch[b], faces)[used], atol=1e-12)
+
+
+def test_vertex_normals_jit_with_traced_faces(random_mesh):
+  vertices, faces = random_mesh
+  got = jax.jit(mesh.vertex_normals)(jnp.asarray(vertices, jnp.float32), jnp.asarray(faces))
+  used = np.unique(faces)
+  np.testing.assert_allclose(got[used], naive_vertex_normals(vertices, faces)[used], atol=1e-5)
 
 
 def test_vertex_normals_match_naive_and_point_out(random_mesh):
@@ -63,6 +75,8 @@ def test_vertex_normals_match_naive_and_point_out(random_mesh):
   used = np.unique(faces)
   got = mesh.vertex_normals(vertices, faces)
   np.testing.assert_allclose(got[used], naive_vertex_normals(vertices, faces)[used], atol=1e-12)
+  unused = np.setdiff1d(np.arange(len(vertices)), used)
+  np.testing.assert_array_equal(got[unused], 0.0)  # isolated vertices: zero, not NaN
   normals = mesh.vertex_normals(OCTAHEDRON_VERTICES, OCTAHEDRON_FACES)
   np.testing.assert_allclose(normals, OCTAHEDRON_VERTICES, atol=1e-12)  # by symmetry
   face_normals = mesh.face_normals(OCTAHEDRON_VERTICES, OCTAHEDRON_FACES)
