@@ -10,6 +10,8 @@ SKIN_TONES = np.array([
     (0.97, 0.82, 0.72), (0.91, 0.72, 0.60), (0.82, 0.62, 0.48),
     (0.68, 0.48, 0.34), (0.50, 0.34, 0.23), (0.34, 0.23, 0.16)])
 OCCLUDER_PROBABILITY = 0.3
+# Sensor noise is applied to some images only: per-pixel noise makes PNGs 2-3x larger.
+NOISE_PROBABILITY = 0.3
 
 
 def sample_skin(rng):
@@ -64,7 +66,7 @@ def _blend(colors, weight):
 
 
 def background_texture(rng, size):
-  """A random background: smooth noise, stripes, a gradient or a checkerboard, plus grain.
+  """A random background: smooth noise, stripes, a gradient or a checkerboard.
 
   Args:
     rng: numpy Generator.
@@ -97,7 +99,6 @@ def background_texture(rng, size):
     image = _blend(_random_colors(rng, 2), weight)
   # Mix with a faint smooth noise so no background is perfectly flat.
   image = 0.85 * image + 0.15 * smooth_noise(rng, size, int(rng.integers(3, 9)))
-  image += rng.normal(0.0, rng.uniform(0.0, 0.03), size=image.shape)
   return np.clip(image, 0.0, 1.0)
 
 
@@ -134,3 +135,19 @@ def occluder_texture(rng, size):
   base = _random_colors(rng, 1)[0]
   shading = 0.75 + 0.25 * smooth_noise(rng, size, 3).mean(axis=-1, keepdims=True)
   return np.clip(base * shading, 0.0, 1.0)
+
+
+def add_noise(rng, image):
+  """With probability NOISE_PROBABILITY adds Gaussian sensor noise (sigma 0.005-0.02).
+
+  Args:
+    rng: numpy Generator.
+    image: [H, W, 3] float in [0, 1].
+
+  Returns:
+    [H, W, 3] float in [0, 1].
+  """
+  if rng.uniform() >= NOISE_PROBABILITY:
+    return image
+  noisy = image + rng.normal(0.0, rng.uniform(0.005, 0.02), size=image.shape)
+  return np.clip(noisy, 0.0, 1.0)

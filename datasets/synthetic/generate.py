@@ -108,8 +108,7 @@ def render_appearance(rng, geometry, image_size):
   occluder = appearance.occluder_mask(rng, image_size, mask)
   if occluder is not None:
     image[occluder] = appearance.occluder_texture(rng, image_size)[occluder]
-  image = image + rng.normal(0.0, rng.uniform(0.0, 0.015), size=image.shape)
-  return render.to_uint8(image), raster.depth, mask
+  return render.to_uint8(appearance.add_noise(rng, image)), raster.depth, mask
 
 
 def make_example(hand_model, seed, index, image_size, tip_ids=mano.TIP_VERTEX_IDS,
