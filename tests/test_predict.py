@@ -9,9 +9,12 @@ from PIL import Image
 import pytest
 
 from configs import synthetic
+from diffhand_jax import checkpointing
 from diffhand_jax import mano
 from diffhand_jax import models
+from diffhand_jax import optim
 from diffhand_jax import predict
+from diffhand_jax import train
 
 _GOOD = {'a_hand.png': (80, 96), 'b_hand.jpg': (64, 64)}  # name: (height, width)
 
@@ -45,7 +48,14 @@ def setup(tmp_path_factory):
   size = config.data.image_size
   params = models.init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
   workdir = str(root / 'run')
-  result = predict.predict(config, workdir, str(images_dir), params=params)
+  # A checkpoint as training writes it, so predict takes the restore path (no params given).
+  state = train.create_train_state(
+      params, optim.make_optimizer(config.optim, config.train.num_steps),
+      jax.random.PRNGKey(1), 0.0)
+  with checkpointing.make_manager(workdir) as manager:
+    checkpointing.save(manager, 4, state, config)
+    manager.wait_until_finished()
+  result = predict.predict(config, workdir, str(images_dir))
   return {'config': config, 'params': params, 'workdir': workdir,
           'images_dir': str(images_dir), 'result': result}
 
@@ -119,11 +129,20 @@ def test_rerun_refuses_without_overwrite(setup):
     predict.predict(setup['config'], setup['workdir'], setup['images_dir'],
                     params=setup['params'])
   assert os.path.getmtime(json_path) == before
-  # One image, overwrite=True: replaced.
-  result = predict.predict(setup['config'], setup['workdir'],
-                           os.path.join(setup['images_dir'], 'b_hand.jpg'),
+  records = {}
+  for path in setup['result']['written']:
+    with open(path) as f:
+      records[path] = json.load(f)
+  # overwrite=True replaces them; the params passed in are the ones the checkpoint holds and
+  # the noise is keyed by seed and batch, so the numbers come out the same.
+  result = predict.predict(setup['config'], setup['workdir'], setup['images_dir'],
                            params=setup['params'], overwrite=True)
-  assert len(result['written']) == 1 and not result['skipped']
+  assert result['written'] == setup['result']['written'] and len(result['skipped']) == 1
+  for path, before_record in records.items():
+    with open(path) as f:
+      after = json.load(f)
+    np.testing.assert_allclose(after['vertices_camera'], before_record['vertices_camera'],
+                               rtol=1e-6, atol=1e-9)
 
 
 def test_assumed_intrinsics():
