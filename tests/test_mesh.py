@@ -27,7 +27,8 @@ def naive_vertex_normals(vertices, faces):
     n = np.cross(vertices[b] - vertices[a], vertices[c] - vertices[a])  # 2 * area * unit
     for v in (a, b, c):
       out[v] += n
-  return out / np.linalg.norm(out, axis=1, keepdims=True)
+  norm = np.linalg.norm(out, axis=1, keepdims=True)
+  return out / np.where(norm > 0, norm, 1.0)
 
 
 @pytest.fixture
