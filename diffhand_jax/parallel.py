@@ -11,6 +11,7 @@ import functools
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -74,8 +75,13 @@ def pmap_batch(local_batch: dict, num_local_devices: Optional[int] = None
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Places every leaf, whole, on every device of `mesh` (jit path)."""
-  return jax.device_put(tree, replicated_sharding(mesh))
+  """Places every leaf, whole, on every device of `mesh` (jit path).
+
+  Always copies: the train step donates the placed state, which must not
+  delete the caller's arrays. (device_put alone reuses a buffer that already
+  sits on one of the mesh devices, even with may_alias=False, in jax 0.10.)
+  """
+  return jax.device_put(jax.tree.map(jnp.copy, tree), replicated_sharding(mesh))
 
 
 def pmap_replicate(tree: Any, devices: Optional[Sequence[jax.Device]] = None

@@ -256,3 +256,14 @@ def test_init_from_loads_known_params_and_keeps_new_ones(tmp_path):
 def test_restore_params_without_checkpoint_raises(tmp_path):
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
     train.restore_params(tiny_config(), str(tmp_path / 'empty'))
+
+
+@pytest.mark.parametrize('parallelism', parallel.PARALLELISMS)
+def test_put_state_never_aliases_the_callers_arrays(parallelism):
+  """The step donates the placed state; the caller's arrays must survive."""
+  runner = parallel.data_parallel(
+      lambda s, b, axis_name: (jax.tree.map(lambda x: x + 1, s), {}),
+      parallelism)
+  state = {'w': jnp.ones((3,)), 'v': jnp.zeros((2, 2))}
+  runner.step(runner.put_state(state), runner.put_batch({'x': np.zeros((4, 1))}))
+  np.testing.assert_array_equal(state['w'], np.ones(3))  # not deleted
