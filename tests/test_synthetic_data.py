@@ -202,3 +202,19 @@ def test_left_and_right_images_differ_from_background(batch):
 def test_bad_arguments_raise(hand_model, kwargs, message):
   with pytest.raises(ValueError, match=message):
     generate.make_example(hand_model, **kwargs)
+
+
+@pytest.mark.slow
+def test_figure_and_benchmark_scripts_run(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(__file__).resolve().parents[1]
+  out = tmp_path / 'samples.png'
+  subprocess.run([sys.executable, str(root / 'docs/make_samples_figure.py'), '--out', str(out),
+                  '--rows', '1', '--cols', '2', '--size', '48'], check=True, capture_output=True)
+  assert Image.open(out).size == (2 * 48 + 4, 48)
+  result = subprocess.run([sys.executable, str(root / 'benchmarks/render.py'), '--frames', '4',
+                           '--sizes', '32'], check=True, capture_output=True, text=True)
+  assert '32x32: render' in result.stdout and 'ms/frame' in result.stdout
