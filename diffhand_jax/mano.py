@@ -513,6 +513,10 @@ def mano_forward(model, pose, betas, transl=None, *, flat_hand_mean=False,
     raise ValueError(f'pose must be [batch, {NUM_POSE}], got {pose.shape}')
   if betas.ndim != 2 or betas.shape != (pose.shape[0], NUM_BETAS):
     raise ValueError(f'betas must be [{pose.shape[0]}, {NUM_BETAS}], got {betas.shape}')
+  if transl is not None:
+    transl = jnp.asarray(transl, jnp.float32)
+    if transl.shape != (pose.shape[0], 3):
+      raise ValueError(f'transl must be [{pose.shape[0]}, 3], got {transl.shape}')
   parents = tuple(int(p) for p in np.asarray(model.parents))
   tips = _check_tip_ids(tip_ids)
 
@@ -527,9 +531,6 @@ def mano_forward(model, pose, betas, transl=None, *, flat_hand_mean=False,
   vertex_trans = _einsum('vk,bki->bvi', model.weights, trans)
   vertices = _einsum('bvij,bvj->bvi', vertex_rot, v_posed) + vertex_trans
   if transl is not None:
-    transl = jnp.asarray(transl, jnp.float32)
-    if transl.shape != (pose.shape[0], 3):
-      raise ValueError(f'transl must be [{pose.shape[0]}, 3], got {transl.shape}')
     vertices = vertices + transl[:, None, :]
 
   skeleton = _einsum('jv,bvc->bjc', model.J_regressor, vertices)

@@ -129,19 +129,23 @@ def test_gradients_finite_at_zero_pose(model):
 
 def test_vmap_agrees_with_per_batch_calls(model):
   rng = np.random.default_rng(3)
-  pose = random_poses(rng, 6).reshape(3, 2, 48)
-  betas = rng.standard_normal((3, 2, 10)).astype(np.float32)
-  eager = [forward(model, pose[k], betas[k]) for k in range(3)]
-  mapped = jax.jit(jax.vmap(lambda p, b: mano.mano_forward(model, p, b)))(pose, betas)
-  for k in range(3):
+  # Batches of 4 with a translation: the signature the naive test already compiled.
+  pose = random_poses(rng, 8).reshape(2, 4, 48)
+  betas = rng.standard_normal((2, 4, 10)).astype(np.float32)
+  transl = rng.standard_normal((2, 4, 3)).astype(np.float32)
+  eager = [forward(model, pose[k], betas[k], transl[k]) for k in range(2)]
+  mapped = jax.jit(jax.vmap(lambda p, b, t: mano.mano_forward(model, p, b, t)))(
+      pose, betas, transl)
+  for k in range(2):
     np.testing.assert_allclose(mapped[0][k], eager[k][0], atol=1e-6)
     np.testing.assert_allclose(mapped[1][k], eager[k][1], atol=1e-6)
 
 
 def test_joint_regressor21_reproduces_forward_joints(model):
   rng = np.random.default_rng(4)
-  pose = random_poses(rng, 2)
-  vertices, joints = forward(model, pose, np.zeros((2, 10), np.float32))
+  pose = random_poses(rng, 4)
+  vertices, joints = forward(model, pose, np.zeros((4, 10), np.float32),
+                             np.zeros((4, 3), np.float32))
   regressor = mano.joint_regressor21(model)
   assert regressor.shape == (21, 778)
   np.testing.assert_allclose(np.einsum('jv,bvc->bjc', regressor, vertices), joints, atol=1e-6)
