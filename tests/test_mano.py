@@ -1,7 +1,9 @@
 """MANO layer: forward pass against a naive numpy LBS, file loading, safety, errors."""
 import copyreg
+import io
 import os
 import pickle
+import struct
 import sys
 import types
 
@@ -230,6 +232,35 @@ def chumpy_modules(monkeypatch):
   monkeypatch.setitem(sys.modules, 'chumpy', types.ModuleType('chumpy'))
 
 
+class Python2Pickler(pickle._Pickler):  # pylint: disable=protected-access
+  """Writes `bytes` and ASCII `str` the way Python 2 wrote its `str`: (SHORT_)BINSTRING.
+
+  Python 2's MANO pickles store keys and numpy's raw array data as 8-bit strings; reading
+  them needs encoding='latin1'. Python 3's own protocol 2 would write BINUNICODE and
+  `_codecs.encode(...)` calls instead.
+  """
+  dispatch = pickle._Pickler.dispatch.copy()  # pylint: disable=protected-access
+
+  def write_py2_str(self, data, original):
+    if len(data) < 256:
+      self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+    else:
+      self.write(pickle.BINSTRING + struct.pack('<i', len(data)) + data)
+    self.memoize(original)
+
+  def save_py2_str(self, data):
+    self.write_py2_str(data, data)
+
+  def save_str_or_unicode(self, text):
+    if text.isascii():
+      self.write_py2_str(text.encode('ascii'), text)
+    else:
+      self.save_str(text)
+
+  dispatch[bytes] = save_py2_str
+  dispatch[str] = save_str_or_unicode
+
+
 def official_layout_bytes(model):
   """Bytes of a protocol-2 pickle laid out like MANO_RIGHT.pkl."""
   arrays = {name: np.asarray(getattr(model, name), np.float64) for name in FIELDS[:5]}
@@ -254,7 +285,9 @@ def official_layout_bytes(model):
       'shapedirs': Select(Ch(scrambled), order, shapedirs.shape),
       'bs_type': 'lrotmin',
   }
-  raw = pickle.dumps(data, protocol=2)
+  buffer = io.BytesIO()
+  Python2Pickler(buffer, protocol=2).dump(data)
+  raw = buffer.getvalue()
   # Python 2 era module paths, as in the distributed file.
   raw = raw.replace(b'scipy.sparse._csc\n', b'scipy.sparse.csc\n')
   return raw.replace(b'numpy._core.multiarray\n', b'numpy.core.multiarray\n')
@@ -265,6 +298,7 @@ def test_loads_official_layout_without_chumpy(model, tmp_path, chumpy_modules):
   raw = official_layout_bytes(model)
   assert b'chumpy.ch\nCh' in raw and b'chumpy.reordering\nSelect' in raw
   assert b'scipy.sparse.csc\ncsc_matrix' in raw
+  assert b'copy_reg\n_reconstructor' in raw and b'_codecs' not in raw  # Python 2 style
   path = tmp_path / 'MANO_RIGHT.pkl'
   path.write_bytes(raw)
   for name in ('chumpy', 'chumpy.ch', 'chumpy.reordering'):
