@@ -384,10 +384,17 @@ def create_train_iterator(config, *, start_step=0, deterministic=True):
 
 
 class EvalBatches:
-  """A re-iterable of numpy evaluation batches; len() = batches per process."""
+  """A re-iterable of numpy evaluation batches; len() = batches per process.
 
-  def __init__(self, dataset, num_batches, num_examples):
+  Attributes:
+    num_examples: real examples over all processes.
+    has_targets: False when the split has no ground truth (FreiHAND evaluation without the
+      annotation files): its target keys are zeros, so predict but do not score.
+  """
+
+  def __init__(self, dataset, num_batches, num_examples, has_targets=True):
     self.dataset, self.num_batches, self.num_examples = dataset, num_batches, num_examples
+    self.has_targets = has_targets
 
   def __iter__(self):
     return self.dataset.as_numpy_iterator()
@@ -411,4 +418,9 @@ def create_eval_iterator(config, split='evaluation'):
   source, num_examples = read_split(builder, split)
   dataset = eval_dataset_from(source, num_examples, config, batch_size=batch_size,
                               num_batches=num_batches)
-  return EvalBatches(dataset, num_batches, total)
+  has_targets = True
+  if 'has_targets' in builder.info.features:  # one flag per split: read it off one example
+    first = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding(),
+                                                      'mask': tfds.decode.SkipDecoding()})
+    has_targets = bool(next(iter(first.take(1)))['has_targets'])
+  return EvalBatches(dataset, num_batches, total, has_targets)

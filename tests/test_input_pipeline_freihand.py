@@ -46,7 +46,7 @@ def test_train_iterator_on_freihand(config):
 def test_eval_iterator_without_annotations_uses_whole_images(config):
   config, written = config
   batches = input_pipeline.create_eval_iterator(config)
-  assert len(batches) == 2 and batches.num_examples == 3
+  assert len(batches) == 2 and batches.num_examples == 3 and not batches.has_targets
   seen = []
   for batch in batches:
     seen.extend(batch['index'][batch['valid'] == 1].tolist())

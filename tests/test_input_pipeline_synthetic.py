@@ -42,6 +42,6 @@ def test_synthetic_train_batches_follow_the_contract(config):
 @pytest.mark.slow
 def test_synthetic_eval_covers_the_split_once(config):
   batches = input_pipeline.create_eval_iterator(config)
-  assert len(batches) == 2
+  assert len(batches) == 2 and batches.has_targets
   seen = [i for b in batches for i in b['index'][b['valid'] == 1].tolist()]
   assert sorted(seen) == list(range(5))
