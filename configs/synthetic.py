@@ -41,7 +41,7 @@ def get_config(arg=None):
   config.data.color_jitter = 0.2
   config.data.flip = False           # random horizontal flip (right<->left handled)
   config.data.crop_margin = 1.4      # crop side = margin * extent of the 2D joints
-  config.data.eval_crop = 'joints'   # evaluation crop: 'joints' (around the GT 2D joints) | 'image' (whole image, no GT used)
+  config.data.eval_crop = 'joints'   # eval crop: 'joints' (GT 2D joints) | 'image' (no GT used)
 
   # ---- Model ----
   config.model = ml_collections.ConfigDict()
