@@ -161,6 +161,17 @@ def test_uniform_rotations_average_to_zero():
   np.testing.assert_allclose(np.linalg.det(rotations), 1.0, atol=1e-5)
 
 
+def test_hand_rotations_keep_the_fingers_from_pointing_away(hand_model):
+  rng = np.random.default_rng(4)
+  forward = sampler.joint_frames(hand_model).forward
+  axis_angles = np.float32([sampler.sample_hand_rotation(rng, forward) for _ in range(2000)])
+  directions = np.asarray(mano.rodrigues(axis_angles)) @ forward            # [N, 3]
+  assert directions[:, 2].max() <= sampler.MAX_AWAY + 1e-5
+  # Conditioning on z only: the other two components stay symmetric, z covers its range.
+  assert np.abs(directions[:, :2].mean(axis=0)).max() < 0.05
+  assert directions[:, 2].min() < -0.95 and directions[:, 2].max() > sampler.MAX_AWAY - 0.05
+
+
 def test_place_in_view_fits_even_when_too_close():
   rng = np.random.default_rng(2)
   K = np.array([[500.0, 0.0, 111.5], [0.0, 500.0, 111.5], [0.0, 0.0, 1.0]])

@@ -64,7 +64,7 @@ def sample_geometry(hand_model, rng, image_size, tip_ids=mano.TIP_VERTEX_IDS):
   frames = sampler.joint_frames(hand_model, tip_ids)
   articulation = sampler.sample_articulation(rng, frames)
   betas = sampler.sample_betas(rng)
-  global_orient = sampler.sample_rotation(rng)
+  global_orient = sampler.sample_hand_rotation(rng, frames.forward)
   is_right = bool(rng.uniform() < 0.5)
   K = sampler.sample_intrinsics(rng, image_size)
   # The stored pose follows MANO's convention: hands_mean is added back by mano_forward.

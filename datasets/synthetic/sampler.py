@@ -35,6 +35,9 @@ THUMB_LIMITS = {
 # middle finger's in units of the index-middle spacing (1 index, 0 middle, 1 ring, ~2 pinky).
 SPREAD_RANGE = (-0.08, 0.22)
 BETA_CLIP = 2.5
+# The forearm (not modelled) would hide the wrist's open end: keep the fingers from pointing
+# away from the camera by more than acos(MAX_AWAY) (the wrist opening is then rarely seen).
+MAX_AWAY = 0.5
 DEPTH_RANGE = (0.3, 0.8)     # metres from the camera to the wrist
 FOCAL_AT_224 = 500.0         # pixels for a 224-pixel image; scaled with the image size
 # MANO joints (1..15) per finger in chain order (base, middle, end); thumb last.
@@ -49,9 +52,11 @@ class JointFrames:
   Attributes:
     axes: [15, 3, 3]; axes[j - 1] rows = (flexion, abduction, twist) unit axes of MANO joint j.
     fan: [15] signed spread factor of each finger's base joint (0 elsewhere).
+    forward: [3] unit direction from the wrist to the middle finger's base (rest pose).
   """
   axes: np.ndarray
   fan: np.ndarray
+  forward: np.ndarray
 
 
 def _unit(v):
@@ -91,7 +96,7 @@ def joint_frames(hand_model, tip_ids=mano.TIP_VERTEX_IDS):
       # Positive abduction moves the finger towards abduction x twist; fan > 0 when that is
       # away from the middle finger, scaled by the distance between finger bases.
       fan[joint - 1] = np.dot(np.cross(abduction, twist), rest[freihand] - middle_base) / spacing
-  return JointFrames(axes=axes, fan=fan)
+  return JointFrames(axes=axes, fan=fan, forward=_unit(middle_base - rest[0]))
 
 
 def _within(rng, limits, fraction, noise):
@@ -137,15 +142,48 @@ def sample_betas(rng, num_betas=mano.NUM_BETAS):
   return np.clip(rng.normal(size=num_betas), -BETA_CLIP, BETA_CLIP)
 
 
-def sample_rotation(rng):
-  """A uniformly distributed rotation as axis-angle [3] (angle in [0, pi])."""
+def _random_quaternion(rng):
+  """Unit quaternion (w, x, y, z), w >= 0, uniform over rotations."""
   quaternion = rng.normal(size=4)
   quaternion /= np.linalg.norm(quaternion)
-  if quaternion[0] < 0:
-    quaternion = -quaternion
+  return -quaternion if quaternion[0] < 0 else quaternion
+
+
+def _quaternion_to_axis_angle(quaternion):
   sin_half = np.linalg.norm(quaternion[1:])
   angle = 2.0 * np.arctan2(sin_half, quaternion[0])
   return quaternion[1:] / max(sin_half, 1e-12) * angle
+
+
+def _rotate(quaternion, vector):
+  """Rotates [3] `vector` by a unit quaternion: v + 2w (u x v) + 2 u x (u x v)."""
+  w, u = quaternion[0], quaternion[1:]
+  twice_cross = 2.0 * np.cross(u, vector)
+  return vector + w * twice_cross + np.cross(u, twice_cross)
+
+
+def sample_rotation(rng):
+  """A uniformly distributed rotation as axis-angle [3] (angle in [0, pi])."""
+  return _quaternion_to_axis_angle(_random_quaternion(rng))
+
+
+def sample_hand_rotation(rng, forward, max_away=MAX_AWAY, max_tries=1000):
+  """A uniform rotation conditioned on (R @ forward)_z <= max_away, as axis-angle [3].
+
+  Rejection sampling (acceptance (1 + max_away) / 2 for a uniform direction), so the
+  result stays a pure function of the generator's state.
+
+  Args:
+    rng: numpy Generator.
+    forward: [3] unit wrist -> fingers direction of the model (JointFrames.forward).
+    max_away: largest allowed z of the rotated direction (z points away from the camera).
+    max_tries: safety bound on rejections.
+  """
+  for _ in range(max_tries):
+    quaternion = _random_quaternion(rng)
+    if _rotate(quaternion, forward)[2] <= max_away:
+      return _quaternion_to_axis_angle(quaternion)
+  raise ValueError(f'no rotation with (R @ forward)_z <= {max_away} in {max_tries} tries')
 
 
 def sample_intrinsics(rng, image_size):
