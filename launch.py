@@ -41,7 +41,10 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Imported after flag parsing so `--help` stays fast.
   import jax  # pylint: disable=g-import-not-at-top
+  from diffhand_jax import logging_utils  # pylint: disable=g-import-not-at-top
   from diffhand_jax import parallel  # pylint: disable=g-import-not-at-top
+
+  logging_utils.quiet_library_logs()
 
   if parallel.launched_by_cluster(os.environ):
     jax.distributed.initialize()

@@ -78,3 +78,16 @@ def _format_duration(seconds: float) -> str:
   minutes, seconds = divmod(rest, 60)
   return f'{hours}:{minutes:02d}:{seconds:02d}' if hours else (
       f'{minutes}:{seconds:02d}')
+
+
+def quiet_library_logs(packages=('orbax', 'jax/_src')):
+  """Drops INFO/DEBUG records that `packages` log through absl (orbax writes
+  dozens of lines per checkpoint), keeping warnings and errors."""
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  markers = tuple(f'/{p}/' for p in packages)
+
+  def keep(record):
+    return record.levelno >= py_logging.WARNING or not any(
+        m in record.pathname for m in markers)
+  absl_logging.get_absl_handler().addFilter(keep)

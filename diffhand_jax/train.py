@@ -133,11 +133,21 @@ class PreemptionFlag:
   """Set by SIGTERM while installed; the loop saves and stops at the next step."""
 
   def __init__(self):
-    self.requested = False
+    self._requested = False
     self._previous = None
 
+  @property
+  def requested(self) -> bool:
+    """True on every process once any process got SIGTERM (the save that
+    follows is collective, so all processes must take the branch together)."""
+    if jax.process_count() == 1:
+      return self._requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.any(multihost_utils.process_allgather(
+        np.array(self._requested))))
+
   def handler(self, signum, frame):  # pylint: disable=unused-argument
-    self.requested = True
+    self._requested = True
 
   def __enter__(self):
     # Signal handlers can only be installed from the main thread.
@@ -242,7 +252,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, task: Task,
         eval_now = task.evaluate is not None and (
             done % train_config.eval_every == 0 or is_last)
         save_now = done % train_config.checkpoint_every == 0 or is_last
-        if not (log_now or eval_now or save_now or preemption.requested):
+        preempted = preemption.requested
+        if not (log_now or eval_now or save_now or preempted):
           continue
         host_metrics = jax.device_get(metrics)
         check_finite(step, host_metrics, last_saved)
@@ -254,13 +265,12 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, task: Task,
         if eval_now:  # the task writes its own eval summaries
           eval_metrics = task.evaluate(eval_params(runner.get_state(placed)),
                                        done)
-        if save_now or eval_metrics or preemption.requested:
+        if save_now or eval_metrics or preempted:
           save(done, _scalar_metrics(eval_metrics))
-        if preemption.requested:
-          logging.warning('SIGTERM: saved step %d; re-run to resume.', done)
+        if preempted:
           if is_writer:
-            print(f'Preempted: saved a checkpoint at step {done}; re-run the same '
-                  'command to resume.', flush=True)
+            print(f'SIGTERM: saved a checkpoint at step {done}; re-run the '
+                  'same command to resume.', flush=True)
           break
       if pending is not None:
         check_finite(pending[0], jax.device_get(pending[1]), last_saved)

@@ -1,0 +1,138 @@
+"""The DiffHand train step: the real smoke model and losses on an in-memory batch."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from configs import synthetic
+from diffhand_jax import diffusion
+from diffhand_jax import mano
+from diffhand_jax import models
+from diffhand_jax import optim
+from diffhand_jax import parallel
+from diffhand_jax import train
+
+BATCH = 4
+
+
+def smoke_config():
+  config = synthetic.get_config('smoke')
+  config.data.image_size = 32
+  config.train.num_steps = 3
+  config.train.global_batch_size = BATCH
+  config.optim.warmup_steps = 1
+  return config
+
+
+def fake_batch(config, seed):
+  """A batch with the contract's keys: template hand + noise, random images."""
+  rng = np.random.default_rng(seed)
+  hand = mano.load_hand_model(config)
+  regressor = mano.joint_regressor21(hand, tuple(config.tip_vertex_ids))
+  verts = hand.v_template[None] + 0.005 * rng.normal(size=(BATCH, 778, 3))
+  joints = np.einsum('jv,bvc->bjc', regressor, verts)
+  verts, joints = verts - joints[:, :1], joints - joints[:, :1]
+  size = config.data.image_size
+  return {
+      'image': rng.normal(size=(BATCH, size, size, 3)).astype(np.float32),
+      'verts': verts.astype(np.float32), 'joints3d': joints.astype(np.float32),
+      'joints2d': rng.uniform(-1, 1, (BATCH, 21, 2)).astype(np.float32),
+      'valid': np.ones((BATCH,), np.float32)}
+
+
+@functools.lru_cache(maxsize=None)
+def model_and_loss(decoder='cross_modality', use_diffusion=True):
+  config = smoke_config()
+  config.decoder, config.diffusion = decoder, use_diffusion
+  model = models.build_model(config)
+  loss_fn = train.make_loss_fn(model, config, mano.load_hand_model(config).faces)
+  params = models.init_params(model, jax.random.PRNGKey(0),
+                              jnp.zeros((1, 32, 32, 3)))
+  return config, model, loss_fn, params
+
+
+def test_noisy_input_is_q_sample_with_the_example_keys():
+  schedule = diffusion.cosine_schedule(1000)
+  x0 = jnp.ones((3, 5, 3))
+  keys = train.example_keys(jax.random.PRNGKey(1), 0, 3)
+  x_t, t = train.noisy_input(schedule, x0, keys, True)
+  for i in range(3):  # independent re-derivation per example
+    t_key, noise_key = jax.random.split(keys[i])
+    t_i = jax.random.randint(t_key, (), 0, 1000)
+    noise = jax.random.normal(noise_key, (5, 3))
+    a = schedule.alphas_cumprod[t_i]
+    np.testing.assert_allclose(x_t[i], np.sqrt(a) * 1.0 + np.sqrt(1 - a) * noise,
+                               rtol=1e-5, atol=1e-6)
+    assert int(t[i]) == int(t_i)
+  x_t, t = train.noisy_input(schedule, x0, keys, False)
+  assert not np.any(x_t) and not np.any(t)
+
+
+@pytest.mark.parametrize('use_diffusion', [True, False])
+def test_loss_terms(use_diffusion):
+  config, _, loss_fn, params = model_and_loss('vanilla', use_diffusion)
+  batch = jax.tree.map(jnp.asarray, fake_batch(config, 0))
+  keys = train.example_keys(jax.random.PRNGKey(1), 0, BATCH)
+  loss, aux = jax.jit(loss_fn)(params, batch, keys)
+  assert np.isfinite(float(loss))
+  assert ('loss_x0' in aux) is use_diffusion
+  weights = config.loss
+  expected = (weights.mesh_weight * (aux['loss_vertices'] + aux['loss_joints']
+                                     + aux['loss_2d'])
+              + weights.normal_weight * aux['loss_normal'])
+  if use_diffusion:
+    expected += weights.x0_weight * aux['loss_x0']
+  np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
+
+
+def run_real_steps(parallelism, devices):
+  """3 AdamW steps; returns (losses [3], final params, predictions [B, N, 3])."""
+  config, model, loss_fn, params = model_and_loss()
+  optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
+  schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
+  state = train.create_train_state(params, optimizer, jax.random.PRNGKey(2), 0.0)
+  runner = parallel.data_parallel(
+      functools.partial(train.train_step, loss_fn=loss_fn, optimizer=optimizer,
+                        schedule=schedule, ema_decay=0.0),
+      parallelism, devices)
+  placed, losses = runner.put_state(state), []
+  for step in range(3):
+    placed, metrics = runner.step(placed, runner.put_batch(
+        fake_batch(config, step)))
+    losses.append(float(metrics['loss']))
+  params = jax.device_get(runner.get_state(placed).params)
+  batch = fake_batch(config, 7)
+  x_t = jnp.asarray(batch['verts']) / config.vertex_scale
+  out = model.apply({'params': params}, batch['image'], x_t,
+                    jnp.full((BATCH,), 500, jnp.int32))
+  return np.array(losses), params, np.asarray(out['x0'])
+
+
+@pytest.mark.slow
+def test_real_model_jit_pmap_one_device_agree():
+  """Same global batch and noise: same losses, parameters and predictions.
+
+  Leaves whose true gradient is zero (attention key biases: softmax ignores a
+  per-query constant) only see rounding noise, which Adam normalises to
+  lr-sized steps; they do not affect the output, so the parameters are
+  compared on leaves of non-negligible size and the function via its output.
+  """
+  one_losses, one_params, one_out = run_real_steps('jit', jax.devices()[:1])
+  for parallelism in ('jit', 'pmap'):
+    losses, params, out = run_real_steps(parallelism, None)
+    diffs = {
+        '/'.join(k): np.max(np.abs(a - b)) / np.max(np.abs(b))
+        for (k, a), b in zip(
+            flatten_dict(params).items(), flatten_dict(one_params).values())
+        if np.max(np.abs(b)) > 1e-3}
+    out_diff = np.max(np.abs(out - one_out)) / np.max(np.abs(one_out))
+    print(f'{parallelism} vs 1 device: loss rel diff '
+          f'{np.max(np.abs(losses - one_losses) / np.abs(one_losses)):.2e}, '
+          f'max param rel diff {max(diffs.values()):.2e}, '
+          f'output rel diff {out_diff:.2e}')
+    np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
+    assert max(diffs.values()) < 1e-5, max(diffs.items(), key=lambda x: x[1])
+    assert out_diff < 1e-5
