@@ -132,23 +132,23 @@ def _camera_motion_of(example, data_config, draws):
   return camera_motion(angle, mirror), shown_right
 
 
-def _crop_box(example, image, moved_joints2d, pixel_motion, crop_margin):
-  """The square crop (centre [2], side) around the moved 2D joints, before jitter.
-
-  Examples with has_targets = False (FreiHAND evaluation without annotations) have no joints:
-  their box is the whole (moved) image.
+def _crop_box(example, image, moved_joints2d, pixel_motion, crop_margin, whole_image=False):
+  """The square crop (centre [2], side) before jitter: around the moved 2D joints, or the
+  whole (moved) image when `whole_image` or when the example has no joints (has_targets =
+  False: FreiHAND evaluation without annotations).
   """
   center, extent = square_box(tf.reduce_min(moved_joints2d, 0), tf.reduce_max(moved_joints2d, 0))
   side = crop_margin * tf.maximum(extent, 1.0)
-  if 'has_targets' in example:
-    height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32))
-    image_center = apply_affine(pixel_motion, tf.stack([(width - 1) / 2, (height - 1) / 2])[None])
-    center = tf.where(example['has_targets'], center, image_center[0])
-    side = tf.where(example['has_targets'], side, tf.maximum(width, height))
+  use_image = tf.logical_or(tf.constant(bool(whole_image)),
+                            tf.logical_not(tf.cast(example.get('has_targets', True), tf.bool)))
+  height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32))
+  image_center = apply_affine(pixel_motion, tf.stack([(width - 1) / 2, (height - 1) / 2])[None])
+  center = tf.where(use_image, image_center[0], center)
+  side = tf.where(use_image, tf.maximum(width, height), side)
   return center, side
 
 
-def transform_example(example, data_config, image_size, draws=None):
+def transform_example(example, data_config, image_size, draws=None, whole_image=False):
   """Crops, augments and normalises one example into the contract's per-example layout.
 
   Args:
@@ -159,6 +159,7 @@ def transform_example(example, data_config, image_size, draws=None):
     image_size: S, the output side in pixels.
     draws: [8] uniform in [-1, 1] (angle, scale, centre x, centre y, flip, 3 colour gains), or
       None for evaluation (no augmentation).
+    whole_image: crop the whole image instead of the box around the 2D joints.
 
   Returns:
     dict: image [S,S,3], (depth [S,S,1]), verts [778,3], joints3d [21,3], joints2d [21,2] in
@@ -171,7 +172,8 @@ def transform_example(example, data_config, image_size, draws=None):
   motion, shown_right = _camera_motion_of(example, data_config, draws)
   pixel_motion = K @ motion @ tf.linalg.inv(K)
   moved_joints2d = apply_affine(pixel_motion, tf.cast(example['joints2d'], tf.float32))
-  center, side = _crop_box(example, image, moved_joints2d, pixel_motion, data_config.crop_margin)
+  center, side = _crop_box(example, image, moved_joints2d, pixel_motion, data_config.crop_margin,
+                           whole_image)
   if augment:
     side *= 1.0 + data_config.scale_jitter * draws[1]
     center += data_config.center_jitter * side * draws[2:4]
@@ -313,7 +315,9 @@ def eval_dataset_from(source, num_examples, config, *, batch_size, num_batches):
   """The evaluation stream of one process: every example once, no augmentation, padded.
 
   The last batches are padded with copies of the first example with `valid` = 0 and
-  `index` = -1 (finite values, so masked losses stay finite).
+  `index` = -1 (finite values, so masked losses stay finite). config.data.eval_crop picks the
+  crop: 'joints' (around the ground-truth 2D joints, as in training) or 'image' (the whole
+  image: no ground truth enters the input, the protocol for FreiHAND's hand-centred images).
 
   Args:
     source: tf.data.Dataset of this process' examples.
@@ -326,8 +330,12 @@ def eval_dataset_from(source, num_examples, config, *, batch_size, num_batches):
   if num_examples <= 0 or num_padding < 0:
     raise ValueError(f'{num_examples} examples do not fit {num_batches} batches of '
                      f'{batch_size} (or none at all)')
+  eval_crop = config.data.get('eval_crop', 'joints')
+  if eval_crop not in ('joints', 'image'):
+    raise ValueError(f"config.data.eval_crop must be 'joints' or 'image', got {eval_crop!r}")
   examples = source.map(_select).map(
-      lambda example: transform_example(example, config.data, config.data.image_size),
+      lambda example: transform_example(example, config.data, config.data.image_size,
+                                        whole_image=eval_crop == 'image'),
       num_parallel_calls=tf.data.AUTOTUNE)
   padding = examples.take(1).map(lambda e: {**e, 'valid': tf.constant(0.0),
                                             'index': tf.constant(-1, tf.int32)})

@@ -261,3 +261,23 @@ def test_nan_labels_fail_naming_key_and_example():
   dataset = input_pipeline.train_dataset_from(_source(examples), 4, _config(), batch_size=4)
   with pytest.raises(tf.errors.InvalidArgumentError, match=r'non-finite verts[\s\S]*\b2\b'):
     next(dataset.as_numpy_iterator())
+
+
+def test_eval_crop_whole_image_ignores_the_joints():
+  examples = _hand_examples(3)
+  config = _config(eval_crop='image')
+  batch = next(input_pipeline.eval_dataset_from(
+      _source(examples), 3, config, batch_size=3, num_batches=1).as_numpy_iterator())
+  for b, index in enumerate(batch['index']):
+    K = examples['K'][index].astype(np.float64)
+    # The whole 96 px image (centre 47.5) becomes the 64 px crop (centre 31.5).
+    expected = K.copy()
+    expected[:2] *= CROP / SOURCE_SIZE
+    expected[:2, 2] += (CROP - 1) / 2 - (SOURCE_SIZE - 1) / 2 * CROP / SOURCE_SIZE
+    if not examples['is_right'][index]:
+      # The box centre is the mirrored image centre 2 c_x - 47.5.
+      expected[0, 2] = (CROP - 1) / 2 + (K[0, 2] - (2 * K[0, 2] - 47.5)) * CROP / SOURCE_SIZE
+    np.testing.assert_allclose(batch['K'][b], expected, rtol=1e-5, atol=1e-3)
+  config.data.eval_crop = 'hand'
+  with pytest.raises(ValueError, match='eval_crop'):
+    input_pipeline.eval_dataset_from(_source(examples), 3, config, batch_size=3, num_batches=1)
