@@ -35,13 +35,14 @@ _FINGER_RINGS = 10  # rings beyond the base ring, per finger
 _THUMB_RINGS = 11   # rings beyond the thumb's base ring
 # Palm rings: (x of the ring centre, number of vertices). Ring 3 is split into the thumb
 # base (_FINGER_RING vertices) and the rest of the palm.
-_LOWER_PALM = ((0.0, 16), (0.012, 24), (0.023, 32))
+_LOWER_PALM = ((0.0, 16), (0.006, 24), (0.012, 32))
 _SPLIT_X, _SPLIT_PALM = 0.032, 30
-_UPPER_PALM = ((0.046, 33), (0.058, 38), (0.068, 40))
+_UPPER_PALM = ((0.048, 33), (0.059, 38), (0.069, 40))
 _SPLIT_GAP = 0.12   # fraction of the split ring's angle given to the thumb base
 # Direction of the thumb at rest (CMC to tip) and the side its pad faces.
 THUMB_DIRECTION = (0.88, 0.30, 0.46)
 _THUMB_PALMAR = (0.0, 0.6, -0.8)
+_THUMB_START = 0.008  # the thumb's first ring, this far beyond its CMC joint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,8 @@ class _Chain:
     radius: half-widths at the three joints and at the start of the tip's round cap (the
       last one is the cap's radius); the half-thickness is `flatten` times these.
     flatten: thickness / width of the cross-section.
+    start: arc length of the digit's first ring (the thumb's tube leaves the palm a little
+      beyond its CMC joint, which sits inside the palm).
   """
   name: str
   joints: tuple
@@ -67,6 +70,7 @@ class _Chain:
   length: float
   radius: tuple
   flatten: float
+  start: float = 0.0
 
   def point(self, s):
     return self.base + s * self.frame[0]
@@ -116,11 +120,14 @@ def _skeleton(rng):
                      jitter(0.02)), flatten=0.88))
   thumb_length = 0.095 * jitter()
   chains.append(_Chain(
-      name='thumb', joints=_THUMB_JOINTS, base=np.array([0.020, 0.008, 0.036]),
-      frame=_frame(THUMB_DIRECTION, palmar=_THUMB_PALMAR),
+      name='thumb', joints=_THUMB_JOINTS, base=np.array([0.018, 0.002, 0.040]),
+      # The tube's cross-section frame keeps e_y on the palm's side (+y), so the base ring's
+      # vertex 0 and last vertex face the palm's radial wall; the pad direction
+      # (_THUMB_PALMAR) only sets the flexion axis.
+      frame=_frame(THUMB_DIRECTION),
       joint_s=np.array([0.0, 0.40, 0.70]) * thumb_length, length=thumb_length,
       radius=tuple(np.array([0.0165, 0.0112, 0.0098, 0.0088]) * jitter(0.02)),
-      flatten=0.85))
+      flatten=0.85, start=_THUMB_START))
   return chains
 
 
@@ -198,7 +205,7 @@ def _digit_ring(chain, s, n, u):
 def _digit_stations(chain, num_rings):
   """Arc lengths of the rings beyond the base: even along the digit, two on the tip cap."""
   cap_start = chain.length - chain.radius[-1]
-  body = np.linspace(0.0, cap_start, num_rings - 1)[1:]
+  body = np.linspace(chain.start, cap_start, num_rings - 1)[1:]
   cap = cap_start + chain.radius[-1] * np.sin(np.deg2rad([40.0, 70.0]))
   return np.concatenate([body, cap])
 
@@ -247,7 +254,8 @@ def _build_surface(chains):
   palm_u = _SPLIT_GAP + (1.0 - 2 * _SPLIT_GAP) * _uniform_u(_SPLIT_PALM)
   palm_ids = builder.add(_palm_ring(_SPLIT_X, palm_u))
   digit_u = _uniform_u(_FINGER_RING, offset=0.5)  # vertex 0 faces the palm, palmar side
-  thumb_ids = builder.add(_digit_ring(thumb, 0.0, _FINGER_RING, digit_u), thumb_id, 0.0)
+  thumb_ids = builder.add(_digit_ring(thumb, thumb.start, _FINGER_RING, digit_u), thumb_id,
+                          thumb.start)
   split_u = np.concatenate([palm_u, 1.0 - _SPLIT_GAP + 2 * _SPLIT_GAP *
                             _uniform_u(_FINGER_RING)])
   builder.faces += _zip_rings(previous, previous_u, palm_ids + thumb_ids, split_u)

@@ -125,6 +125,22 @@ def test_outward_orientation(model, joints):
   assert outward / len(centroids) > 0.97, outward
 
 
+def test_no_folded_triangles(model):
+  """Neighbouring faces never fold back onto each other (creases at webs stay < 150 deg)."""
+  corners = model.v_template.astype(np.float64)[model.faces]
+  normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+  assert np.linalg.norm(normals, axis=1).min() > 1e-9  # no degenerate faces
+  normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+  faces_of_edge = collections.defaultdict(list)
+  for f, face in enumerate(model.faces):
+    for a, b in zip(face, np.roll(face, -1)):
+      faces_of_edge[(min(a, b), max(a, b))].append(f)
+  pairs = np.array([f for f in faces_of_edge.values() if len(f) == 2])
+  cosines = np.einsum('ij,ij->i', normals[pairs[:, 0]], normals[pairs[:, 1]])
+  assert np.degrees(np.arccos(np.clip(cosines, -1, 1))).max() < 150.0
+  assert np.median(cosines) > np.cos(np.radians(10.0))  # mostly smooth
+
+
 def test_size_is_mano_like(model, joints):
   vertices = model.v_template
   wrist_to_middle_tip = np.linalg.norm(vertices[443] - joints[0])
