@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import synthetic
 from diffhand_jax.models import encoder
 from diffhand_jax.models import layers
 from diffhand_jax.models import vit
+from test_encoders_helpers import model_config
+from test_encoders_helpers import random_array
+from test_encoders_helpers import random_variables
 
 # Published timm parameter counts (timm model cards / `sum(p.numel())`), 224 px, patch 16.
 TIMM_VIT_TINY_WITH_HEAD = 5_717_416     # vit_tiny_patch16_224, 5.72 M
@@ -18,16 +20,8 @@ TIMM_DEIT_BASE_WITH_HEAD = 86_567_656   # deit_base_patch16_224, 86.6 M
 IMAGENET_CLASSES = 1000
 
 
-def model_config(encoder_name='vit', size='micro', distilled=False, use_depth=False,
-                 pretrained_image_size=64):
-  config = synthetic.get_config('smoke').model
-  config.encoder, config.encoder_size, config.distilled = encoder_name, size, distilled
-  config.use_depth, config.pretrained_image_size = use_depth, pretrained_image_size
-  return config
-
-
 def random_images(seed, batch, size):
-  return jax.random.normal(jax.random.PRNGKey(seed), (batch, size, size, 3))
+  return random_array(seed, (batch, size, size, 3))
 
 
 # ---- Numpy reference (float64), written from the ViT / timm definitions ----
@@ -124,11 +118,8 @@ def test_exact_gelu_matches_erf_and_differs_from_tanh():
 
 def test_self_attention_matches_per_head_loop():
   module = layers.SelfAttention(num_heads=4)
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 32))
-  params = module.init(jax.random.PRNGKey(1), x)['params']
-  # Non-zero biases so that their placement is checked too.
-  params = jax.tree.map(lambda a: a + 0.1 * jnp.arange(a.size).reshape(a.shape) / a.size,
-                        params)
+  x = random_array(0, (2, 7, 32))
+  params = random_variables(module, x)['params']  # non-zero biases: their placement counts
   ref = np_attention(np.asarray(x, np.float64), jax.tree.map(np.asarray, params), 4)
   np.testing.assert_allclose(module.apply({'params': params}, x), ref, atol=2e-5)
 
@@ -141,7 +132,7 @@ def test_self_attention_rejects_indivisible_heads():
 # ---- Position embedding resampling ----
 
 def test_resample_identity_when_grid_unchanged():
-  pos = jax.random.normal(jax.random.PRNGKey(0), (1, 2 + 5 * 6, 8))
+  pos = random_array(0, (1, 2 + 5 * 6, 8))
   np.testing.assert_array_equal(vit.resample_pos_embed(pos, (5, 6), (5, 6), 2), pos)
 
 
@@ -149,7 +140,7 @@ def test_resample_identity_when_grid_unchanged():
                                                ((4, 6), (7, 3)), ((4, 4), (4, 9))])
 def test_resample_matches_loop_reference(old_grid, new_grid):
   prefix, dim = 2, 5
-  pos = jax.random.normal(jax.random.PRNGKey(1), (1, prefix + old_grid[0] * old_grid[1], dim))
+  pos = random_array(1, (1, prefix + old_grid[0] * old_grid[1], dim))
   out = np.asarray(vit.resample_pos_embed(pos, old_grid, new_grid, prefix))
   assert out.shape == (1, prefix + new_grid[0] * new_grid[1], dim)
   np.testing.assert_array_equal(out[:, :prefix], pos[:, :prefix])  # class / dist untouched
@@ -198,12 +189,7 @@ def test_vit_matches_numpy_reference(distilled, image_size):
   config = model_config('deit' if distilled else 'vit', 'micro', distilled)
   module = encoder.build_encoder(config)
   images = random_images(0, 2, image_size)
-  params = jax.jit(module.init)(jax.random.PRNGKey(1), images)['params']
-  # Perturb every parameter so that zero biases / unit scales hide nothing.
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-  params = treedef.unflatten([a + 0.05 * jax.random.normal(k, a.shape)
-                              for a, k in zip(leaves, keys)])
+  params = random_variables(module, images, seed=1)['params']
   tokens, embedding = jax.jit(module.apply)({'params': params}, images)
   prefix = 2 if distilled else 1
   grid = image_size // 16
@@ -238,7 +224,7 @@ def test_deit_distilled_embedding_is_mean_of_prefix_tokens():
   config = model_config('deit', 'micro', distilled=True)
   module = encoder.build_encoder(config)
   images = random_images(3, 2, 32)
-  variables = jax.jit(module.init)(jax.random.PRNGKey(0), images)
+  variables = random_variables(module, images)
   assert variables['params']['dist_token'].shape == (1, 1, 64)
   assert variables['params']['pos_embed'].shape == (1, 2 + 16, 64)
   tokens, embedding = module.apply(variables, images)
@@ -255,8 +241,9 @@ def test_bfloat16_compute_keeps_float32_params():
   images = random_images(0, 2, 32)
   module32 = encoder.build_encoder(config)
   module16 = encoder.build_encoder(config, dtype='bfloat16')
-  variables = jax.jit(module16.init)(jax.random.PRNGKey(0), images)
-  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables))
+  shapes = jax.eval_shape(module16.init, jax.random.PRNGKey(0), images)
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(shapes))
+  variables = random_variables(module16, images)
   tokens16, embedding16 = jax.jit(module16.apply)(variables, images)
   tokens32, _ = jax.jit(module32.apply)(variables, images)
   assert tokens16.dtype == jnp.bfloat16 and embedding16.dtype == jnp.bfloat16
@@ -269,7 +256,7 @@ def test_jit_traces_once_for_repeated_calls():
   config = model_config('vit', 'micro')
   module = encoder.build_encoder(config)
   images = random_images(0, 2, 32)
-  variables = jax.jit(module.init)(jax.random.PRNGKey(0), images)
+  variables = random_variables(module, images)
 
   @jax.jit
   @chex.assert_max_traces(n=1)

@@ -7,44 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import synthetic
 from diffhand_jax.models import depth as depth_lib
 from diffhand_jax.models import encoder
 from diffhand_jax.models import hrnet
+from test_encoders_helpers import model_config
+from test_encoders_helpers import perturbed
+from test_encoders_helpers import random_array
+from test_encoders_helpers import random_variables
 
 # HRNet paper (Sun et al. 2019, COCO pose table): HRNet-W32 28.5 M, HRNet-W48 63.6 M parameters;
 # those include a final 1x1 convolution to 17 heatmaps (under 1 k parameters).
 PUBLISHED_HRNET_PARAMS = {'w32': 28.5e6, 'w48': 63.6e6}
-
-
-def model_config(encoder_name, size, use_depth=False, depth_zero_init='all'):
-  config = synthetic.get_config('smoke').model
-  config.encoder, config.encoder_size, config.use_depth = encoder_name, size, use_depth
-  config.depth_zero_init = depth_zero_init
-  config.pretrained_image_size = 32
-  return config
-
-
-def random_variables(module, *inputs, seed=0):
-  """Random parameters of the module's shapes without compiling its (slow) init.
-
-  HRNet's jitted init takes tens of seconds to compile on CPU (one RNG computation per
-  parameter); tests that do not need the module's own initial values use these instead.
-  """
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':  # He scale keeps activations O(1) through the deep stack
-      value = rng.normal(size=leaf.shape) * math.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-    elif name == 'scale':
-      value = 1.0 + 0.1 * rng.normal(size=leaf.shape)
-    else:
-      value = 0.1 * rng.normal(size=leaf.shape)
-    return jnp.asarray(value, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 # ---- Numpy reference (float64) ----
@@ -108,7 +81,7 @@ def np_hr_module(xs, p, num_outputs):
 # ---- HRNet ----
 
 def test_conv_norm_matches_reference():
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 6))
+  x = random_array(0, (2, 8, 8, 6))
   for kernel, stride, features in [(3, 1, 64), (3, 2, 12), (1, 1, 8)]:
     module = hrnet.ConvNorm(features, kernel, stride)
     variables = random_variables(module, x, seed=kernel + stride)
@@ -118,9 +91,7 @@ def test_conv_norm_matches_reference():
 
 def test_hr_module_fusion_matches_reference():
   widths = (4, 8, 16)
-  keys = jax.random.split(jax.random.PRNGKey(1), 3)
-  xs = [jax.random.normal(k, (2, 16 // 2**b, 16 // 2**b, w))
-        for b, (k, w) in enumerate(zip(keys, widths))]
+  xs = [random_array(b, (2, 16 // 2**b, 16 // 2**b, w)) for b, w in enumerate(widths)]
   for num_outputs in (3, 1):
     module = hrnet.HRModule(widths, num_blocks=1, num_outputs=num_outputs)
     variables = random_variables(module, xs, seed=num_outputs)
@@ -148,7 +119,7 @@ def test_hrnet_shapes(size, image_size):
 
 def test_hrnet_tokens_are_high_resolution_branch_and_embedding_its_mean():
   module = encoder.build_encoder(model_config('hrnet', 'w8'))
-  images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  images = random_array(0, (2, 32, 32, 3))
   variables = random_variables(module, images)
 
   @jax.jit
@@ -214,37 +185,32 @@ def test_hrnet_parameter_counts(size):
 
 # ---- Depth branch ----
 
-def without_depth(params):
-  return {k: v for k, v in params.items() if k != 'depth'}
+def fresh_depth_params(module, config, images, depth, seed):
+  """Initial parameters of the encoder's depth branch, from the branch's own init.
 
-
-def perturbed(tree, seed):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return treedef.unflatten([a + 0.1 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
-
-
-def depth_params_from_fresh_init(config, image_size, seed):
-  """The depth branch's own initial parameters, as `build_encoder`'s module creates them."""
-  module = encoder.build_encoder(config)
-  depth = jnp.ones((1, image_size, image_size, 1))
-  if config.encoder == 'hrnet':  # avoid compiling the whole HRNet init: init the branch alone
-    spec = hrnet.HRNET_SIZES[config.encoder_size]
-    branch = depth_lib.DepthBranch(spec.stem_width, depth_lib.num_downsamples(hrnet.STEM_STRIDE),
-                                     zero_init=config.depth_zero_init)
-    return module, branch.init(jax.random.PRNGKey(seed), depth)['params']
-  images = jnp.zeros((1, image_size, image_size, 3))
-  return module, jax.jit(module.init)(jax.random.PRNGKey(seed), images, depth)['params']['depth']
+  Initialising the branch alone avoids compiling the whole encoder's init (tens of seconds
+  for HRNet); the shape check ties it to the subtree that the encoder itself creates.
+  """
+  stride = hrnet.STEM_STRIDE if config.encoder == 'hrnet' else config.patch_size
+  out_dim = (hrnet.HRNET_SIZES[config.encoder_size].stem_width if config.encoder == 'hrnet'
+             else encoder.encoder_width(config))
+  branch = depth_lib.DepthBranch(out_dim, depth_lib.num_downsamples(stride),
+                                 zero_init=config.depth_zero_init)
+  params = branch.init(jax.random.PRNGKey(seed), depth)['params']
+  encoder_shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), images, depth)
+  chex.assert_trees_all_equal_shapes(params, encoder_shapes['params']['depth'])
+  return params
 
 
 @pytest.mark.parametrize('encoder_name,size', [('vit', 'micro'), ('hrnet', 'w8')])
 @pytest.mark.parametrize('zero_init', ['all', 'last'])
 def test_fresh_depth_branch_leaves_encoder_unchanged(encoder_name, size, zero_init):
   config = model_config(encoder_name, size, use_depth=True, depth_zero_init=zero_init)
-  module, depth_params = depth_params_from_fresh_init(config, 32, seed=1)
+  module = encoder.build_encoder(config)
   plain = encoder.build_encoder(model_config(encoder_name, size))
-  images = jax.random.normal(jax.random.PRNGKey(2), (2, 32, 32, 3))
-  depth = jax.random.uniform(jax.random.PRNGKey(3), (2, 32, 32, 1), minval=-0.1, maxval=0.1)
+  images = random_array(2, (2, 32, 32, 3))
+  depth = random_array(3, (2, 32, 32, 1), scale=0.05)
+  depth_params = fresh_depth_params(module, config, images, depth, seed=1)
   base = random_variables(plain, images)['params']
   with_depth = jax.jit(module.apply)
   expected = jax.jit(plain.apply)({'params': base}, images)
@@ -255,12 +221,22 @@ def test_fresh_depth_branch_leaves_encoder_unchanged(encoder_name, size, zero_in
   assert float(jnp.abs(got[0] - expected[0]).max()) > 1e-3
 
 
+def test_encoder_init_creates_zero_depth_branch():
+  config = model_config('vit', 'micro', use_depth=True)
+  module = encoder.build_encoder(config)
+  images, depth = jnp.zeros((1, 32, 32, 3)), jnp.ones((1, 32, 32, 1))
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), images, depth)['params']
+  assert len(params['depth']) == 1 + depth_lib.num_downsamples(16)
+  assert all(bool(jnp.all(a == 0)) for a in jax.tree.leaves(params['depth']))
+  assert float(jnp.abs(params['patch_embed']['kernel']).max()) > 0  # the rest is random
+
+
 @pytest.mark.parametrize('zero_init', ['all', 'last'])
 def test_depth_branch_init_and_gradient_flow(zero_init):
   # Documents the consequence of the all-zero initialisation (depth.py docstring): only the
   # last bias gets a gradient; with zero_init='last' the last kernel learns as well.
   branch = depth_lib.DepthBranch(out_dim=8, num_downsamples=2, zero_init=zero_init)
-  depth = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 1))
+  depth = random_array(0, (2, 16, 16, 1))
   params = branch.init(jax.random.PRNGKey(1), depth)['params']
   last = f'conv{len(params) - 1}'
   assert sorted(params) == ['conv0', 'conv1', 'conv2']
@@ -272,7 +248,7 @@ def test_depth_branch_init_and_gradient_flow(zero_init):
       assert all(bool(jnp.all(a == 0)) for a in jax.tree.leaves(layer)), name
     else:  # default (random) kernels; biases start at zero as usual
       assert float(jnp.abs(layer['kernel']).min()) > 0, name
-  target = jax.random.normal(jax.random.PRNGKey(2), out.shape)
+  target = random_array(2, out.shape)
   grads = jax.grad(lambda p: jnp.sum((branch.apply({'params': p}, depth) - target)**2))(params)
   moving = {f'{n}/{k}' for n, layer in grads.items() for k, g in layer.items()
             if float(jnp.abs(g).max()) > 0}
@@ -295,6 +271,6 @@ def test_depth_arguments_are_checked():
   with pytest.raises(ValueError, match='to match the images'):
     init(with_depth, images, jnp.zeros((1, 32, 32, 3)))
   with pytest.raises(ValueError, match='zero_init'):
-    init(encoder.build_encoder(model_config('vit', 'micro', True, 'first')), images, depth)
+    init(encoder.build_encoder(model_config('vit', 'micro', use_depth=True, depth_zero_init='first')), images, depth)
   with pytest.raises(ValueError, match='power-of-two'):
     depth_lib.num_downsamples(12)

@@ -153,17 +153,23 @@ class VisionTransformer(nn.Module):
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
                 param_dtype=jnp.float32, name='patch_embed')(images.astype(self.dtype))
     if self.use_depth:
-      x = x + depth_lib.DepthBranch(self.width, depth_lib.num_downsamples(p), zero_init=self.depth_zero_init,
-                                    dtype=self.dtype, name='depth')(depth)
+      x = x + depth_lib.DepthBranch(self.width, depth_lib.num_downsamples(p),
+                                    zero_init=self.depth_zero_init, dtype=self.dtype,
+                                    name='depth')(depth)
     grid = x.shape[1:3]
     x = x.reshape(batch, grid[0] * grid[1], self.width)
 
+    if self.pretrained_image_size % p:
+      raise ValueError(f'pretrained_image_size={self.pretrained_image_size} is not a multiple '
+                       f'of patch {p}')
+    # The position embedding lives on the pretraining grid (so that timm checkpoints load
+    # as they are) and is resampled to the input's grid on every call.
     init_grid = (self.pretrained_image_size // p,) * 2
-    prefix_init = nn.initializers.truncated_normal(stddev=0.02)
-    prefix = [self.param('cls_token', prefix_init, (1, 1, self.width), jnp.float32)]
+    embed_init = nn.initializers.truncated_normal(stddev=0.02)
+    prefix = [self.param('cls_token', embed_init, (1, 1, self.width), jnp.float32)]
     if self.distilled:
-      prefix.append(self.param('dist_token', prefix_init, (1, 1, self.width), jnp.float32))
-    pos_embed = self.param('pos_embed', prefix_init,
+      prefix.append(self.param('dist_token', embed_init, (1, 1, self.width), jnp.float32))
+    pos_embed = self.param('pos_embed', embed_init,
                            (1, self.num_prefix_tokens + init_grid[0] * init_grid[1], self.width),
                            jnp.float32)
     pos_embed = resample_pos_embed(pos_embed, init_grid, grid, self.num_prefix_tokens)
