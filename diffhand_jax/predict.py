@@ -203,7 +203,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str, *,
   faces = np.asarray(mano.load_hand_model(config).faces)
   sample_fn = evaluate.make_sample_fn(model, config)
   image_size = int(config.data.image_size)
-  batch_size = max(1, int(config.eval.batch_size))
+  # Every batch is padded to this size (one compilation); no bigger than the input needs.
+  batch_size = max(1, min(int(config.eval.batch_size), len(jobs)))
   base_rng = jax.random.PRNGKey(config.seed)
   written, skipped = [], []
   total = len(jobs)
