@@ -1,5 +1,4 @@
 """Tests of the tf.data pipelines on small in-memory sources with the hand features."""
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
