@@ -52,9 +52,9 @@ def train_step_examples_per_second(config, batch, num_steps):
   optimizer = optim.make_optimizer(config.optim, total_steps)
   state = train.create_train_state(params, optimizer, jax.random.PRNGKey(1), 0.0)
   loss_fn = train.make_loss_fn(model, config, mano.load_hand_model(config).faces)
-  step = jax.jit(functools.partial(
-      train.train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=optim.learning_rate_schedule(config.optim, total_steps),
-      ema_decay=0.0), donate_argnums=0)
+  schedule = optim.learning_rate_schedule(config.optim, total_steps)
+  step = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn, optimizer=optimizer,
+                                   schedule=schedule, ema_decay=0.0), donate_argnums=0)
   batch = jax.tree.map(jnp.asarray, batch)
   start = time.perf_counter()
   state, metrics = step(state, batch)
