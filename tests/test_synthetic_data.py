@@ -185,6 +185,23 @@ def test_place_in_view_fits_even_when_too_close():
     sampler.place_in_view(rng, points, K, 4)
 
 
+def test_smooth_noise_is_bilinear_interpolation_of_its_knots():
+  size, grid = 23, 4
+  noise = appearance.smooth_noise(np.random.default_rng(5), size, grid)
+  knots = np.random.default_rng(5).uniform(0.0, 1.0, size=(grid, grid, 3))
+  position = np.linspace(0.0, grid - 1.0, size)
+  expected = np.zeros((size, size, 3))
+  for i, y in enumerate(position):
+    for j, x in enumerate(position):
+      y0, x0 = min(int(y), grid - 2), min(int(x), grid - 2)
+      fy, fx = y - y0, x - x0
+      expected[i, j] = ((1 - fy) * (1 - fx) * knots[y0, x0] + fy * (1 - fx) * knots[y0 + 1, x0]
+                        + (1 - fy) * fx * knots[y0, x0 + 1] + fy * fx * knots[y0 + 1, x0 + 1])
+  np.testing.assert_allclose(noise, expected, atol=1e-12)
+  np.testing.assert_allclose(noise[[0, 0, -1, -1], [0, -1, 0, -1]],
+                             knots[[0, 0, -1, -1], [0, -1, 0, -1]], atol=1e-12)
+
+
 def test_backgrounds_and_occluders(batch):
   rng = np.random.default_rng(3)
   for _ in range(8):
