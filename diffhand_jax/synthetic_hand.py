@@ -42,6 +42,7 @@ _SPLIT_GAP = 0.12   # fraction of the split ring's angle given to the thumb base
 # Direction of the thumb at rest (CMC to tip) and the side its pad faces.
 THUMB_DIRECTION = (0.88, 0.30, 0.46)
 _THUMB_PALMAR = (0.0, 0.6, -0.8)
+_WEB_X = 0.080  # x of the finger base rings (the webs between fingers)
 _THUMB_START = 0.008  # the thumb's first ring, this far beyond its CMC joint
 
 
@@ -112,12 +113,16 @@ def _skeleton(rng):
     (x, z), angle, length, (pip, dip), radius = specs[name]
     length *= jitter()
     angle = np.deg2rad(angle)
+    x *= jitter(0.01)
     chains.append(_Chain(
-        name=name, joints=joints, base=np.array([x * jitter(0.01), 0.0, z]),
+        name=name, joints=joints, base=np.array([x, 0.0, z]),
         frame=_frame([np.cos(angle), 0.0, np.sin(angle)]),
         joint_s=np.array([0.0, pip * length, dip * length]), length=length,
         radius=tuple(np.array([1.0, 0.92, 0.86, radius[1] / radius[0]]) * radius[0] *
-                     jitter(0.02)), flatten=0.88))
+                     jitter(0.02)), flatten=0.88,
+        # All finger base rings start on one plane, x = _WEB_X, so the web quads between
+        # neighbours lie flat instead of bridging knuckles at different heights.
+        start=(_WEB_X - x) / np.cos(angle)))
   thumb_length = 0.095 * jitter()
   chains.append(_Chain(
       name='thumb', joints=_THUMB_JOINTS, base=np.array([0.018, 0.002, 0.040]),
@@ -274,8 +279,8 @@ def _build_surface(chains):
   # first, left to right, then the palmar halves right to left.
   half = _FINGER_RING // 2
   finger_u = _uniform_u(_FINGER_RING)
-  bases = [builder.add(_digit_ring(chain, 0.0, _FINGER_RING, finger_u), k, 0.0)
-           for k, chain in enumerate(chains[:-1])]
+  bases = [builder.add(_digit_ring(chain, chain.start, _FINGER_RING, finger_u), k,
+                       chain.start) for k, chain in enumerate(chains[:-1])]
   top = [i for ids in bases for i in ids[:half]] + [
       i for ids in reversed(bases) for i in ids[half:]]
   builder.faces += _zip_rings(previous, previous_u, top, _uniform_u(len(top)))
