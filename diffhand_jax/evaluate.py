@@ -59,8 +59,10 @@ def _to_host(tree):
 
 
 def predict_split(config: ml_collections.ConfigDict, params: Any, model,
-                  batches) -> dict:
+                  batches, sample_fn=None) -> dict:
   """Runs the sampler over `batches`; returns the valid rows, sorted by index.
+
+  `sample_fn` (from make_sample_fn) may be passed to reuse its compilation.
 
   Returns:
     dict of numpy arrays over the N valid examples: 'index' [N], 'verts',
@@ -70,7 +72,7 @@ def predict_split(config: ml_collections.ConfigDict, params: Any, model,
     and 'overlay_batch': the first batch with its outputs (for images).
   """
   mesh = parallel.make_data_mesh()
-  sample_fn = make_sample_fn(model, config)
+  sample_fn = sample_fn or make_sample_fn(model, config)
   base_rng = jax.random.PRNGKey(config.seed)
   rows, overlay_batch, root_from = [], None, 'camera'
   for batch_number, local in enumerate(batches):
@@ -133,7 +135,8 @@ def overlays(predictions: dict, faces, count: int = NUM_OVERLAYS) -> np.ndarray:
 
 def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
              workdir: Optional[str] = None, step: Optional[int] = None,
-             write_predictions: Optional[bool] = None, writer=None) -> dict:
+             write_predictions: Optional[bool] = None, writer=None,
+             sample_fn=None) -> dict:
   """Scores `params` on the eval split; writes files under workdir/eval.
 
   Args:
@@ -145,6 +148,7 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
     step: the train step (recorded; periodic evals from the train loop write
       under eval/step_<step> and skip pred.json by default).
     writer: an optional logging_utils.MetricWriter for scalars and overlays.
+    sample_fn: a make_sample_fn result to reuse (periodic evals).
   Returns:
     the metrics dict of metrics.freihand_metrics (mm / fractions) plus
     'num_examples'.
@@ -153,7 +157,8 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
   from diffhand_jax import models  # pylint: disable=g-import-not-at-top
   model = model if model is not None else models.build_model(config)
   predictions = predict_split(config, params, model,
-                              input_pipeline.create_eval_iterator(config))
+                              input_pipeline.create_eval_iterator(config),
+                              sample_fn)
   scores = metrics_lib.freihand_metrics(
       predictions['joints'], predictions['verts'], predictions['gt_joints'],
       predictions['gt_verts'])

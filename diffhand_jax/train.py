@@ -419,10 +419,12 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
 
   # ---- Evaluation ----
   eval_writer = logging_utils.MetricWriter(workdir, 'eval')
+  sample_fn = evaluate_lib.make_sample_fn(model, config)  # compiled once
 
   def evaluate(params, step):
     return evaluate_lib.evaluate(config, params, model=model, workdir=workdir,
-                                 step=step, writer=eval_writer)
+                                 step=step, writer=eval_writer,
+                                 sample_fn=sample_fn)
 
   return Task(
       init_params=init,
