@@ -52,7 +52,7 @@ def main(argv=None):
     raster = _median_ms(render.rasterize, frames)
     example = _median_ms(generate.make_example,
                          [(hand_model, 1, index, size) for index in range(args.frames // 4)])
-    pixels = np.mean([render.rasterize(*frame).face_index.__ge__(0).mean() for frame in frames])
+    pixels = np.mean([(render.rasterize(*frame).face_index >= 0).mean() for frame in frames])
     print(f'{size}x{size}: render {full[0]:.1f} ms/frame (CPU time {full[1]:.1f} ms; '
           f'rasterize {raster[0]:.1f} ms), whole synthetic example {example[0]:.1f} ms; '
           f'hand covers {100 * pixels:.0f}% of the frame (median of {args.frames} frames)')

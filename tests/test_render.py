@@ -118,7 +118,7 @@ def test_axis_aligned_cube_silhouette_is_its_front_square():
   raster = render.rasterize(vertices, faces, K, 64, 64)
   half = focal * side / 2 / z_front      # 10 px: pixel centres 21.5 +- 10 are not integers
   pixels_per_axis = np.sum(np.abs(np.arange(64) - 31.5) <= half)
-  assert raster.face_index.__ge__(0).sum() == pixels_per_axis ** 2
+  assert (raster.face_index >= 0).sum() == pixels_per_axis ** 2
   np.testing.assert_allclose(raster.depth[raster.depth > 0], z_front, rtol=1e-6)
 
 

@@ -202,7 +202,7 @@ def test_smooth_noise_is_bilinear_interpolation_of_its_knots():
                              knots[[0, 0, -1, -1], [0, -1, 0, -1]], atol=1e-12)
 
 
-def test_backgrounds_and_occluders(batch):
+def test_backgrounds_and_occluders():
   rng = np.random.default_rng(3)
   for _ in range(8):
     texture = appearance.background_texture(rng, 32)
@@ -216,7 +216,7 @@ def test_backgrounds_and_occluders(batch):
   assert all((shape & mask).any() for shape in drawn)   # centred on a hand pixel
 
 
-def test_left_and_right_images_differ_from_background(batch):
+def test_hand_and_background_are_not_flat(batch):
   for example in batch:
     mask = example['mask'][..., 0] > 0
     assert example['image'][mask].std() > 0 and example['image'][~mask].std() > 0
