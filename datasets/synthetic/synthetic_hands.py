@@ -96,6 +96,8 @@ def make_config(hand_model, image_size, num_train, num_eval, seed, with_depth,
 class SyntheticHands(tfds.core.GeneratorBasedBuilder):
   """Synthetic rendered hands; construct with `config=make_config(...)` and `hand_model`."""
 
+  # Bump whenever the generator's output changes for the same parameters (sampler, renderer,
+  # appearance): prepared data of an older version is then never reused by mistake.
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
 
