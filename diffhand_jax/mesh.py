@@ -1,8 +1,9 @@
-"""Triangle-mesh helpers: face and vertex normals (numpy or jnp), .obj / .ply writers.
+"""Triangle-mesh helpers: face and vertex normals (numpy or jnp), boundary loops, .obj / .ply.
 
 The normal functions take the array module from their input, so the same code serves the
 numpy data generator and the JAX losses (`face_normals(jnp_vertices, faces)` is jittable).
 """
+import collections
 import os
 
 import jax.numpy as jnp
@@ -75,6 +76,32 @@ def vertex_normals(vertices, faces, eps=1e-12):
     for corner in range(3):
       summed = summed.at[..., faces[:, corner], :].add(weighted)
   return _normalize(xp, summed, eps)
+
+
+def boundary_loops(faces):
+  """Boundary loops of an oriented triangle mesh: edges used by exactly one face.
+
+  Args:
+    faces: [F, 3] vertex ids, consistently oriented.
+
+  Returns:
+    list of loops, each a list of vertex ids in order around the hole.
+  """
+  directed = [(int(u), int(v)) for face in np.asarray(faces) for u, v in
+              zip(face, np.roll(face, -1))]
+  uses = collections.Counter((min(edge), max(edge)) for edge in directed)
+  # On a boundary edge u -> v of a face, the hole lies on the other side: walk v -> u.
+  step = {v: u for u, v in directed if uses[(min(u, v), max(u, v))] == 1}
+  loops, seen = [], set()
+  for start in step:
+    loop, v = [], start
+    while v not in seen:
+      seen.add(v)
+      loop.append(v)
+      v = step[v]
+    if loop:
+      loops.append(loop)
+  return loops
 
 
 def _checked_numpy(vertices, faces):

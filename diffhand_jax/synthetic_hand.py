@@ -480,7 +480,7 @@ def synthetic_mano(seed=0):
   points, chain_ids, arcs = points[old_from_new], chain_ids[old_from_new], arcs[old_from_new]
   chain_ids, arcs = _chain_coordinates(points, chain_ids, arcs, chains)
 
-  boundary = boundary_loops(faces)
+  boundary = mesh.boundary_loops(faces)
   if len(boundary) != 1 or len(boundary[0]) != 16:
     raise AssertionError('the wrist opening must be one 16-vertex loop')
   wrist = points[boundary[0]].mean(0)
@@ -499,28 +499,3 @@ def synthetic_mano(seed=0):
       'hands_mean': _hands_mean(rng),
       'hands_components': np.linalg.qr(rng.standard_normal((45, 45)))[0].T,
   })
-
-
-def boundary_loops(faces):
-  """Boundary loops of a triangle mesh (edges used by one face), as ordered vertex lists."""
-  edge_count = {}
-  for a, b, c in faces:
-    for e in ((a, b), (b, c), (c, a)):
-      key = (min(e), max(e))
-      edge_count[key] = edge_count.get(key, 0) + 1
-  directed = {}
-  for a, b, c in faces:
-    for u, v in ((a, b), (b, c), (c, a)):
-      if edge_count[(min(u, v), max(u, v))] == 1:
-        directed[v] = u  # walk the boundary against the face orientation
-  loops, seen = [], set()
-  for start in directed:
-    if start in seen:
-      continue
-    loop, v = [], start
-    while v not in seen:
-      seen.add(v)
-      loop.append(int(v))
-      v = directed[v]
-    loops.append(loop)
-  return loops

@@ -95,6 +95,17 @@ def test_degenerate_face_gives_zero_not_nan():
   assert np.all(np.isfinite(grad))
 
 
+def test_boundary_loops():
+  assert mesh.boundary_loops(OCTAHEDRON_FACES) == []  # closed
+  open_faces = OCTAHEDRON_FACES[~np.any(OCTAHEDRON_FACES == 5, axis=1)]  # drop a pole
+  (loop,) = mesh.boundary_loops(open_faces)
+  assert sorted(loop) == [0, 1, 2, 3]
+  for a, b in zip(loop, np.roll(loop, -1)):  # consecutive ids share an edge
+    assert any({a, b} <= set(face) for face in open_faces)
+  loops = mesh.boundary_loops(np.array([[0, 1, 2], [3, 4, 5]]))
+  assert sorted(sorted(l) for l in loops) == [[0, 1, 2], [3, 4, 5]]
+
+
 def test_bad_shapes_raise():
   with pytest.raises(ValueError, match='vertices'):
     mesh.face_normals(np.zeros((4, 2)), OCTAHEDRON_FACES)
