@@ -208,7 +208,7 @@ def _digit_ring(chain, s, n, u):
 
 
 def _digit_stations(chain, num_rings):
-  """Arc lengths of the rings beyond the base: even along the digit, two on the tip cap."""
+  """Arc lengths of the rings after the base ring (at `chain.start`): even, two on the cap."""
   cap_start = chain.length - chain.radius[-1]
   body = np.linspace(chain.start, cap_start, num_rings - 1)[1:]
   cap = cap_start + chain.radius[-1] * np.sin(np.deg2rad([40.0, 70.0]))
@@ -473,7 +473,7 @@ def synthetic_mano(seed=0):
   chains = _skeleton(rng)
   points, faces, chain_ids, arcs, pole, tips = _build_surface(chains)
   if len(points) != mano.NUM_VERTICES + 1:
-    raise AssertionError(f'built {len(points)} vertices, expected {mano.NUM_VERTICES + 1}')
+    raise RuntimeError(f'built {len(points)} vertices, expected {mano.NUM_VERTICES + 1}')
   new_from_old, old_from_new = _drop_pole_and_order(points, faces, pole, tips)
   faces = faces[~np.any(faces == pole, axis=1)]
   faces = new_from_old[faces]
@@ -482,7 +482,7 @@ def synthetic_mano(seed=0):
 
   boundary = mesh.boundary_loops(faces)
   if len(boundary) != 1 or len(boundary[0]) != 16:
-    raise AssertionError('the wrist opening must be one 16-vertex loop')
+    raise RuntimeError('the wrist opening must be one 16-vertex loop')
   wrist = points[boundary[0]].mean(0)
   joints = _joint_positions(chains, wrist)
   parents = np.asarray(mano.MANO_PARENTS)
