@@ -50,9 +50,11 @@ class DepthBranch(nn.Module):
     stride = 2**self.num_downsamples
     if depth.shape[1] % stride or depth.shape[2] % stride:
       raise ValueError(f'depth size {depth.shape[1:3]} is not divisible by the stride {stride}')
+    # Zero kernels and biases (all layers by default, as DESIGN says): a fresh branch adds
+    # exactly 0; with 'all' only the last bias can learn (see the module docstring).
     zeros = nn.initializers.zeros
     # A stride-1 layer first, then the downsampling ones; widths double from 16 (capped at
-    # 128) as in ControlNet's condition encoder, the last one maps to out_dim.
+    # 128), a small ControlNet-like condition encoder; the last layer maps to out_dim.
     strides = [1] + [2] * self.num_downsamples
     x = depth.astype(self.dtype)
     for i, s in enumerate(strides):

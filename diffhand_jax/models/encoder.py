@@ -3,6 +3,10 @@
 Config keys read (configs/synthetic.py, `config.model`): encoder ('vit' | 'deit' | 'hrnet'),
 encoder_size, patch_size, distilled, use_depth, pretrained_image_size, and depth_zero_init
 ('all' | 'last', default 'all' when absent).
+
+'vit' and 'deit' build the same module (DeiT is the ViT architecture with a different training
+recipe); only 'deit' may add the distillation token (distilled=True). Sizes: vit.VIT_SIZES
+('micro' is for tests and smoke runs), hrnet.HRNET_SIZES ('w8' likewise).
 """
 from typing import Any
 
