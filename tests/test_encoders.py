@@ -227,10 +227,10 @@ def test_deit_distilled_embedding_is_mean_of_prefix_tokens():
   variables = random_variables(module, images)
   assert variables['params']['dist_token'].shape == (1, 1, 64)
   assert variables['params']['pos_embed'].shape == (1, 2 + 16, 64)
-  tokens, embedding = module.apply(variables, images)
-  chex.assert_shape(tokens, (2, 4, 64))
   # Capture the normed sequence to check the embedding independently of the module's slicing.
-  _, state = module.apply(variables, images, capture_intermediates=True)
+  apply = jax.jit(lambda v, x: module.apply(v, x, capture_intermediates=True))
+  (tokens, embedding), state = apply(variables, images)
+  chex.assert_shape(tokens, (2, 4, 64))
   normed = state['intermediates']['norm']['__call__'][0]
   np.testing.assert_allclose(embedding, (normed[:, 0] + normed[:, 1]) / 2, atol=1e-6)
   np.testing.assert_allclose(tokens, normed[:, 2:], atol=1e-6)
