@@ -9,12 +9,14 @@ token map F, and its global average is the embedding e (width D = widths[0]).
 Deviation from timm: GroupNorm instead of BatchNorm. BatchNorm's running statistics are a
 mutable collection that the pure `(params, batch, rng) -> loss` training step would have to
 thread through (and frozen statistics would not suit training from scratch); GroupNorm has no
-state and is batch-size independent. Groups = gcd(32, channels) (32 for every standard width,
-fewer for the tiny test size). A timm checkpoint's BatchNorm layers cannot be converted to it,
+state and is batch-size independent. Groups = gcd(32, channels): 32 for multiples of 32,
+16 for W48's 48-channel branch, fewer for the tiny test size. A timm checkpoint's BatchNorm layers cannot be converted to it,
 so pretrained HRNet import would need a BatchNorm variant of this module.
 
-Submodule names follow timm where a counterpart exists (conv1, conv2, layer1, transition{k},
-stage{k}/module{m}/branch{b}/block{n}, fuse{i}_{j}).
+Submodule names echo timm's (timm name -> ours): conv1+bn1 -> conv1, conv2+bn2 -> conv2,
+layer1.{n} -> layer1_block{n}, transition{k}.{b} -> transition{k}_{b},
+stage{k}.{m}.branches.{b}.{n} -> stage{k}_module{m}/branch{b}_block{n},
+stage{k}.{m}.fuse_layers.{i}.{j} -> .../fuse{i}_{j} (coarser j) or fuse{i}_{j}_{k} (finer j).
 """
 import dataclasses
 import math
