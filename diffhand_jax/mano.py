@@ -463,8 +463,19 @@ def full_pose(model, pose, flat_hand_mean=False):
   return jnp.concatenate([pose[:, :3], hand], axis=1).reshape(pose.shape[0], NUM_JOINTS, 3)
 
 
+def _depth_levels(parents):
+  """Joint ids grouped by depth in the tree (root first); static Python tuples."""
+  depth = []
+  for parent in parents:
+    depth.append(0 if parent < 0 else depth[parent] + 1)
+  return tuple(tuple(k for k, d in enumerate(depth) if d == level)
+               for level in range(max(depth) + 1))
+
+
 def _rigid_transforms(rotations, joints, parents):
   """Forward kinematics: world transforms that move rest-pose points with each joint.
+
+  Joints of one depth are composed together (4 batched steps for MANO's tree, not 16).
 
   Args:
     rotations: [B, 16, 3, 3] local rotations.
@@ -475,20 +486,24 @@ def _rigid_transforms(rotations, joints, parents):
     (rot [B, 16, 3, 3], trans [B, 16, 3]) such that a rest point p bound to joint k goes to
     rot[k] @ p + trans[k].
   """
-  world_rot, world_pos = [], []
-  for k, parent in enumerate(parents):
-    if parent < 0:
-      world_rot.append(rotations[:, k])
-      world_pos.append(joints[:, k])
-    else:
-      offset = joints[:, k] - joints[:, parent]
-      world_rot.append(jnp.matmul(world_rot[parent], rotations[:, k], precision=_PRECISION))
-      world_pos.append(world_pos[parent] + _einsum('bij,bj->bi', world_rot[parent], offset))
-  rot = jnp.stack(world_rot, axis=1)
-  pos = jnp.stack(world_pos, axis=1)
+  # Per-joint lists (no scatters: `.at[].set` under vmap + jit hit an XLA verifier bug).
+  world_rot = [rotations[:, k] for k in range(len(parents))]
+  world_pos = [joints[:, k] for k in range(len(parents))]
+  for level in _depth_levels(parents)[1:]:
+    ids = np.asarray(level)
+    up = [parents[k] for k in level]
+    parent_rot = jnp.stack([world_rot[p] for p in up], axis=1)
+    parent_pos = jnp.stack([world_pos[p] for p in up], axis=1)
+    offset = joints[:, ids] - joints[:, np.asarray(up)]
+    level_pos = parent_pos + _einsum('bkij,bkj->bki', parent_rot, offset)
+    level_rot = jnp.matmul(parent_rot, rotations[:, ids], precision=_PRECISION)
+    for n, k in enumerate(level):
+      world_rot[k], world_pos[k] = level_rot[:, n], level_pos[:, n]
+  world_rot = jnp.stack(world_rot, axis=1)
+  world_pos = jnp.stack(world_pos, axis=1)
   # Remove the rest position: a point at the rest joint must land at the posed joint.
-  trans = pos - _einsum('bkij,bkj->bki', rot, joints)
-  return rot, trans
+  trans = world_pos - _einsum('bkij,bkj->bki', world_rot, joints)
+  return world_rot, trans
 
 
 def mano_forward(model, pose, betas, transl=None, *, flat_hand_mean=False,
