@@ -486,17 +486,18 @@ def _rigid_transforms(rotations, joints, parents):
     (rot [B, 16, 3, 3], trans [B, 16, 3]) such that a rest point p bound to joint k goes to
     rot[k] @ p + trans[k].
   """
-  # Per-joint lists (no scatters: `.at[].set` under vmap + jit hit an XLA verifier bug).
+  # Per-joint lists of static slices, no gathers or scatters: in jax 0.10.2 a matmul of two
+  # gathered operands under jit(vmap(...)) fails XLA's HLO verifier.
   world_rot = [rotations[:, k] for k in range(len(parents))]
   world_pos = [joints[:, k] for k in range(len(parents))]
   for level in _depth_levels(parents)[1:]:
-    ids = np.asarray(level)
     up = [parents[k] for k in level]
     parent_rot = jnp.stack([world_rot[p] for p in up], axis=1)
     parent_pos = jnp.stack([world_pos[p] for p in up], axis=1)
-    offset = joints[:, ids] - joints[:, np.asarray(up)]
+    local_rot = jnp.stack([rotations[:, k] for k in level], axis=1)
+    offset = jnp.stack([joints[:, k] - joints[:, p] for k, p in zip(level, up)], axis=1)
     level_pos = parent_pos + _einsum('bkij,bkj->bki', parent_rot, offset)
-    level_rot = jnp.matmul(parent_rot, rotations[:, ids], precision=_PRECISION)
+    level_rot = jnp.matmul(parent_rot, local_rot, precision=_PRECISION)
     for n, k in enumerate(level):
       world_rot[k], world_pos[k] = level_rot[:, n], level_pos[:, n]
   world_rot = jnp.stack(world_rot, axis=1)
