@@ -80,7 +80,7 @@ def _format_duration(seconds: float) -> str:
       f'{minutes}:{seconds:02d}')
 
 
-def quiet_library_logs(packages=('orbax', 'jax/_src')):
+def quiet_library_logs(packages=('orbax', 'jax/_src', 'tensorflow_datasets')):
   """Drops INFO/DEBUG records that `packages` log through absl (orbax writes
   dozens of lines per checkpoint), keeping warnings and errors."""
   import logging as py_logging  # pylint: disable=g-import-not-at-top
