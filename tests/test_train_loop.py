@@ -267,3 +267,17 @@ def test_put_state_never_aliases_the_callers_arrays(parallelism):
   state = {'w': jnp.ones((3,)), 'v': jnp.zeros((2, 2))}
   runner.step(runner.put_state(state), runner.put_batch({'x': np.zeros((4, 1))}))
   np.testing.assert_array_equal(state['w'], np.ones(3))  # not deleted
+
+
+def test_keeps_latest_and_best_checkpoints(tmp_path):
+  config = tiny_config(checkpoint_every=1, eval_every=1, keep_checkpoints=2,
+                       best_metric='err')
+  config.train.num_steps = 6
+  scores = {1: 5.0, 2: 1.0, 3: 4.0, 4: 3.0, 5: 2.0, 6: 6.0}  # best: step 2
+  task = tiny_task(config)._replace(
+      evaluate=lambda params, step: {'err': scores[step]})
+  workdir = str(tmp_path / 'best')
+  train.run_training(config, workdir, task)
+  kept = sorted(int(d) for d in os.listdir(checkpointing.checkpoint_dir(workdir))
+                if d.isdigit())
+  assert kept == [2, 5, 6]  # the best and the 2 latest
