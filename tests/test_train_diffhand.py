@@ -136,3 +136,29 @@ def test_real_model_jit_pmap_one_device_agree():
     np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
     assert max(diffs.values()) < 1e-5, max(diffs.items(), key=lambda x: x[1])
     assert out_diff < 1e-5
+
+
+def test_depth_finetune_loads_a_base_checkpoint_without_depth(tmp_path):
+  """freihand_depth's init_from: every base param is loaded, only the depth
+  branch keeps its (zero) init."""
+  from diffhand_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  config = smoke_config()
+  def param_shapes(use_depth):
+    config.model.use_depth = use_depth
+    model = models.build_model(config)
+    depth = jnp.zeros((1, 32, 32, 1)) if use_depth else None
+    return jax.eval_shape(lambda: models.init_params(
+        model, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), depth))
+  base = jax.tree.map(lambda s: np.full(s.shape, 2.0, s.dtype),
+                      param_shapes(False))
+  workdir = str(tmp_path / 'base')
+  with checkpointing.make_manager(workdir) as manager:
+    checkpointing.save(manager, 1, {'params': base, 'ema_params': None},
+                       config)
+  with_depth = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                            param_shapes(True))
+  merged = flatten_dict(train.load_params_into(with_depth, workdir))
+  new_only = [k for k in merged if k not in flatten_dict(base)]
+  assert new_only and all('depth' in '/'.join(k) for k in new_only), new_only
+  for key, value in merged.items():
+    np.testing.assert_array_equal(value, 0.0 if key in new_only else 2.0)
