@@ -58,6 +58,9 @@ def main(argv):
     from diffhand_jax import train  # pylint: disable=g-import-not-at-top
     if FLAGS.overwrite and os.path.isdir(workdir) and jax.process_index() == 0:
       shutil.rmtree(workdir)
+    if jax.process_count() > 1:  # nobody reads the workdir before it is gone
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('workdir ready')
     os.makedirs(workdir, exist_ok=True)
     train.train_and_evaluate(config, workdir)
   elif FLAGS.mode == 'eval':
