@@ -11,6 +11,7 @@ import math
 import os
 from typing import Any, Mapping, Optional
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
@@ -48,9 +49,13 @@ def make_manager(workdir: str, *, keep: int = 3,
   options = ocp.CheckpointManagerOptions(
       preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
       enable_async_checkpointing=True, create=not read_only,
-      read_only=read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=(STATE, CONFIG))
+      read_only=read_only, save_interval_steps=0 if read_only else 1)
+  # Explicit handlers (not just item names): metadata can then be read
+  # before a restore, which `restore_state(target=None)` needs.
+  return ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=options,
+      item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                     CONFIG: ocp.JsonCheckpointHandler()})
 
 
 def _finite_or_inf(value) -> float:
@@ -83,9 +88,16 @@ def restore_state(manager: ocp.CheckpointManager, step: int,
       dtypes and shardings to restore into; None restores the raw nested
       dicts of numpy/jax arrays (e.g. to pick the params of another run).
   """
-  args = (ocp.args.StandardRestore() if target is None
-          else ocp.args.StandardRestore(target))
-  restored = manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
+  if target is None:
+    # Onto this process's first device, whatever topology saved it (e.g. a
+    # run trained on 4 accelerators, evaluated on a laptop).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = manager.item_metadata(step)[STATE]
+    target = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                          sharding=device), metadata)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      **{STATE: ocp.args.StandardRestore(target)}))
   return restored[STATE]
 
 

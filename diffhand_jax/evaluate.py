@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from diffhand_jax import checkpointing
 from diffhand_jax import input_pipeline
 from diffhand_jax import metrics as metrics_lib
 from diffhand_jax import parallel
@@ -136,7 +137,7 @@ def overlays(predictions: dict, faces, count: int = NUM_OVERLAYS) -> np.ndarray:
 def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
              workdir: Optional[str] = None, step: Optional[int] = None,
              write_predictions: Optional[bool] = None, writer=None,
-             sample_fn=None) -> dict:
+             sample_fn=None, checkpoint_step: Optional[int] = None) -> dict:
   """Scores `params` on the eval split; writes files under workdir/eval.
 
   Args:
@@ -149,6 +150,7 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
       under eval/step_<step> and skip pred.json by default).
     writer: an optional logging_utils.MetricWriter for scalars and overlays.
     sample_fn: a make_sample_fn result to reuse (periodic evals).
+    checkpoint_step: recorded in metrics.json (--mode=eval).
   Returns:
     the metrics dict of metrics.freihand_metrics (mm / fractions) plus
     'num_examples'.
@@ -174,7 +176,8 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
                            else f'step_{step}')
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-      json.dump(dict(scores, step=step, frame='root-relative (wrist = 0)',
+      json.dump(dict(scores, step=step if step is not None else checkpoint_step,
+                     frame='root-relative (wrist = 0)',
                      pred_json_root=predictions['root_from'],
                      tta_angles=list(config.eval.tta_angles),
                      sampling_steps=int(config.sampling.num_steps)),
@@ -197,5 +200,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str
   """`--mode=eval`: the latest checkpoint of `workdir` (EMA params if kept)."""
   from diffhand_jax import train  # pylint: disable=g-import-not-at-top
   train.check_dataset_available(config)
-  params = train.restore_params(config, workdir)
-  return evaluate(config, params, workdir=workdir)
+  step = checkpointing.latest_step(workdir)
+  params = train.restore_params(config, workdir, step)
+  return evaluate(config, params, workdir=workdir, checkpoint_step=step)
