@@ -2,8 +2,9 @@
 
 DESIGN.md §1 says sampling costs encoder + S x decoder (the encoder runs once per image, the
 DDIM loop is a `lax.scan`). This prints, per model, the median wall time (batch 1) of
-  - the encoder, and one decoder step at batch K (the decoder sees B*K rows),
   - the whole jitted `sample` for every (S, K) of the grid,
+  - the encoder, and one decoder step at batch K (the decoder sees B*K rows), timed in
+    the same rounds as that `sample` (interleaved: the machine may be shared),
   - ratio = sample / (encoder + S x decoder step)      (target <= 1.1),
 and the compile time (lower + compile) of `sample` for S = 10 and S = 50 (target within 20%).
 Random weights (timing only). The markdown tables are printed and, with --append, appended
@@ -48,15 +49,21 @@ def model_config(name):
   return config
 
 
-def median_time(fn, repeats):
-  """Median wall time (s) of fn() after one warm-up call (compilation)."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+def median_times(fns, repeats):
+  """Median wall times (s) of each fn() after one warm-up call each (compilation).
+
+  The calls are interleaved round by round, so that load from other processes on a shared
+  machine affects all of them alike.
+  """
+  for fn in fns:
     jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for fn, fn_times in zip(fns, times):
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      fn_times.append(time.perf_counter() - start)
+  return [float(np.median(t)) for t in times]
 
 
 def compile_time(model, params, images, num_steps):
@@ -80,30 +87,30 @@ def benchmark(name, steps, hypotheses, repeats):
   encode = jax.jit(lambda p, im: model.apply(p, im, method='encode'))
   denoise = jax.jit(lambda p, *a: model.apply(p, *a, method='denoise'))
   sample = jax.jit(sampling.sample, static_argnames=STATIC)
-  encoder_s = median_time(lambda: encode(variables, images), repeats)
   tokens, embedding = encode(variables, images)
-  decoder_s = {}
-  for k in hypotheses:
+  encode_fn = functools.partial(encode, variables, images)
+
+  def denoise_fn(k):
     args = (jnp.zeros((k, model.num_points, 3)), jnp.full((k,), 500, jnp.int32),
             jnp.repeat(tokens, k, 0), jnp.repeat(embedding, k, 0))
-    decoder_s[k] = median_time(functools.partial(denoise, variables, *args), repeats)
+    return functools.partial(denoise, variables, *args)
 
   lines = [f'### {name}: {config.model.encoder}-{config.model.encoder_size} {size}x{size}, '
            f'decoder {config.decoder} width {config.model.width}, '
            f'{num_params / 1e6:.1f} M params, batch 1',
            '',
-           f'encoder {1e3 * encoder_s:.1f} ms; one decoder step: ' + ', '.join(
-               f'K={k} {1e3 * decoder_s[k]:.1f} ms' for k in hypotheses),
-           '',
-           '| S | K | sample ms | encoder + S x decoder ms | ratio |',
-           '| ---: | ---: | ---: | ---: | ---: |']
+           '| S | K | sample ms | encoder ms | decoder step ms (batch K) | '
+           'encoder + S x decoder ms | ratio |',
+           '| ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
   for s in steps:
     for k in hypotheses:
-      sample_s = median_time(functools.partial(
-          sample, model, params, images, jax.random.key(2), num_steps=s, num_hypotheses=k),
-                             repeats)
-      expected_s = encoder_s + s * decoder_s[k]
-      lines.append(f'| {s} | {k} | {1e3 * sample_s:.1f} | {1e3 * expected_s:.1f} | '
+      sample_fn = functools.partial(sample, model, params, images, jax.random.key(2),
+                                    num_steps=s, num_hypotheses=k)
+      sample_s, encoder_s, decoder_s = median_times(
+          [sample_fn, encode_fn, denoise_fn(k)], repeats)
+      expected_s = encoder_s + s * decoder_s
+      lines.append(f'| {s} | {k} | {1e3 * sample_s:.1f} | {1e3 * encoder_s:.1f} | '
+                   f'{1e3 * decoder_s:.1f} | {1e3 * expected_s:.1f} | '
                    f'{sample_s / expected_s:.2f} |')
       print(lines[-1], flush=True)
   compile_10 = compile_time(model, params, images, 10)
