@@ -168,3 +168,25 @@ def test_static_array_hash_and_equality():
   assert a == b and hash(a) == hash(b) and a != c
   with pytest.raises(ValueError):
     a.array[0, 0] = 1.0  # read-only
+
+
+@pytest.mark.parametrize('encoder,size,distilled,use_depth', [
+    ('vit', 'micro', False, False), ('deit', 'micro', True, True), ('hrnet', 'w8', False, True)])
+def test_encoder_variants_shapes(encoder, size, distilled, use_depth):
+  """Every encoder plugs into the model (abstract evaluation: shapes only, nothing compiled)."""
+  config = _config()
+  config.model.encoder, config.model.encoder_size = encoder, size
+  config.model.distilled, config.model.use_depth = distilled, use_depth
+  model = build_model(config)
+  images = jax.ShapeDtypeStruct((2, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
+  depth = (jax.ShapeDtypeStruct((2, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.float32)
+           if use_depth else None)
+  x_t = jax.ShapeDtypeStruct((2, 778, 3), jnp.float32)
+  t = jax.ShapeDtypeStruct((2,), jnp.int32)
+  params = jax.eval_shape(lambda im, d: init_params(model, jax.random.key(0), im, d), images,
+                          depth)
+  out = jax.eval_shape(lambda p, *a: model.apply({'params': p}, *a), params, images, x_t, t,
+                       depth)
+  assert out['x0'].shape == (2, 778, 3) and out['x0'].dtype == jnp.float32
+  assert out['camera'].shape == (2, 3)
+  assert set(params) == {'encoder', 'decoder', 'camera_head'}
