@@ -265,6 +265,10 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, task: Task,
         if eval_now:  # the task writes its own eval summaries
           eval_metrics = task.evaluate(eval_params(runner.get_state(placed)),
                                        done)
+          best = train_config.get('best_metric')
+          if eval_metrics and best and best not in eval_metrics:
+            raise ValueError(f'config.train.best_metric={best!r} is not an '
+                             f'eval metric (have: {sorted(eval_metrics)})')
         if save_now or eval_metrics or preempted:
           save(done, _scalar_metrics(eval_metrics))
         if preempted:

@@ -281,3 +281,10 @@ def test_keeps_latest_and_best_checkpoints(tmp_path):
   kept = sorted(int(d) for d in os.listdir(checkpointing.checkpoint_dir(workdir))
                 if d.isdigit())
   assert kept == [2, 5, 6]  # the best and the 2 latest
+
+
+def test_unknown_best_metric_raises(tmp_path):
+  config = tiny_config(best_metric='nope', eval_every=2)
+  task = tiny_task(config)._replace(evaluate=lambda params, step: {'err': 1.0})
+  with pytest.raises(ValueError, match="best_metric='nope'"):
+    train.run_training(config, str(tmp_path / 'x'), task)
