@@ -63,6 +63,8 @@ class Task(NamedTuple):
 
 def create_train_state(params, optimizer: optax.GradientTransformation,
                        rng: jax.Array, ema_decay: float) -> TrainState:
+  """Step 0: `params`, a fresh optimizer state, the EMA (a copy of `params`
+  when ema_decay > 0) and the run's key `rng`."""
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       opt_state=optimizer.init(params),
@@ -112,7 +114,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, batch, keys)
   if axis_name is not None:
-    # Equal per-device batches: the mean of device means is the global mean.
+    # Equal per-device batches without padding (training batches are all
+    # valid): the mean of the device means is the global mean.
     grads, loss, aux = jax.lax.pmean((grads, loss, aux), axis_name)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
