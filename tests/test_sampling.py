@@ -227,6 +227,8 @@ def test_regressor_mode_returns_the_direct_prediction():
     (dict(depth=jnp.zeros((2, 16, 16, 1))), 'depth'),
     (dict(aggregate='median'), 'aggregate'),
     (dict(intrinsics=jnp.zeros((2, 3))), 'intrinsics'),
+    (dict(images=IMAGES.at[1, 2, 3, 0].set(jnp.nan)), 'NaN'),
+    (dict(depth=jnp.full((2, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.inf)), 'NaN or inf'),
 ])
 def test_bad_input_raises_before_tracing(change, message):
   kwargs = dict(images=IMAGES, num_steps=2, num_hypotheses=1)

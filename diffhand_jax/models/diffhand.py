@@ -65,7 +65,10 @@ def compute_dtype(name: str):
 
 
 def check_images(images: jax.Array, depth: Optional[jax.Array] = None):
-  """Raises ValueError unless images is float [B, H, W, 3] and depth None or [B, H, W, 1]."""
+  """Raises ValueError unless images is float [B, H, W, 3] and depth None or [B, H, W, 1].
+
+  Concrete (untraced) inputs must also be finite.
+  """
   if jnp.ndim(images) != 4 or images.shape[-1] != 3:
     raise ValueError(f'images must be [batch, height, width, 3], got shape {jnp.shape(images)}')
   if not jnp.issubdtype(images.dtype, jnp.floating):
@@ -73,6 +76,11 @@ def check_images(images: jax.Array, depth: Optional[jax.Array] = None):
   if depth is not None and tuple(jnp.shape(depth)) != tuple(images.shape[:3]) + (1,):
     raise ValueError(f'depth must be {tuple(images.shape[:3]) + (1,)} to match the images, '
                      f'got {jnp.shape(depth)}')
+  # Values can only be checked outside jit (traced arrays have none yet).
+  for name, array in (('images', images), ('depth', depth)):
+    if array is not None and not isinstance(array, jax.core.Tracer) and not np.all(
+        np.isfinite(np.asarray(array))):
+      raise ValueError(f'{name} contain NaN or inf')
 
 
 class DiffHand(nn.Module):
