@@ -27,8 +27,10 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/sampling.py
+	$(PY) benchmarks/mano_forward.py
+	$(PY) benchmarks/render.py
 	$(PY) benchmarks/input_pipeline.py
+	$(PY) benchmarks/sampling.py
 
 clean:
 	rm -rf runs .pytest_cache
