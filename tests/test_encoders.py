@@ -10,6 +10,7 @@ import pytest
 from diffhand_jax.models import encoder
 from diffhand_jax.models import layers
 from diffhand_jax.models import vit
+from test_encoders_helpers import abstract_encoder_outputs
 from test_encoders_helpers import model_config
 from test_encoders_helpers import random_array
 from test_encoders_helpers import random_variables
@@ -208,10 +209,7 @@ def test_vit_matches_numpy_reference(distilled, image_size):
 def test_vit_shapes(size, image_size):
   # Shapes only: jax.eval_shape traces without compiling (numerics: the reference tests).
   config = model_config('vit', size)
-  module = encoder.build_encoder(config)
-  images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
-  variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), images)
-  tokens, embedding = jax.eval_shape(module.apply, variables, images)
+  variables, tokens, embedding = abstract_encoder_outputs(config, image_size)
   width = encoder.encoder_width(config)
   assert width == vit.VIT_SIZES[size][1]
   assert encoder.num_tokens(config, image_size) == (image_size // 16)**2

@@ -52,3 +52,17 @@ def perturbed(tree, seed, scale=0.1):
   """`tree` plus N(0, scale^2) noise on every leaf."""
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda a: a + jnp.asarray(scale * rng.normal(size=a.shape), a.dtype), tree)
+
+
+def abstract_encoder_outputs(config, image_size, batch=2):
+  """Shapes only (jax.eval_shape traces without compiling) of an encoder's variables and outputs.
+
+  Returns:
+    (variables, tokens, embedding) as ShapeDtypeStructs.
+  """
+  from diffhand_jax.models import encoder  # pylint: disable=g-import-not-at-top
+  module = encoder.build_encoder(config)
+  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+  variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), images)
+  tokens, embedding = jax.eval_shape(module.apply, variables, images)
+  return variables, tokens, embedding

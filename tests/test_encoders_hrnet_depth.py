@@ -10,6 +10,7 @@ import pytest
 from diffhand_jax.models import depth as depth_lib
 from diffhand_jax.models import encoder
 from diffhand_jax.models import hrnet
+from test_encoders_helpers import abstract_encoder_outputs
 from test_encoders_helpers import model_config
 from test_encoders_helpers import perturbed
 from test_encoders_helpers import random_array
@@ -106,10 +107,7 @@ def test_hr_module_fusion_matches_reference():
 @pytest.mark.parametrize('size,image_size', [('w8', 32), ('w8', 64), ('w32', 64)])
 def test_hrnet_shapes(size, image_size):
   config = model_config('hrnet', size)
-  module = encoder.build_encoder(config)
-  images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
-  variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), images)
-  tokens, embedding = jax.eval_shape(module.apply, variables, images)
+  variables, tokens, embedding = abstract_encoder_outputs(config, image_size)
   width = encoder.encoder_width(config)
   assert width == hrnet.HRNET_SIZES[size].widths[0]
   assert tokens.shape == (2, encoder.num_tokens(config, image_size), width)
