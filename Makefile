@@ -18,7 +18,7 @@ $(STAMP): requirements.txt
 	touch $@
 
 demo: $(STAMP)
-	$(PY) launch.py --config=configs/synthetic.py --workdir=runs/demo
+	$(PY) launch.py --config=configs/synthetic.py --workdir=runs/demo --mode=demo $(if $(RETRAIN),--overwrite)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

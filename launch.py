@@ -3,6 +3,7 @@
   python launch.py --config=configs/synthetic.py:smoke --mode=train
   python launch.py --config=configs/synthetic.py:smoke --mode=eval
   python launch.py --config=configs/synthetic.py:smoke --mode=predict --input=photos/
+  python launch.py --config=configs/synthetic.py --workdir=runs/demo --mode=demo
   python launch.py --config=configs/freihand.py --config.data.root=/data/FreiHAND \
       --config.decoder=vanilla --config.diffusion=False --workdir=runs/ablation
 
@@ -21,7 +22,9 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string('workdir', None,
                     'Run directory (default: runs/<config name>[_<variant>]).')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'], 'What to do.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'demo'],
+                  'What to do (demo: train if needed, evaluate on an unseen seed, '
+                  'write pictures).')
 flags.DEFINE_string('input', None, '--mode=predict: an image or a folder.')
 flags.DEFINE_bool('overwrite', False,
                   'train: delete the workdir first (start over instead of '
@@ -54,7 +57,8 @@ def main(argv):
                jax.device_count(), jax.local_device_count(),
                jax.process_index(), jax.process_count(), workdir)
 
-  if FLAGS.mode == 'train':
+  if FLAGS.mode in ('train', 'demo'):
+    from diffhand_jax import demo  # pylint: disable=g-import-not-at-top
     from diffhand_jax import train  # pylint: disable=g-import-not-at-top
     if FLAGS.overwrite and os.path.isdir(workdir) and jax.process_index() == 0:
       shutil.rmtree(workdir)
@@ -62,7 +66,10 @@ def main(argv):
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices('workdir ready')
     os.makedirs(workdir, exist_ok=True)
-    train.train_and_evaluate(config, workdir)
+    if FLAGS.mode == 'demo':
+      demo.run(config, workdir)
+    else:
+      train.train_and_evaluate(config, workdir)
   elif FLAGS.mode == 'eval':
     from diffhand_jax import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.evaluate_checkpoint(config, workdir)

@@ -41,12 +41,16 @@ def get_config(arg=None):
   config.data.color_jitter = 0.2
   config.data.flip = False           # random horizontal flip (right<->left handled)
   config.data.crop_margin = 1.4      # crop side = margin * extent of the 2D joints
+  config.data.orientation = 'held'   # 'held' (as hands are held up to a camera) | 'uniform'
   config.data.eval_crop = 'joints'   # eval crop: 'joints' (GT 2D joints) | 'image' (no GT used)
 
   # ---- Model ----
   config.model = ml_collections.ConfigDict()
-  config.model.encoder = 'vit'        # 'vit' | 'deit' | 'hrnet'
-  config.model.encoder_size = 'tiny'  # tiny | small | base | large (ViT/DeiT); hrnet: w32 | w48 | w64
+  # The CPU default: a small GroupNorm ResNet trained from scratch (DESIGN §4). The paper's
+  # setting is a pretrained 'deit' (configs/freihand.py).
+  config.model.encoder = 'resnet'     # 'resnet' | 'vit' | 'deit' | 'hrnet'
+  config.model.encoder_size = 'small'  # resnet: tiny | small | base; vit/deit: tiny | small |
+  #                                     base | large; hrnet: w32 | w48 | w64
   config.model.patch_size = 16
   config.model.distilled = False      # DeiT distillation token
   config.model.pretrained_path = ''   # timm-format .safetensors (user supplied)
@@ -58,7 +62,8 @@ def get_config(arg=None):
   config.model.num_levels = 2         # downsamplings in the U-shaped vertex block
   config.model.mlp_ratio = 4
   config.model.use_depth = False
-  config.model.depth_zero_init = 'all'  # 'all' (paper/DESIGN: every depth conv zero) | 'last'
+  config.model.depth_zero_init = 'last'  # 'last' (DESIGN §4: only the last conv starts at 0) | 'all'
+  config.model.aux_head = True        # auxiliary joint head on the image embedding (L_aux)
   config.model.dtype = 'float32'      # compute dtype: 'float32' | 'bfloat16' (params stay float32)
 
   # ---- Diffusion ----
@@ -74,8 +79,10 @@ def get_config(arg=None):
   # ---- Losses (DESIGN §5) ----
   config.loss = ml_collections.ConfigDict()
   config.loss.x0_weight = 1.0
-  config.loss.mesh_weight = 1.0
+  config.loss.joints_weight = 1.0
+  config.loss.reprojection_weight = 0.1
   config.loss.normal_weight = 0.05
+  config.loss.aux_weight = 1.0
 
   # ---- Optimiser ----
   config.optim = ml_collections.ConfigDict()
@@ -89,6 +96,7 @@ def get_config(arg=None):
   config.train = ml_collections.ConfigDict()
   config.train.global_batch_size = 32
   config.train.num_steps = 1500         # ~1 h on a 2-core CPU (make demo)
+  config.train.t_max_fraction = 0.5    # share of each batch trained at t = T - 1 (DESIGN §5)
   config.train.parallelism = 'jit'     # 'jit' (NamedSharding over a 1-D data mesh) | 'pmap'
   config.train.log_every = 50
   config.train.eval_every = 500

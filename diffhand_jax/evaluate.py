@@ -24,6 +24,7 @@ import os
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
@@ -52,6 +53,61 @@ def make_sample_fn(model, config: ml_collections.ConfigDict):
       params, images, rng, depth=depth, intrinsics=intrinsics))
 
 
+def make_diagnostics_fn(model):
+  """jitted (params, images, rng, depth) -> what shows whether the image is used.
+
+  Returns a dict of metres, root-relative:
+    'onestep_joints' [B, 21, 3]: joints of the x̂0 of ONE decoder pass at t = T - 1 from pure
+      noise (the diffusion model's first DDIM step; with diffusion=False the regressor's
+      output). Without the image it can only be the mean hand.
+    'aux_joints' [B, 21, 3]: the auxiliary head's joints (when the model has the head).
+  """
+  regressor = jnp.asarray(model.joint_regressor.array)
+
+  def diagnostics(params, images, rng, depth):
+    variables = {'params': params}
+    tokens, embedding = model.apply(variables, images, depth, method='encode')
+    batch = images.shape[0]
+    if model.diffusion:
+      x_t = jax.random.normal(rng, (batch, model.num_points, 3), jnp.float32)
+      t = jnp.full((batch,), model.num_timesteps - 1, jnp.int32)
+    else:
+      x_t = jnp.zeros((batch, model.num_points, 3), jnp.float32)
+      t = jnp.zeros((batch,), jnp.int32)
+    x0 = model.apply(variables, x_t, t, tokens, embedding, method='denoise')
+    out = {'onestep_joints': jnp.einsum('jn,bnd->bjd', regressor, x0) * model.vertex_scale}
+    if model.aux_head is not None:
+      out['aux_joints'] = model.apply(variables, embedding,
+                                      method='aux_joints') * model.vertex_scale
+    return out
+  return jax.jit(diagnostics)
+
+
+def diagnostic_scores(predictions: dict) -> dict:
+  """MPJPE / PA-MPJPE (mm) of the mean-hand baseline, the one-step x̂0 at t = T - 1 and the
+  auxiliary head, and the model's ratios to the baseline (`predict_split` output)."""
+  gt = predictions['gt_joints']
+  scores = {}
+  baseline = metrics_lib.mean_hand_baseline(gt)
+  for name in ('onestep_joints', 'aux_joints'):
+    if name in predictions:
+      for key, value in metrics_lib.joint_errors(predictions[name], gt).items():
+        scores[f'{name.split("_")[0]}_{key}'] = value
+  for key, value in baseline.items():
+    scores[f'mean_hand_{key}'] = value
+  return scores
+
+
+def score_predictions(predictions: dict) -> dict:
+  """FreiHAND metrics of `predict_split` output, 'num_examples' and `diagnostic_scores`."""
+  scores = metrics_lib.freihand_metrics(
+      predictions['joints'], predictions['verts'], predictions['gt_joints'],
+      predictions['gt_verts'])
+  scores['num_examples'] = int(len(predictions['index']))
+  scores.update(diagnostic_scores(predictions))
+  return scores
+
+
 def _to_host(tree):
   """Global (possibly multi-process) arrays -> numpy on every process."""
   if jax.process_count() > 1:
@@ -60,10 +116,11 @@ def _to_host(tree):
 
 
 def predict_split(config: ml_collections.ConfigDict, params: Any, model,
-                  batches, sample_fn=None) -> dict:
+                  batches, sample_fn=None, diagnostics_fn=None) -> dict:
   """Runs the sampler over `batches`; returns the valid rows, sorted by index.
 
-  `sample_fn` (from make_sample_fn) may be passed to reuse its compilation.
+  `sample_fn` (from make_sample_fn) may be passed to reuse its compilation;
+  with `diagnostics_fn` (make_diagnostics_fn) its outputs are kept too.
 
   Returns:
     dict of numpy arrays over the N valid examples: 'index' [N], 'verts',
@@ -81,8 +138,12 @@ def predict_split(config: ml_collections.ConfigDict, params: Any, model,
         len(local['image']) * jax.process_count(), mesh.size,
         'config.eval.batch_size')
     batch = parallel.global_batch(local, mesh)
-    out = sample_fn(params, batch['image'], jax.random.fold_in(
-        base_rng, batch_number), batch.get('depth'), batch.get('K'))
+    batch_rng = jax.random.fold_in(base_rng, batch_number)
+    out = sample_fn(params, batch['image'], batch_rng, batch.get('depth'),
+                    batch.get('K'))
+    if diagnostics_fn is not None:
+      out = dict(out, **diagnostics_fn(params, batch['image'], batch_rng,
+                                       batch.get('depth')))
     host = _to_host({'out': out, 'batch': {
         k: batch[k] for k in ('index', 'valid', 'verts', 'joints3d', 'root',
                               'is_right', 'image', 'K') if k in batch}})
@@ -105,7 +166,8 @@ def predict_split(config: ml_collections.ConfigDict, params: Any, model,
         'index': gt['index'][keep], 'verts': out['vertices'][keep],
         'joints': out['joints'][keep], 'verts_camera': verts_cam[keep],
         'joints_camera': joints_cam[keep], 'vertex_std': out['vertex_std'][keep],
-        'gt_verts': gt['verts'][keep], 'gt_joints': gt['joints3d'][keep]})
+        'gt_verts': gt['verts'][keep], 'gt_joints': gt['joints3d'][keep],
+        **{k: out[k][keep] for k in ('onestep_joints', 'aux_joints') if k in out}})
   if not rows or not sum(len(r['index']) for r in rows):
     raise ValueError('the evaluation split yielded no valid examples')
   merged = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
@@ -137,7 +199,8 @@ def overlays(predictions: dict, faces, count: int = NUM_OVERLAYS) -> np.ndarray:
 def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
              workdir: Optional[str] = None, step: Optional[int] = None,
              write_predictions: Optional[bool] = None, writer=None,
-             sample_fn=None, checkpoint_step: Optional[int] = None) -> dict:
+             sample_fn=None, diagnostics_fn=None,
+             checkpoint_step: Optional[int] = None) -> dict:
   """Scores `params` on the eval split; writes files under workdir/eval.
 
   Args:
@@ -150,25 +213,26 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
       under eval/step_<step> and skip pred.json by default).
     writer: an optional logging_utils.MetricWriter for scalars and overlays.
     sample_fn: a make_sample_fn result to reuse (periodic evals).
+    diagnostics_fn: a make_diagnostics_fn result to reuse.
     checkpoint_step: recorded in metrics.json (--mode=eval).
   Returns:
     the metrics dict of metrics.freihand_metrics (mm / fractions) plus
-    'num_examples'.
+    'num_examples' and `diagnostic_scores` (mean-hand baseline, one-step x̂0
+    and auxiliary-head errors, mm).
   """
   from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
   from diffhand_jax import models  # pylint: disable=g-import-not-at-top
   model = model if model is not None else models.build_model(config)
+  diagnostics_fn = diagnostics_fn or make_diagnostics_fn(model)
   predictions = predict_split(config, params, model,
                               input_pipeline.create_eval_iterator(config),
-                              sample_fn)
-  scores = metrics_lib.freihand_metrics(
-      predictions['joints'], predictions['verts'], predictions['gt_joints'],
-      predictions['gt_verts'])
-  scores['num_examples'] = int(len(predictions['index']))
+                              sample_fn, diagnostics_fn)
+  scores = score_predictions(predictions)
   if jax.process_index() == 0:
     print(f'Evaluation{"" if step is None else f" at step {step}"} on '
           f'{scores["num_examples"]} examples:\n'
-          + metrics_lib.format_table(scores), flush=True)
+          + metrics_lib.format_table(scores) + '\n' + format_diagnostics(scores),
+          flush=True)
   if workdir is not None and jax.process_index() == 0:
     write_predictions = step is None if write_predictions is None else (
         write_predictions)
@@ -193,6 +257,21 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
     if len(images):
       writer.images(step, {'overlays': images})
   return scores
+
+
+def format_diagnostics(scores: dict) -> str:
+  """Lines comparing the model with the mean-hand baseline (MPJPE / PA-MPJPE, mm)."""
+  rows = [('model (DDIM)', ''), ('one-step x0 at t=T-1', 'onestep_'),
+          ('auxiliary head', 'aux_'), ('mean-hand baseline', 'mean_hand_')]
+  base = scores['mean_hand_mpjpe'], scores['mean_hand_pa_mpjpe']
+  lines = [f'{"":22s} {"MPJPE":>8s} {"PA-MPJPE":>9s}   ratio to the mean hand']
+  for label, prefix in rows:
+    if f'{prefix}mpjpe' not in scores:
+      continue
+    mpjpe, pa = scores[f'{prefix}mpjpe'], scores[f'{prefix}pa_mpjpe']
+    lines.append(f'{label:22s} {mpjpe:8.2f} {pa:9.2f}   {mpjpe / base[0]:.2f} / '
+                 f'{pa / base[1]:.2f}')
+  return '\n'.join(lines)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str

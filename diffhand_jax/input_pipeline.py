@@ -345,12 +345,16 @@ def eval_dataset_from(source, num_examples, config, *, batch_size, num_batches):
 
 # ---- Sources: TFDS builders from the config ----
 
-def get_builder(config):
-  """The prepared TFDS builder of `config.data.name` ('synthetic' | 'freihand')."""
+def get_builder(config, need_train=True):
+  """The prepared TFDS builder of `config.data.name` ('synthetic' | 'freihand').
+
+  need_train=False: only the evaluation split is read (the synthetic set then skips rendering
+  a training split that is not there yet).
+  """
   name = config.data.name
   if name == 'synthetic':
     from datasets.synthetic import synthetic_hands  # pylint: disable=g-import-not-at-top
-    return synthetic_hands.prepare(config)
+    return synthetic_hands.prepare(config, need_train=need_train)
   if name == 'freihand':
     from datasets.freihand import freihand  # pylint: disable=g-import-not-at-top
     builder = freihand.Freihand(config='depth' if config.data.use_depth else 'rgb',
@@ -417,7 +421,7 @@ def create_eval_iterator(config, split='evaluation'):
   Every process yields the same number of batches; padding has `valid` = 0.
   """
   batch_size = _per_process(config.eval.batch_size, 'config.eval.batch_size')
-  builder = get_builder(config)
+  builder = get_builder(config, need_train=split == 'train')
   total = builder.info.splits[split].num_examples
   if config.eval.num_examples > 0:
     total = min(total, int(config.eval.num_examples))

@@ -1,4 +1,5 @@
 """Console progress lines and TensorBoard scalars/images; only process 0 writes."""
+import json
 import os
 import time
 from typing import Mapping, Optional
@@ -7,14 +8,30 @@ import jax
 import numpy as np
 
 
+def scalars_path(workdir: str, name: str) -> str:
+  """<workdir>/metrics_<name>.jsonl: one JSON object {step, scalars...} per logged step."""
+  return os.path.join(workdir, f'metrics_{name}.jsonl')
+
+
+def read_scalars(workdir: str, name: str) -> list[dict]:
+  """The records `MetricWriter(workdir, name).scalars` appended, in order ([] if none)."""
+  path = scalars_path(workdir, name)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 class MetricWriter:
-  """TensorBoard writer (tf.summary) under <workdir>/tensorboard/<name>.
+  """TensorBoard writer (tf.summary) under <workdir>/tensorboard/<name>; scalars are also
+  appended to `scalars_path(workdir, name)` (plain JSON lines, for plots without TensorBoard).
 
   A no-op on processes other than 0, so callers never branch on the process.
   """
 
   def __init__(self, workdir: str, name: str = 'train'):
     self._writer = None
+    self._jsonl = scalars_path(workdir, name)
     if jax.process_index() == 0:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       tf.config.set_visible_devices([], 'GPU')  # keep TF off the accelerators
@@ -25,10 +42,13 @@ class MetricWriter:
   def scalars(self, step: int, scalars: Mapping[str, float]):
     if self._writer is None:
       return
+    scalars = {key: float(value) for key, value in scalars.items() if np.ndim(value) == 0}
     with self._writer.as_default():
       for key, value in scalars.items():
-        self._tf.summary.scalar(key, float(value), step=step)
+        self._tf.summary.scalar(key, value, step=step)
     self._writer.flush()
+    with open(self._jsonl, 'a') as f:
+      f.write(json.dumps({'step': int(step), **scalars}) + '\n')
 
   def images(self, step: int, images: Mapping[str, np.ndarray]):
     """images: name -> uint8 or [0, 1] float array [n, H, W, 3] (or [H, W, 3])."""

@@ -8,15 +8,19 @@ w [B] (the batch's `valid`: 1 = real example, 0 = padding):
 i.e. the squared Euclidean norm over the last (coordinate) axis, averaged over points and then
 over the valid examples; padding examples contribute nothing, and an all-padding batch gives 0.
 
-With V̂ = x̂0 · vertex_scale (root-relative metres: the targets are root-relative, so no root
-is added) and Ĵ = R V̂ (R the [21, N] joint regressor):
-  L_x0 = mean ||x̂0 - x0||^2           (diffusion space; only with diffusion)
-  L_V  = mean ||V̂ - V||^2             (metres^2)
-  L_J  = mean ||Ĵ - J||^2             (metres^2)
-  L_2D = mean ||s Ĵ_xy + t - j2d||^2   (weak-perspective camera (s, tx, ty); [-1, 1] crop units)
-  L_n  = mean over faces f and their 3 edges e of |<ê, n_f>|  (ê the unit predicted edge, n_f
-         the unit ground-truth face normal; averaged over the valid examples like the others)
-  total = x0_weight L_x0 + mesh_weight (L_V + L_J + L_2D) + normal_weight L_n.
+Every 3D term is measured in the diffusion space (root-relative metres / vertex_scale), so the
+terms have comparable sizes. With x̂0 the network's output, Ĵ = R x̂0 (R the [21, N] joint
+regressor) and J = joints3d / vertex_scale:
+  L_x0  = mean ||x̂0 - x0||^2   (a vertex loss on V̂ = x̂0 would be the same term again)
+  L_J   = mean ||Ĵ - J||^2
+  L_2D  = mean ||s (vertex_scale Ĵ)_xy + t - j2d||^2  (weak-perspective camera (s, tx, ty) in
+          [-1, 1] crop units per metre; not a 3D term, it has its own weight)
+  L_n   = mean over faces f and their 3 edges e of |<ê, n_f>|  (ê the unit predicted edge,
+          n_f the unit ground-truth face normal)
+  L_aux = mean ||Ĵ_aux - J||^2  (the auxiliary head's joints, from the image embedding alone)
+  total = x0_weight L_x0 + joints_weight L_J + reprojection_weight L_2D
+          + normal_weight L_n + aux_weight L_aux.
+The direct-regression ablation (diffusion=False) uses the same terms (DESIGN §3).
 """
 import jax
 import jax.numpy as jnp
@@ -54,8 +58,7 @@ def mean_squared_error(pred, target, valid):
   Returns:
     scalar.
   """
-  per_example = jnp.mean(jnp.sum(jnp.square(pred - target), axis=-1), axis=-1)
-  return _weighted_batch_mean(per_example, valid)
+  return _weighted_batch_mean(per_example_squared_error(pred, target), valid)
 
 
 def project_weak_perspective(points, camera):
@@ -112,41 +115,48 @@ def normal_consistency_loss(pred_verts, gt_verts, faces, valid):
   return _weighted_batch_mean(jnp.mean(cosines, axis=(1, 2)), valid)
 
 
+LOSS_WEIGHTS = ('x0_weight', 'joints_weight', 'reprojection_weight', 'normal_weight',
+                'aux_weight')
+
+
 def _weight(weights, name):
   """A loss weight from a ConfigDict or a plain dict."""
   try:
     return float(weights[name])
   except KeyError:
-    raise ValueError(f'loss weights lack {name!r} (expected x0_weight, mesh_weight, '
-                     'normal_weight)') from None
+    raise ValueError(f'loss weights lack {name!r} (expected {", ".join(LOSS_WEIGHTS)})'
+                     ) from None
 
 
-def compute_losses(pred_x0, camera, batch, *, x0_target, regressor, faces, vertex_scale,
-                   weights, use_x0_loss):
+def per_example_squared_error(pred, target):
+  """(1/P) sum_p ||pred_bp - target_bp||^2 for each example: [B, P, D] x2 -> [B]."""
+  return jnp.mean(jnp.sum(jnp.square(pred - target), axis=-1), axis=-1)
+
+
+def compute_losses(outputs, batch, *, regressor, faces, vertex_scale, weights):
   """All DESIGN §5 losses of one forward pass and their weighted total.
 
   Args:
-    pred_x0: [B, N, 3] the network's x̂0 (diffusion space: root-relative metres / scale).
-    camera: [B, 3] predicted weak-perspective camera (s, tx, ty).
+    outputs: the model's training outputs: 'x0' [B, N, 3] (diffusion space), 'camera' [B, 3]
+      (s, tx, ty), optionally 'aux_joints' [B, 21, 3] (diffusion space).
     batch: dict with 'verts' [B, N, 3], 'joints3d' [B, 21, 3] (root-relative metres),
       'joints2d' [B, 21, 2] (normalised crop coordinates) and optionally 'valid' [B]
       (example weights; all ones when absent).
-    x0_target: [B, N, 3] the clean x0 (batch['verts'] / vertex_scale).
     regressor: [21, N] joint regressor (joints = regressor @ vertices).
     faces: [F, 3] integer mesh faces.
     vertex_scale: metres per diffusion unit.
-    weights: mapping with x0_weight, mesh_weight, normal_weight (config.loss).
-    use_x0_loss: False for the direct-regression ablation: L_x0 is omitted.
+    weights: mapping with the LOSS_WEIGHTS keys (config.loss).
 
   Returns:
-    (total scalar, dict of the unweighted terms: 'loss_x0' (only with use_x0_loss),
-    'loss_vertices', 'loss_joints', 'loss_2d', 'loss_normal').
+    (total scalar, dict of the unweighted terms 'loss_x0', 'loss_joints', 'loss_2d',
+    'loss_normal' and, with 'aux_joints', 'loss_aux').
   """
+  pred_x0 = outputs['x0'].astype(jnp.float32)
+  camera = outputs['camera'].astype(jnp.float32)
   batch_size, num_points = pred_x0.shape[0], pred_x0.shape[1]
   num_joints = regressor.shape[0]
-  _check_shape('pred_x0', pred_x0, (batch_size, num_points, 3))
+  _check_shape('x0', pred_x0, (batch_size, num_points, 3))
   _check_shape('camera', camera, (batch_size, 3))
-  _check_shape('x0_target', x0_target, (batch_size, num_points, 3))
   _check_shape('regressor', regressor, (num_joints, num_points))
   for key, shape in (('verts', (batch_size, num_points, 3)),
                      ('joints3d', (batch_size, num_joints, 3)),
@@ -160,22 +170,26 @@ def compute_losses(pred_x0, camera, batch, *, x0_target, regressor, faces, verte
   _check_shape("batch['valid']", valid, (batch_size,))
   faces = np.asarray(faces)
   _check_shape('faces', faces, (None, 3))
-  mesh_weight = _weight(weights, 'mesh_weight')
-  normal_weight = _weight(weights, 'normal_weight')
-  x0_weight = _weight(weights, 'x0_weight') if use_x0_loss else 0.0
+  weight = {name: _weight(weights, name) for name in LOSS_WEIGHTS}
 
-  pred_verts = pred_x0 * vertex_scale
-  pred_joints = jnp.einsum('jn,bnd->bjd', regressor, pred_verts)
-  terms = {}
-  if use_x0_loss:
-    terms['loss_x0'] = mean_squared_error(pred_x0, x0_target, valid)
-  terms['loss_vertices'] = mean_squared_error(pred_verts, batch['verts'], valid)
-  terms['loss_joints'] = mean_squared_error(pred_joints, batch['joints3d'], valid)
-  terms['loss_2d'] = reprojection_loss(pred_joints, camera, batch['joints2d'], valid)
-  terms['loss_normal'] = normal_consistency_loss(pred_verts, batch['verts'], faces, valid)
-
-  total = (mesh_weight * (terms['loss_vertices'] + terms['loss_joints'] + terms['loss_2d'])
-           + normal_weight * terms['loss_normal'])
-  if use_x0_loss:
-    total = total + x0_weight * terms['loss_x0']
+  x0_target = batch['verts'] / vertex_scale
+  joints_target = batch['joints3d'] / vertex_scale
+  pred_joints = jnp.einsum('jn,bnd->bjd', regressor, pred_x0)
+  terms = {
+      'loss_x0': mean_squared_error(pred_x0, x0_target, valid),
+      'loss_joints': mean_squared_error(pred_joints, joints_target, valid),
+      'loss_2d': reprojection_loss(pred_joints * vertex_scale, camera, batch['joints2d'],
+                                   valid),
+      'loss_normal': normal_consistency_loss(pred_x0, x0_target, faces, valid),
+  }
+  if 'aux_joints' in outputs:
+    aux = outputs['aux_joints'].astype(jnp.float32)
+    _check_shape('aux_joints', aux, (batch_size, num_joints, 3))
+    terms['loss_aux'] = mean_squared_error(aux, joints_target, valid)
+  total = (weight['x0_weight'] * terms['loss_x0']
+           + weight['joints_weight'] * terms['loss_joints']
+           + weight['reprojection_weight'] * terms['loss_2d']
+           + weight['normal_weight'] * terms['loss_normal'])
+  if 'loss_aux' in terms:
+    total = total + weight['aux_weight'] * terms['loss_aux']
   return total, terms

@@ -208,6 +208,40 @@ def freihand_metrics(pred_joints, pred_verts, gt_joints, gt_verts):
   return {key: metrics[key] for key in METRIC_KEYS}
 
 
+def joint_errors(pred_joints, gt_joints):
+  """MPJPE and PA-MPJPE (mm) alone: the same numbers as `freihand_metrics` without the rest.
+
+  Args:
+    pred_joints: [N, 21, 3] metres.
+    gt_joints: [N, 21, 3] metres.
+
+  Returns:
+    {'mpjpe': float, 'pa_mpjpe': float} in millimetres.
+  """
+  pred_joints = _check_points('pred_joints', pred_joints, NUM_JOINTS)
+  gt_joints = _check_points('gt_joints', gt_joints, NUM_JOINTS, pred_joints.shape[0])
+  aligned = align_w_scale(gt_joints, pred_joints)
+  return {'mpjpe': float(_point_errors(gt_joints, pred_joints).mean()) * _M_TO_MM,
+          'pa_mpjpe': float(_point_errors(gt_joints, aligned).mean()) * _M_TO_MM}
+
+
+def mean_hand_baseline(gt_joints):
+  """Errors of predicting the split's mean root-relative hand for every example (mm).
+
+  The reference a model must beat to show it reads the hand from the image. Inputs are
+  root-relative joints in one handedness (the pipeline's right-hand frame).
+
+  Args:
+    gt_joints: [N, 21, 3] metres.
+
+  Returns:
+    `joint_errors` of the mean hand against gt_joints.
+  """
+  gt_joints = _check_points('gt_joints', gt_joints, NUM_JOINTS)
+  mean = np.broadcast_to(gt_joints.mean(axis=0), gt_joints.shape)
+  return joint_errors(mean, gt_joints)
+
+
 def write_pred_json(path, xyz, verts):
   """Writes the official submission file `[xyz_list, verts_list]` (metres, evaluation order).
 

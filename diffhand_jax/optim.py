@@ -1,5 +1,8 @@
 """Optimiser: AdamW with linear warmup + cosine decay, gradient clipping, parameter EMA."""
+import math
+
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -51,7 +54,26 @@ def make_optimizer(optim_config: ml_collections.ConfigDict,
   return adamw
 
 
-def update_ema(ema_params, params, decay: float):
-  """ema <- decay * ema + (1 - decay) * params, leaf by leaf."""
-  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params,
-                      params)
+def update_ema(ema_params, params, decay: float, count):
+  """The bias-corrected EMA after its `count`-th update, leaf by leaf.
+
+  A zero-initialised EMA m_k = d m_{k-1} + (1 - d) p_k is biased towards 0 by the factor
+  1 - d^k (0.9999^1500 leaves 86 % of the weight on the zero start). This keeps the corrected
+  value m̂_k = m_k / (1 - d^k) directly, by its own recurrence:
+
+    m̂_k = m̂_{k-1} + w_k (p_k - m̂_{k-1}),  w_k = (1 - d) / (1 - d^k),
+
+  so w_1 = 1 (the first update copies the params) and w_k -> 1 - d; whatever reads the EMA
+  (evaluation, checkpoints) needs no correction.
+
+  Args:
+    ema_params: m̂_{k-1} (any value when count == 1).
+    params: p_k.
+    decay: d in (0, 1).
+    count: k >= 1, the number of updates including this one (int or int array).
+  """
+  # 1 - d^k = -expm1(k log d): exact enough in float32 for d close to 1, where 1 - d^k
+  # computed directly loses most of its digits (0.9999^k in float32).
+  count = jnp.asarray(count, jnp.float32)
+  rate = (1.0 - decay) / -jnp.expm1(count * math.log(decay))
+  return jax.tree.map(lambda e, p: e + rate.astype(p.dtype) * (p - e), ema_params, params)

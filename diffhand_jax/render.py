@@ -238,7 +238,8 @@ def shade(raster, vertices, faces, *, color=DEFAULT_SKIN, light_dir=DEFAULT_LIGH
     raster: a `Rasterization` of (vertices, faces).
     vertices: [V, 3] camera-frame vertices.
     faces: [F, 3] int.
-    color: RGB albedo in [0, 1].
+    color: RGB albedo in [0, 1]: one [3] for the whole mesh, or [V, 3] per vertex
+      (interpolated across each face like the normals).
     light_dir: [3] direction from the surface towards the light, camera frame.
     ambient: in [0, 1], the share of light that does not depend on the normal.
     background: [H, W, 3] uint8 or float in [0, 1]; None = black.
@@ -248,7 +249,14 @@ def shade(raster, vertices, faces, *, color=DEFAULT_SKIN, light_dir=DEFAULT_LIGH
   """
   vertices = _check_vertices(vertices)
   faces = _check_faces(faces, len(vertices))
-  color = _check_color(color)
+  per_vertex = np.ndim(color) == 2
+  if per_vertex:
+    color = np.asarray(color, np.float64)
+    if color.shape != (len(vertices), 3) or not np.all(np.isfinite(color)):
+      raise ValueError(f'per-vertex color must be finite [{len(vertices)}, 3], '
+                       f'got shape {color.shape}')
+  else:
+    color = _check_color(color)
   light = np.asarray(light_dir, dtype=np.float64)
   if light.shape != (3,) or not np.all(np.isfinite(light)) or not np.any(light):
     raise ValueError(f'light_dir must be a finite non-zero 3-vector, got {light_dir!r}')
@@ -270,6 +278,8 @@ def shade(raster, vertices, faces, *, color=DEFAULT_SKIN, light_dir=DEFAULT_LIGH
   towards_camera = np.sum(mesh.face_normals(vertices, faces) * -centroid, axis=1) >= 0
   normal *= np.where(towards_camera[face], 1.0, -1.0)[:, None]
   intensity = ambient + (1.0 - ambient) * np.clip(normal @ light, 0.0, None)
+  if per_vertex:
+    color = np.einsum('pk,pkc->pc', raster.barycentric[mask], color[faces[face]])
   image[mask] = (intensity[:, None] * color).astype(np.float32)
   return image
 

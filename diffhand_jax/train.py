@@ -20,6 +20,7 @@ import optax
 from diffhand_jax import checkpointing
 from diffhand_jax import diffusion as diffusion_lib
 from diffhand_jax import logging_utils
+from diffhand_jax import losses
 from diffhand_jax import optim
 from diffhand_jax import parallel
 
@@ -121,7 +122,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params
   if ema is not None:
-    ema = optim.update_ema(ema, params, ema_decay)
+    ema = optim.update_ema(ema, params, ema_decay, state.step + 1)
   # param_norm is finite iff the new params are: the NaN guard checks it so a
   # diverged state (finite loss, overflowing update) is never saved.
   metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads),
@@ -356,51 +357,91 @@ def check_dataset_available(config: ml_collections.ConfigDict):
         "Available: 'synthetic', 'freihand'.")
 
 
-def noisy_input(schedule, x0: jax.Array, keys: jax.Array, diffusion: bool):
-  """x_t and t for the training forward pass (DESIGN §2).
+# Timestep buckets of the logged x0 loss: [0, 250), [250, 500), [500, 750), [750, T - 1) and
+# t = T - 1 alone (pure noise, where only the image can tell the hand).
+T_BUCKET_EDGES = (0, 250, 500, 750)
+
+
+def noisy_input(schedule, x0: jax.Array, keys: jax.Array, diffusion: bool,
+                t_max_fraction: float = 0.0):
+  """x_t and t for the training forward pass (DESIGN §2, §5).
+
+  Each example's t is T - 1 with probability `t_max_fraction`, else uniform in [0, T): with
+  t uniform, x_t reveals the hand's orientation for most t, and the decoder can learn to
+  ignore the image; at t = T - 1 the image is the only source of the answer.
 
   Args:
     schedule: diffusion.Schedule.
     x0: [B, N, 3] clean vertices in diffusion space.
     keys: [B, 2] per-example keys (timestep and noise drawn from each).
     diffusion: False (the regressor ablation): x_t = 0, t = 0.
+    t_max_fraction: in [0, 1].
   Returns:
     x_t [B, N, 3], t [B] int32.
   """
+  if not 0.0 <= t_max_fraction <= 1.0:
+    raise ValueError(f't_max_fraction must be in [0, 1], got {t_max_fraction}')
   if not diffusion:
     return jnp.zeros_like(x0), jnp.zeros((x0.shape[0],), jnp.int32)
+  last = schedule.num_timesteps - 1
   def draw(key):
-    t_key, noise_key = jax.random.split(key)
+    t_key, max_key, noise_key = jax.random.split(key, 3)
     t = jax.random.randint(t_key, (), 0, schedule.num_timesteps)
+    t = jnp.where(jax.random.uniform(max_key) < t_max_fraction, last, t)
     return t, jax.random.normal(noise_key, x0.shape[1:], x0.dtype)
   t, noise = jax.vmap(draw)(keys)
   return diffusion_lib.q_sample(schedule, x0, t, noise), t.astype(jnp.int32)
 
 
+def x0_loss_by_timestep(per_example: jax.Array, t: jax.Array, num_timesteps: int):
+  """Mean per-example x0 loss in each timestep bucket (T_BUCKET_EDGES, then t = T - 1).
+
+  Args:
+    per_example: [B] x0 losses.
+    t: [B] int timesteps.
+    num_timesteps: T.
+  Returns:
+    {'loss_x0_t{low}': mean over the examples with low <= t < next edge (t < T - 1 for the
+    last), 'loss_x0_tmax': mean over t = T - 1}; 0 for a bucket without examples.
+  """
+  last = num_timesteps - 1
+  highs = T_BUCKET_EDGES[1:] + (last,)
+  buckets = {f'loss_x0_t{low}': (t >= low) & (t < high)
+             for low, high in zip(T_BUCKET_EDGES, highs)}
+  buckets['loss_x0_tmax'] = t == last
+  return {name: jnp.sum(jnp.where(inside, per_example, 0.0))
+                / jnp.maximum(jnp.sum(inside), 1)
+          for name, inside in buckets.items()}
+
+
 def make_loss_fn(model, config: ml_collections.ConfigDict, faces) -> LossFn:
   """DESIGN §5 losses of one training forward pass on a batch.
+
+  The vertex scale, the schedule and the diffusion switch are the model's; config gives the
+  loss weights (config.loss) and config.train.t_max_fraction.
 
   Args:
     model: the DiffHand module.
     faces: [F, 3] int mesh faces (for the normal-consistency term).
   """
-  from diffhand_jax import losses  # pylint: disable=g-import-not-at-top
-  schedule = diffusion_lib.schedule_from_config(config)
+  schedule = diffusion_lib.cosine_schedule(model.num_timesteps, model.cosine_s)
   regressor = jnp.asarray(model.joint_regressor.array)
   faces = np.asarray(faces, np.int32)
-  vertex_scale = float(config.vertex_scale)
-  use_diffusion = bool(config.diffusion)
+  t_max_fraction = float(config.train.t_max_fraction)
 
   def loss_fn(params, batch, keys):
-    x0 = batch['verts'] / vertex_scale
-    x_t, t = noisy_input(schedule, x0, keys, use_diffusion)
+    x0 = batch['verts'] / model.vertex_scale
+    x_t, t = noisy_input(schedule, x0, keys, model.diffusion, t_max_fraction)
     out = model.apply({'params': params}, batch['image'], x_t, t,
                       depth=batch.get('depth'))
-    return losses.compute_losses(
-        out['x0'].astype(jnp.float32), out['camera'].astype(jnp.float32),
-        batch, x0_target=x0, regressor=regressor, faces=faces,
-        vertex_scale=vertex_scale, weights=config.loss,
-        use_x0_loss=use_diffusion)
+    loss, terms = losses.compute_losses(
+        out, batch, regressor=regressor, faces=faces,
+        vertex_scale=model.vertex_scale, weights=config.loss)
+    if model.diffusion:
+      terms.update(x0_loss_by_timestep(
+          losses.per_example_squared_error(out['x0'], x0), t,
+          model.num_timesteps))
+    return loss, terms
   return loss_fn
 
 
@@ -427,11 +468,13 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
   # ---- Evaluation ----
   eval_writer = logging_utils.MetricWriter(workdir, 'eval')
   sample_fn = evaluate_lib.make_sample_fn(model, config)  # compiled once
+  diagnostics_fn = evaluate_lib.make_diagnostics_fn(model)
 
   def evaluate(params, step):
     return evaluate_lib.evaluate(config, params, model=model, workdir=workdir,
                                  step=step, writer=eval_writer,
-                                 sample_fn=sample_fn)
+                                 sample_fn=sample_fn,
+                                 diagnostics_fn=diagnostics_fn)
 
   return Task(
       init_params=init,

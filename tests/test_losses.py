@@ -6,7 +6,8 @@ import pytest
 
 from diffhand_jax import losses
 
-_WEIGHTS = {'x0_weight': 1.5, 'mesh_weight': 0.7, 'normal_weight': 0.05}
+_WEIGHTS = {'x0_weight': 1.5, 'joints_weight': 0.7, 'reprojection_weight': 0.3,
+            'normal_weight': 0.05, 'aux_weight': 0.9}
 _SCALE = 0.1
 
 
@@ -30,18 +31,20 @@ def _toy_problem(rng, batch=3, num_points=12, num_joints=5):
   return pred_x0, camera, batch_dict, regressor, faces
 
 
-def _loss_fn(regressor, faces, use_x0_loss=True):
-  """compute_losses as a jitted (pred_x0, camera, batch) -> (total, terms); jit for speed."""
-  def loss(pred_x0, camera, batch):
+def _loss_fn(regressor, faces):
+  """compute_losses as a jitted (pred_x0, camera, batch, aux) -> (total, terms); jit for speed."""
+  def loss(pred_x0, camera, batch, aux_joints=None):
+    outputs = {'x0': pred_x0, 'camera': camera}
+    if aux_joints is not None:
+      outputs['aux_joints'] = aux_joints
     return losses.compute_losses(
-        pred_x0, camera, batch, x0_target=batch['verts'] / _SCALE,
-        regressor=jnp.asarray(regressor), faces=faces, vertex_scale=_SCALE, weights=_WEIGHTS,
-        use_x0_loss=use_x0_loss)
+        outputs, batch, regressor=jnp.asarray(regressor), faces=faces, vertex_scale=_SCALE,
+        weights=_WEIGHTS)
   return jax.jit(loss)
 
 
-def _loss(pred_x0, camera, batch, regressor, faces, use_x0_loss=True):
-  return _loss_fn(regressor, faces, use_x0_loss)(pred_x0, camera, batch)
+def _loss(pred_x0, camera, batch, regressor, faces, aux_joints=None):
+  return _loss_fn(regressor, faces)(pred_x0, camera, batch, aux_joints)
 
 
 def _naive_mse(a, b, valid):
@@ -75,7 +78,8 @@ def _naive_normal_loss(pred, gt, faces, valid):
 def test_terms_match_naive_loops():
   pred_x0, camera, batch, regressor, faces = _toy_problem(np.random.default_rng(0))
   batch['valid'] = np.array([1.0, 0.0, 1.0], np.float32)
-  total, terms = _loss(pred_x0, camera, batch, regressor, faces)
+  aux = np.random.default_rng(10).normal(size=batch['joints3d'].shape).astype(np.float32)
+  total, terms = _loss(pred_x0, camera, batch, regressor, faces, aux)
   valid = batch['valid']
   pred_v = pred_x0.astype(np.float64) * _SCALE
   pred_j = np.einsum('jn,bnd->bjd', regressor.astype(np.float64), pred_v)
@@ -84,29 +88,33 @@ def test_terms_match_naive_loops():
     for j in range(pred_j.shape[1]):
       s, tx, ty = camera[i]
       projected[i, j] = (s * pred_j[i, j, 0] + tx, s * pred_j[i, j, 1] + ty)
+  # Every 3D term in diffusion units (metres / scale); L_2D in crop units.
   expected = {
       'loss_x0': _naive_mse(pred_x0, batch['verts'] / _SCALE, valid),
-      'loss_vertices': _naive_mse(pred_v, batch['verts'], valid),
-      'loss_joints': _naive_mse(pred_j, batch['joints3d'], valid),
+      'loss_joints': _naive_mse(pred_j / _SCALE, batch['joints3d'] / _SCALE, valid),
       'loss_2d': _naive_mse(projected, batch['joints2d'], valid),
       'loss_normal': _naive_normal_loss(pred_v, batch['verts'], faces, valid),
+      'loss_aux': _naive_mse(aux, batch['joints3d'] / _SCALE, valid),
   }
   assert set(terms) == set(expected)
   for key, value in expected.items():
     assert float(terms[key]) == pytest.approx(value, rel=1e-4), key
-  expected_total = (1.5 * expected['loss_x0'] + 0.7 * (
-      expected['loss_vertices'] + expected['loss_joints'] + expected['loss_2d'])
-                    + 0.05 * expected['loss_normal'])
+  expected_total = (1.5 * expected['loss_x0'] + 0.7 * expected['loss_joints']
+                    + 0.3 * expected['loss_2d'] + 0.05 * expected['loss_normal']
+                    + 0.9 * expected['loss_aux'])
   assert float(total) == pytest.approx(expected_total, rel=1e-4)
 
 
-def test_without_diffusion_the_x0_term_is_omitted():
+def test_aux_term_only_with_the_head():
   pred_x0, camera, batch, regressor, faces = _toy_problem(np.random.default_rng(1))
-  total_with, terms_with = _loss(pred_x0, camera, batch, regressor, faces, True)
-  total_without, terms_without = _loss(pred_x0, camera, batch, regressor, faces, False)
-  assert 'loss_x0' not in terms_without
-  assert float(total_with - total_without) == pytest.approx(
-      1.5 * float(terms_with['loss_x0']), rel=1e-5)
+  aux = np.zeros_like(batch['joints3d'])
+  total_with, terms_with = _loss(pred_x0, camera, batch, regressor, faces, aux)
+  total_without, terms_without = _loss(pred_x0, camera, batch, regressor, faces)
+  assert 'loss_aux' not in terms_without
+  # Zero joints against the targets: L_aux = mean |J|^2 / scale^2.
+  expected_aux = np.mean(np.sum(np.square(batch['joints3d'] / _SCALE), -1))
+  assert float(terms_with['loss_aux']) == pytest.approx(expected_aux, rel=1e-5)
+  assert float(total_with - total_without) == pytest.approx(0.9 * expected_aux, rel=1e-4)
 
 
 def test_padding_contributes_nothing():
@@ -204,7 +212,7 @@ def test_bad_shapes_raise(bad):
     batch['valid'] = batch['valid'][:2]
   else:
     del batch['joints3d']
-  with pytest.raises(ValueError, match=r'pred_x0|camera|joints2d|valid|joints3d'):
+  with pytest.raises(ValueError, match=r'x0|camera|joints2d|valid|joints3d'):
     _loss(pred_x0, camera, batch, regressor, faces)
 
 
@@ -212,6 +220,7 @@ def test_missing_weight_raises():
   pred_x0, camera, batch, regressor, faces = _toy_problem(np.random.default_rng(8))
   with pytest.raises(ValueError, match='normal_weight'):
     losses.compute_losses(
-        jnp.asarray(pred_x0), jnp.asarray(camera), batch, x0_target=batch['verts'] / _SCALE,
+        {'x0': jnp.asarray(pred_x0), 'camera': jnp.asarray(camera)}, batch,
         regressor=regressor, faces=faces, vertex_scale=_SCALE,
-        weights={'x0_weight': 1.0, 'mesh_weight': 1.0}, use_x0_loss=True)
+        weights={'x0_weight': 1.0, 'joints_weight': 1.0, 'reprojection_weight': 1.0,
+                 'aux_weight': 1.0})

@@ -54,14 +54,17 @@ def model_and_loss(decoder='cross_modality', use_diffusion=True):
   return config, model, loss_fn, params
 
 
-def test_noisy_input_is_q_sample_with_the_example_keys():
+@pytest.mark.parametrize('t_max_fraction', [0.0, 0.5])
+def test_noisy_input_is_q_sample_with_the_example_keys(t_max_fraction):
   schedule = diffusion.cosine_schedule(1000)
   x0 = jnp.ones((3, 5, 3))
   keys = train.example_keys(jax.random.PRNGKey(1), 0, 3)
-  x_t, t = train.noisy_input(schedule, x0, keys, True)
+  x_t, t = train.noisy_input(schedule, x0, keys, True, t_max_fraction)
   for i in range(3):  # independent re-derivation per example
-    t_key, noise_key = jax.random.split(keys[i])
+    t_key, max_key, noise_key = jax.random.split(keys[i], 3)
     t_i = jax.random.randint(t_key, (), 0, 1000)
+    if float(jax.random.uniform(max_key)) < t_max_fraction:
+      t_i = 999
     noise = jax.random.normal(noise_key, (5, 3))
     a = schedule.alphas_cumprod[t_i]
     np.testing.assert_allclose(x_t[i], np.sqrt(a) * 1.0 + np.sqrt(1 - a) * noise,
@@ -71,6 +74,26 @@ def test_noisy_input_is_q_sample_with_the_example_keys():
   assert not np.any(x_t) and not np.any(t)
 
 
+def test_t_max_fraction_share():
+  schedule = diffusion.cosine_schedule(1000)
+  keys = train.example_keys(jax.random.PRNGKey(3), 0, 4000)
+  for fraction in (0.0, 0.3, 1.0):
+    _, t = train.noisy_input(schedule, jnp.zeros((4000, 2, 3)), keys, True, fraction)
+    share = float(np.mean(np.asarray(t) == 999))
+    # Uniform t alone lands on 999 with probability 1/1000.
+    expected = fraction + (1 - fraction) / 1000
+    assert abs(share - expected) < 4 * np.sqrt(expected * (1 - expected) / 4000) + 1e-3
+
+
+def test_x0_loss_by_timestep_matches_a_loop():
+  per_example = jnp.asarray([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+  t = jnp.asarray([0, 249, 250, 999, 998, 999])
+  got = train.x0_loss_by_timestep(per_example, t, 1000)
+  expected = {'loss_x0_t0': 1.5, 'loss_x0_t250': 3.0, 'loss_x0_t500': 0.0,
+              'loss_x0_t750': 5.0, 'loss_x0_tmax': 5.0}
+  assert {k: float(v) for k, v in got.items()} == pytest.approx(expected)
+
+
 @pytest.mark.parametrize('use_diffusion', [True, False])
 def test_loss_terms(use_diffusion):
   config, _, loss_fn, params = model_and_loss('vanilla', use_diffusion)
@@ -78,13 +101,13 @@ def test_loss_terms(use_diffusion):
   keys = train.example_keys(jax.random.PRNGKey(1), 0, BATCH)
   loss, aux = jax.jit(loss_fn)(params, batch, keys)
   assert np.isfinite(float(loss))
-  assert ('loss_x0' in aux) is use_diffusion
+  # Both variants get the same terms (DESIGN §3); only diffusion logs x0 by timestep.
+  assert ('loss_x0_tmax' in aux) is use_diffusion
   weights = config.loss
-  expected = (weights.mesh_weight * (aux['loss_vertices'] + aux['loss_joints']
-                                     + aux['loss_2d'])
-              + weights.normal_weight * aux['loss_normal'])
-  if use_diffusion:
-    expected += weights.x0_weight * aux['loss_x0']
+  expected = (weights.x0_weight * aux['loss_x0'] + weights.joints_weight * aux['loss_joints']
+              + weights.reprojection_weight * aux['loss_2d']
+              + weights.normal_weight * aux['loss_normal']
+              + weights.aux_weight * aux['loss_aux'])
   np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
 
 

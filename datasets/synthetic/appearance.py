@@ -1,9 +1,17 @@
 """Random appearance of a synthetic example: skin, light, background texture, occluder.
 
+The skin has regions that tell the palm from the back of the hand, as in photographs: a
+lighter palm and pale fingernails on the back of the fingertips, plus a faint low-frequency
+texture (`skin_regions`, `sample_vertex_albedo`).
+
 Every function draws from an explicit `np.random.Generator`, so an example's look is a pure
 function of its seed. Colours are RGB floats in [0, 1].
 """
+import dataclasses
+
 import numpy as np
+
+from diffhand_jax import mesh
 
 # Skin tones from light to dark (RGB albedo); a tone is interpolated between two neighbours.
 SKIN_TONES = np.array([
@@ -21,6 +29,77 @@ def sample_skin(rng):
   high = min(low + 1, len(SKIN_TONES) - 1)
   tone = SKIN_TONES[low] + (position - low) * (SKIN_TONES[high] - SKIN_TONES[low])
   return np.clip(tone + rng.uniform(-0.03, 0.03, size=3), 0.0, 1.0)
+
+
+# Palm albedo: the skin tone moved this far towards PALM_TINT (palms are lighter and pinker,
+# most visibly on darker skin). Nails: moved towards NAIL_TINT.
+PALM_TINT = np.array([0.96, 0.78, 0.72])
+PALM_BLEND = (0.35, 0.6)
+NAIL_TINT = np.array([0.98, 0.88, 0.86])
+NAIL_BLEND = (0.55, 0.8)
+NAIL_RADIUS = 0.009       # metres around the fingertip vertex (rest pose)
+TEXTURE_AMPLITUDE = 0.08  # relative albedo variation of the skin texture
+
+
+@dataclasses.dataclass(frozen=True)
+class SkinRegions:
+  """Per-vertex regions of a hand model, measured on its rest pose.
+
+  Attributes:
+    palm: [V] weight in [0, 1] of the palm colour (1 on the palmar side of hand and fingers).
+    nail: [V] bool, fingernail vertices (the back of each fingertip).
+    rest: [V, 3] rest-pose vertices (for the texture).
+  """
+  palm: np.ndarray
+  nail: np.ndarray
+  rest: np.ndarray
+
+
+def skin_regions(template, faces, palm_normal, thumb_palmar, tip_ids, thumb_vertices):
+  """Palm and nail regions from the rest pose's vertex normals.
+
+  Args:
+    template: [V, 3] rest-pose vertices.
+    faces: [F, 3] int faces.
+    palm_normal: [3] unit palmar direction of the hand and fingers.
+    thumb_palmar: [3] unit palmar direction of the thumb.
+    tip_ids: fingertip vertex ids, thumb first.
+    thumb_vertices: [V] bool, vertices that move with the thumb (use thumb_palmar there).
+
+  Returns:
+    `SkinRegions`.
+  """
+  template = np.asarray(template, np.float64)
+  normals = mesh.vertex_normals(template, np.asarray(faces))
+  palmar = np.where(thumb_vertices[:, None], thumb_palmar, palm_normal)
+  facing = np.sum(normals * palmar, axis=-1)           # +1 palmar side, -1 back
+  palm = np.clip((facing + 0.1) / 0.5, 0.0, 1.0)
+  nail = np.zeros(len(template), bool)
+  for tip in tip_ids:
+    near = np.linalg.norm(template - template[tip], axis=-1) < NAIL_RADIUS
+    nail |= near & (facing < -0.4)
+  return SkinRegions(palm=palm, nail=nail, rest=template)
+
+
+def sample_vertex_albedo(rng, skin, regions):
+  """Per-vertex albedo [V, 3] in [0, 1]: `skin` with a lighter palm, nails and a texture.
+
+  Args:
+    rng: numpy Generator.
+    skin: [3] base albedo (`sample_skin`).
+    regions: `SkinRegions` of the hand model.
+  """
+  palm_color = skin + rng.uniform(*PALM_BLEND) * (PALM_TINT - skin)
+  nail_color = skin + rng.uniform(*NAIL_BLEND) * (NAIL_TINT - skin)
+  albedo = skin + regions.palm[:, None] * (palm_color - skin)
+  albedo[regions.nail] = nail_color
+  # Texture: a few random plane waves over the rest pose (wavelengths 1-4 cm).
+  waves = rng.normal(size=(4, 3))
+  waves *= (2 * np.pi / rng.uniform(0.01, 0.04, size=(4, 1))) / np.linalg.norm(
+      waves, axis=1, keepdims=True)
+  phases = rng.uniform(0.0, 2 * np.pi, size=4)
+  texture = np.mean(np.sin(regions.rest @ waves.T + phases), axis=1)
+  return np.clip(albedo * (1.0 + TEXTURE_AMPLITUDE * texture[:, None]), 0.0, 1.0)
 
 
 def sample_light(rng):

@@ -5,10 +5,11 @@ index])` drives every random choice in a fixed order, so the same seed gives the
 on any machine and any example can be made on its own (no sequential state). `stream` keeps
 splits apart: the training split uses TRAIN_STREAM, the evaluation split EVAL_STREAM.
 
-Recipe: sample a pose, a shape and a global rotation; pose the hand with `mano_forward`;
+Recipe: sample a pose, a shape and a global rotation (by default as people hold a hand up to
+a camera); pose the hand with `mano_forward`;
 mirror it into a left hand half of the time (x -> -x in the camera frame, faces re-oriented);
 sample a camera and a placement that keeps the whole hand inside the image; render it with a
-random skin tone and light over a random background; maybe paint an occluder.
+random skin tone (lighter palm, nails, faint texture) and light over a random background; maybe paint an occluder.
 
 Occluders are image-only distractors: `mask` and `depth` are those of the hand as the camera
 would see it without the occluder (the hand's own self-occlusion is in them, the occluder is
@@ -47,7 +48,29 @@ def _check_arguments(seed, index, image_size, stream):
     raise ValueError(f'image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}')
 
 
-def sample_geometry(hand_model, rng, image_size, tip_ids=mano.TIP_VERTEX_IDS):
+_THUMB_JOINTS = (13, 14, 15)
+_FACTS_CACHE = {}  # (id(hand_model), tip_ids) -> (hand_model, facts); models are not hashable
+
+
+def _model_facts(hand_model, tip_ids):
+  """(JointFrames, SkinRegions) of a hand model, measured once on its rest pose."""
+  key = (id(hand_model), tuple(tip_ids))
+  cached = _FACTS_CACHE.get(key)
+  if cached is not None and cached[0] is hand_model:
+    return cached[1]
+  frames = sampler.joint_frames(hand_model, tip_ids)
+  thumb_vertices = np.asarray(hand_model.weights)[:, _THUMB_JOINTS].sum(axis=1) > 0.5
+  regions = appearance.skin_regions(hand_model.v_template, hand_model.faces,
+                                    frames.palm_normal, frames.thumb_palmar, tip_ids,
+                                    thumb_vertices)
+  if len(_FACTS_CACHE) > 8:
+    _FACTS_CACHE.clear()
+  _FACTS_CACHE[key] = (hand_model, (frames, regions))
+  return frames, regions
+
+
+def sample_geometry(hand_model, rng, image_size, tip_ids=mano.TIP_VERTEX_IDS,
+                    orientation='held'):
   """Samples a posed hand and a camera that sees all of it.
 
   Args:
@@ -55,16 +78,18 @@ def sample_geometry(hand_model, rng, image_size, tip_ids=mano.TIP_VERTEX_IDS):
     rng: numpy Generator (consumed in a fixed order).
     image_size: image side in pixels.
     tip_ids: fingertip vertex ids.
+    orientation: 'held' (as people hold a hand up to a camera) or 'uniform'
+      (`sampler.ORIENTATIONS`).
 
   Returns:
     dict: pose [48] (hands_mean not added), betas [10], is_right bool, K [3, 3],
     verts [778, 3], joints3d [21, 3] (camera frame, metres, float64), faces [1538, 3]
     (re-oriented for left hands).
   """
-  frames = sampler.joint_frames(hand_model, tip_ids)
+  frames, _ = _model_facts(hand_model, tuple(tip_ids))
   articulation = sampler.sample_articulation(rng, frames)
   betas = sampler.sample_betas(rng)
-  global_orient = sampler.sample_hand_rotation(rng, frames.forward)
+  global_orient = sampler.sample_orientation(rng, frames, orientation)
   is_right = bool(rng.uniform() < 0.5)
   K = sampler.sample_intrinsics(rng, image_size)
   # The stored pose follows MANO's convention: hands_mean is added back by mano_forward.
@@ -86,18 +111,19 @@ def sample_geometry(hand_model, rng, image_size, tip_ids=mano.TIP_VERTEX_IDS):
           'faces': np.ascontiguousarray(faces)}
 
 
-def render_appearance(rng, geometry, image_size):
+def render_appearance(rng, geometry, image_size, regions):
   """Renders a sampled hand with random skin, light, background and maybe an occluder.
 
   Args:
     rng: numpy Generator.
     geometry: the dict of `sample_geometry`.
     image_size: image side in pixels.
+    regions: `appearance.SkinRegions` of the hand model (palm, nails, texture).
 
   Returns:
     (image uint8 [S, S, 3], depth float32 [S, S], mask bool [S, S]).
   """
-  skin = appearance.sample_skin(rng)
+  skin = appearance.sample_vertex_albedo(rng, appearance.sample_skin(rng), regions)
   light, ambient = appearance.sample_light(rng)
   background = appearance.background_texture(rng, image_size)
   raster = render.rasterize(geometry['verts'], geometry['faces'], geometry['K'], image_size,
@@ -112,7 +138,7 @@ def render_appearance(rng, geometry, image_size):
 
 
 def make_example(hand_model, seed, index, image_size, tip_ids=mano.TIP_VERTEX_IDS,
-                 stream=TRAIN_STREAM):
+                 stream=TRAIN_STREAM, orientation='held'):
   """One synthetic example, a pure function of (hand_model, seed, stream, index, image_size).
 
   Args:
@@ -122,6 +148,7 @@ def make_example(hand_model, seed, index, image_size, tip_ids=mano.TIP_VERTEX_ID
     image_size: image side S in pixels.
     tip_ids: fingertip vertex ids.
     stream: random stream (TRAIN_STREAM / EVAL_STREAM keep the splits apart).
+    orientation: global orientation distribution ('held' | 'uniform', see sample_geometry).
 
   Returns:
     dict in the format of `datasets/features.py`: image uint8 [S, S, 3], depth float32
@@ -132,8 +159,9 @@ def make_example(hand_model, seed, index, image_size, tip_ids=mano.TIP_VERTEX_ID
   """
   _check_arguments(seed, index, image_size, stream)
   rng = np.random.default_rng([seed, stream, index])
-  geometry = sample_geometry(hand_model, rng, image_size, tip_ids)
-  image, depth, mask = render_appearance(rng, geometry, image_size)
+  geometry = sample_geometry(hand_model, rng, image_size, tip_ids, orientation)
+  _, regions = _model_facts(hand_model, tuple(tip_ids))
+  image, depth, mask = render_appearance(rng, geometry, image_size, regions)
   K = geometry['K'].astype(np.float32)
   joints3d = geometry['joints3d'].astype(np.float32)
   return {
@@ -153,7 +181,7 @@ def make_example(hand_model, seed, index, image_size, tip_ids=mano.TIP_VERTEX_ID
 
 
 def examples(hand_model, seed, start, count, image_size, tip_ids=mano.TIP_VERTEX_IDS,
-             stream=TRAIN_STREAM):
+             stream=TRAIN_STREAM, orientation='held'):
   """Yields `make_example(hand_model, seed, i, ...)` for i in [start, start + count).
 
   Args:
@@ -164,8 +192,9 @@ def examples(hand_model, seed, start, count, image_size, tip_ids=mano.TIP_VERTEX
     image_size: image side in pixels.
     tip_ids: fingertip vertex ids.
     stream: random stream (TRAIN_STREAM / EVAL_STREAM).
+    orientation: 'held' | 'uniform' (see sample_geometry).
   """
   if start < 0 or count < 0:
     raise ValueError(f'start and count must be non-negative, got start={start}, count={count}')
   for index in range(start, start + count):
-    yield make_example(hand_model, seed, index, image_size, tip_ids, stream)
+    yield make_example(hand_model, seed, index, image_size, tip_ids, stream, orientation)

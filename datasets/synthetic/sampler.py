@@ -53,10 +53,14 @@ class JointFrames:
     axes: [15, 3, 3]; axes[j - 1] rows = (flexion, abduction, twist) unit axes of MANO joint j.
     fan: [15] signed spread factor of each finger's base joint (0 elsewhere).
     forward: [3] unit direction from the wrist to the middle finger's base (rest pose).
+    palm_normal: [3] unit palmar direction (out of the palm; the fingers curl towards it).
+    thumb_palmar: [3] unit palmar direction of the thumb (its pad faces across the palm).
   """
   axes: np.ndarray
   fan: np.ndarray
   forward: np.ndarray
+  palm_normal: np.ndarray
+  thumb_palmar: np.ndarray
 
 
 def _unit(v):
@@ -96,7 +100,8 @@ def joint_frames(hand_model, tip_ids=mano.TIP_VERTEX_IDS):
       # Positive abduction moves the finger towards abduction x twist; fan > 0 when that is
       # away from the middle finger, scaled by the distance between finger bases.
       fan[joint - 1] = np.dot(np.cross(abduction, twist), rest[freihand] - middle_base) / spacing
-  return JointFrames(axes=axes, fan=fan, forward=_unit(middle_base - rest[0]))
+  return JointFrames(axes=axes, fan=fan, forward=_unit(middle_base - rest[0]),
+                     palm_normal=palm_normal, thumb_palmar=thumb_palmar)
 
 
 def _within(rng, limits, fraction, noise):
@@ -184,6 +189,81 @@ def sample_hand_rotation(rng, forward, max_away=MAX_AWAY, max_tries=1000):
     if _rotate(quaternion, forward)[2] <= max_away:
       return _quaternion_to_axis_angle(quaternion)
   raise ValueError(f'no rotation with (R @ forward)_z <= {max_away} in {max_tries} tries')
+
+
+# Orientation of a hand held up to a camera (degrees), relative to the canonical pose:
+# fingers up in the image, palm facing the camera. Yaw turns the hand about the image's
+# vertical axis (BACK_PROBABILITY of hands show their back: yaw + 180), pitch tilts the
+# fingers towards / away from the camera, roll turns the hand in the image plane.
+HELD_YAW = 70.0
+HELD_PITCH = 35.0
+HELD_ROLL_STD = 40.0
+HELD_ROLL_MAX = 110.0
+BACK_PROBABILITY = 0.5
+ORIENTATIONS = ('held', 'uniform')
+
+
+def _axis_rotation(axis, degrees):
+  """[3, 3] rotation by `degrees` about the unit `axis` (Rodrigues)."""
+  axis = _unit(np.asarray(axis, np.float64))
+  angle = np.deg2rad(degrees)
+  cross = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]],
+                    [-axis[1], axis[0], 0.0]])
+  return np.eye(3) + np.sin(angle) * cross + (1.0 - np.cos(angle)) * cross @ cross
+
+
+def _matrix_to_axis_angle(matrix):
+  """[3, 3] rotation -> axis-angle [3] (angle in [0, pi]), via a unit quaternion."""
+  w = np.sqrt(max(1.0 + np.trace(matrix), 0.0)) / 2.0
+  if w > 1e-6:
+    xyz = np.array([matrix[2, 1] - matrix[1, 2], matrix[0, 2] - matrix[2, 0],
+                    matrix[1, 0] - matrix[0, 1]]) / (4.0 * w)
+  else:  # a half turn: the axis is the eigenvector of eigenvalue 1
+    values, vectors = np.linalg.eigh((matrix + np.eye(3)) / 2.0)
+    xyz = vectors[:, np.argmax(values)]
+  quaternion = np.concatenate([[w], xyz])
+  return _quaternion_to_axis_angle(quaternion / np.linalg.norm(quaternion))
+
+
+def canonical_rotation(frames):
+  """[3, 3] rotation taking the model's rest hand to fingers up (-y, OpenCV camera frame) with
+  the palm facing the camera (palm normal -> -z)."""
+  normal = frames.palm_normal
+  # The middle finger's base need not lie in the wrist-index-pinky plane: use the part of
+  # `forward` inside the palm plane so the source frame is orthonormal.
+  forward = _unit(frames.forward - np.dot(frames.forward, normal) * normal)
+  source = np.stack([forward, np.cross(normal, forward), normal])
+  up, towards_camera = np.array([0.0, -1.0, 0.0]), np.array([0.0, 0.0, -1.0])
+  target = np.stack([up, np.cross(towards_camera, up), towards_camera])
+  return target.T @ source
+
+
+def sample_held_rotation(rng, frames):
+  """A global orientation of a hand held up to a camera, as axis-angle [3].
+
+  Canonical pose (`canonical_rotation`), then yaw about the camera's y axis (palm or back
+  towards the camera), pitch about x, roll about the optical axis z; see HELD_*.
+
+  Args:
+    rng: numpy Generator.
+    frames: `JointFrames` of the hand model.
+  """
+  yaw = rng.uniform(-HELD_YAW, HELD_YAW) + (180.0 if rng.uniform() < BACK_PROBABILITY else 0.0)
+  pitch = rng.uniform(-HELD_PITCH, HELD_PITCH)
+  roll = float(np.clip(rng.normal(0.0, HELD_ROLL_STD), -HELD_ROLL_MAX, HELD_ROLL_MAX))
+  rotation = (_axis_rotation((0, 0, 1), roll) @ _axis_rotation((1, 0, 0), pitch)
+              @ _axis_rotation((0, 1, 0), yaw) @ canonical_rotation(frames))
+  return _matrix_to_axis_angle(rotation)
+
+
+def sample_orientation(rng, frames, kind='held'):
+  """Global orientation axis-angle [3]: 'held' (`sample_held_rotation`) or 'uniform'
+  (`sample_hand_rotation`: any rotation with the fingers not pointing far away)."""
+  if kind == 'held':
+    return sample_held_rotation(rng, frames)
+  if kind == 'uniform':
+    return sample_hand_rotation(rng, frames.forward)
+  raise ValueError(f'unknown orientation distribution {kind!r} (known: {ORIENTATIONS})')
 
 
 def sample_intrinsics(rng, image_size):

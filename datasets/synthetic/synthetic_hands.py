@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from datasets import features
 from datasets.synthetic import generate
+from datasets.synthetic import sampler
 from diffhand_jax import mano
 
 _DESCRIPTION = """Synthetic right and left hands rendered on the CPU from a MANO-format hand
@@ -68,15 +69,19 @@ class SyntheticHandsConfig(tfds.core.BuilderConfig):
   with_depth: bool = False
   hand: str = ''                      # hand_fingerprint of the model the data come from
   tip_ids: tuple = mano.TIP_VERTEX_IDS
+  orientation: str = 'held'           # sampler.ORIENTATIONS
 
 
 def make_config(hand_model, image_size, num_train, num_eval, seed, with_depth,
-                tip_ids=mano.TIP_VERTEX_IDS):
+                tip_ids=mano.TIP_VERTEX_IDS, orientation='held'):
   """A `SyntheticHandsConfig` named after its parameters.
 
   Raises:
-    ValueError: on a non-positive size, negative split sizes or a negative seed.
+    ValueError: on a non-positive size, negative split sizes, a negative seed or an unknown
+      orientation distribution.
   """
+  if orientation not in sampler.ORIENTATIONS:
+    raise ValueError(f'unknown orientation {orientation!r} (known: {sampler.ORIENTATIONS})')
   if image_size < generate.MIN_IMAGE_SIZE:
     raise ValueError(f'image_size must be at least {generate.MIN_IMAGE_SIZE}, got {image_size}')
   if num_train < 0 or num_eval < 0 or num_train + num_eval == 0:
@@ -85,11 +90,13 @@ def make_config(hand_model, image_size, num_train, num_eval, seed, with_depth,
     raise ValueError(f'seed must be non-negative, got {seed}')
   hand = hand_fingerprint(hand_model, tip_ids)
   name = (f'px{image_size}_train{num_train}_eval{num_eval}_seed{seed}_hand{hand}'
-          + ('_depth' if with_depth else ''))
+          + ('_depth' if with_depth else '')
+          + ('' if orientation == 'held' else f'_{orientation}'))
   return SyntheticHandsConfig(
       name=name, version=SyntheticHands.VERSION, image_size=int(image_size),
       num_train=int(num_train), num_eval=int(num_eval), seed=int(seed),
       with_depth=bool(with_depth), hand=hand, tip_ids=tuple(int(t) for t in tip_ids),
+      orientation=orientation,
       description=f'{image_size}px, {num_train} train / {num_eval} evaluation, seed {seed}')
 
 
@@ -98,8 +105,9 @@ class SyntheticHands(tfds.core.GeneratorBasedBuilder):
 
   # Bump whenever the generator's output changes for the same parameters (sampler, renderer,
   # appearance): prepared data of an older version is then never reused by mistake.
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('2.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.',
+                   '2.0.0': 'Hands held up to the camera; lighter palm, nails, skin texture.'}
 
   def __init__(self, *, hand_model=None, **kwargs):
     """`hand_model` is needed only to generate (not to read a prepared data set)."""
@@ -132,7 +140,8 @@ class SyntheticHands(tfds.core.GeneratorBasedBuilder):
     progress_every = max(1, min(500, count // 10))
     started = time.perf_counter()
     stream = generate.examples(self._hand_model, config.seed, 0, count, config.image_size,
-                               config.tip_ids, stream=SPLIT_STREAMS[split])
+                               config.tip_ids, stream=SPLIT_STREAMS[split],
+                               orientation=config.orientation)
     for done, example in enumerate(stream, start=1):
       if not config.with_depth:
         del example['depth']
@@ -145,29 +154,35 @@ class SyntheticHands(tfds.core.GeneratorBasedBuilder):
               f'{rate:.1f} examples/s', file=sys.stderr, flush=True)
 
 
-def builder_for(config):
+def builder_for(config, num_train=None):
   """The `SyntheticHands` builder of an experiment config (not prepared).
 
   Args:
     config: experiment ConfigDict (`seed`, `mano_path`, `mano_seed`, `tip_vertex_ids`,
       `data.num_train`, `data.num_eval`, `data.render_size`, `data.use_depth`,
-      `data.tfds_data_dir`).
+      `data.orientation`, `data.tfds_data_dir`).
+    num_train: training-split size; None = config.data.num_train.
   """
   hand_model = mano.load_hand_model(config)
-  tip_ids = tuple(config.get('tip_vertex_ids', mano.TIP_VERTEX_IDS))
-  builder_config = make_config(hand_model, config.data.render_size, config.data.num_train,
+  tip_ids = tuple(config.tip_vertex_ids)
+  num_train = config.data.num_train if num_train is None else num_train
+  builder_config = make_config(hand_model, config.data.render_size, num_train,
                                config.data.num_eval, config.seed, config.data.use_depth,
-                               tip_ids)
+                               tip_ids, config.data.orientation)
   return SyntheticHands(config=builder_config, data_dir=config.data.tfds_data_dir,
                         hand_model=hand_model)
 
 
-def prepare(config):
+def prepare(config, need_train=True):
   """Builds the synthetic data set of `config` into its data_dir if missing; returns the builder.
 
+  With need_train=False (evaluation only, e.g. hands of a seed never trained on) the full
+  data set is used when it is prepared already, else one with an empty training split is made.
   Progress (examples/s) goes to stderr while generating.
   """
   builder = builder_for(config)
+  if not need_train and not builder.is_prepared():
+    builder = builder_for(config, num_train=0)
   if not builder.is_prepared():
     print(f'preparing {builder.name}/{builder.builder_config.name} in {builder.data_dir}',
           file=sys.stderr, flush=True)

@@ -83,6 +83,28 @@ def check_images(images: jax.Array, depth: Optional[jax.Array] = None):
       raise ValueError(f'{name} contain NaN or inf')
 
 
+class JointHead(nn.Module):
+  """The 21 root-relative joints regressed from the image embedding alone (DESIGN §5, L_aux).
+
+  It gives the encoder a direct 3D signal that does not pass through the decoder.
+
+  Attributes:
+    num_joints: joints to predict (21).
+    dtype: computation dtype.
+  """
+  num_joints: int = 21
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, embedding: jax.Array) -> jax.Array:
+    """Args: embedding: [B, D]. Returns: [B, num_joints, 3] float32, diffusion space."""
+    hidden = nn.gelu(nn.Dense(embedding.shape[-1], dtype=self.dtype, param_dtype=jnp.float32,
+                              kernel_init=DENSE_INIT, name='hidden')(embedding))
+    out = nn.Dense(self.num_joints * 3, dtype=self.dtype, param_dtype=jnp.float32,
+                   kernel_init=DENSE_INIT, name='out')(hidden)
+    return out.astype(jnp.float32).reshape(-1, self.num_joints, 3)
+
+
 class DiffHand(nn.Module):
   """Encoder + camera head + decoder. All fields are hashable.
 
@@ -94,7 +116,8 @@ class DiffHand(nn.Module):
     diffusion: False = direct regressor (`__call__` uses x_t = 0, t = 0).
     num_timesteps: T of the training schedule.
     cosine_s: offset s of the cosine schedule.
-    dtype: computation dtype of the camera head.
+    aux_head: a `JointHead` (DESIGN §5, L_aux) on the image embedding, or None.
+    dtype: computation dtype of the camera and auxiliary heads.
   """
   encoder: nn.Module
   decoder: decoder_lib.Decoder
@@ -103,6 +126,7 @@ class DiffHand(nn.Module):
   diffusion: bool = True
   num_timesteps: int = 1000
   cosine_s: float = 0.008
+  aux_head: Optional[nn.Module] = None
   dtype: Any = jnp.float32
 
   @property
@@ -146,6 +170,12 @@ class DiffHand(nn.Module):
     scale = INITIAL_CAMERA_SCALE * jnp.exp(raw[:, :1])
     return jnp.concatenate([scale, raw[:, 1:]], axis=-1)
 
+  def aux_joints(self, embedding: jax.Array) -> jax.Array:
+    """Auxiliary head (`JointHead`): [B, D] -> [B, 21, 3] float32 joints, diffusion space."""
+    if self.aux_head is None:
+      raise ValueError('this model has no auxiliary joint head (config.model.aux_head=False)')
+    return self.aux_head(embedding)
+
   def __call__(self, images: jax.Array, x_t: jax.Array, t: jax.Array,
                depth: Optional[jax.Array] = None):
     """Training forward pass.
@@ -157,12 +187,16 @@ class DiffHand(nn.Module):
       depth: optional [B, H, W, 1].
 
     Returns:
-      {'x0': [B, N, 3] float32 diffusion space, 'camera': [B, 3] float32}.
+      {'x0': [B, N, 3] float32 diffusion space, 'camera': [B, 3] float32, and with aux_head
+      'aux_joints': [B, 21, 3] float32 diffusion space}.
     """
     tokens, embedding = self.encode(images, depth)
     if not self.diffusion:
       x_t, t = jnp.zeros_like(x_t), jnp.zeros_like(t)
-    return {'x0': self.denoise(x_t, t, tokens, embedding), 'camera': self.camera(embedding)}
+    out = {'x0': self.denoise(x_t, t, tokens, embedding), 'camera': self.camera(embedding)}
+    if self.aux_head is not None:
+      out['aux_joints'] = self.aux_joints(embedding)
+    return out
 
 
 def build_model(config) -> DiffHand:
@@ -183,7 +217,8 @@ def build_model(config) -> DiffHand:
   from diffhand_jax.models import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
   hand = mano.load_hand_model(config)
   regressor = mano.joint_regressor21(hand, tuple(config.tip_vertex_ids))
-  encoder = encoder_lib.build_encoder(config.model, compute_dtype(config.model.dtype))
+  encoder = encoder_lib.build_encoder(config.model, compute_dtype(config.model.dtype),
+                                      int(config.data.image_size))
   return assemble_model(config, encoder, hand.v_template, regressor)
 
 
@@ -192,7 +227,7 @@ def assemble_model(config, encoder: nn.Module, template: np.ndarray,
   """DiffHand from explicit parts (what `build_model` uses; tests pass stand-ins).
 
   Reads config.model (width, num_heads, num_blocks, downsample_rate, num_levels, mlp_ratio,
-  dtype), config.decoder, config.diffusion, config.vertex_scale and config.schedule.
+  aux_head, dtype), config.decoder, config.diffusion, config.vertex_scale and config.schedule.
 
   Args:
     config: the experiment ConfigDict.
@@ -225,7 +260,10 @@ def assemble_model(config, encoder: nn.Module, template: np.ndarray,
                   joint_regressor=StaticArray(joint_regressor),
                   vertex_scale=float(config.vertex_scale), diffusion=bool(config.diffusion),
                   num_timesteps=int(config.schedule.num_timesteps),
-                  cosine_s=float(config.schedule.cosine_s), dtype=dtype)
+                  cosine_s=float(config.schedule.cosine_s),
+                  aux_head=(JointHead(joint_regressor.shape[0], dtype)
+                            if config.model.aux_head else None),
+                  dtype=dtype)
 
 
 def init_params(model: DiffHand, rng: jax.Array, images: jax.Array,

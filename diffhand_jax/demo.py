@@ -1,0 +1,147 @@
+"""`--mode=demo` (`make demo`): train on the synthetic set, then show what the model does.
+
+1. Train `config` in `workdir` unless a finished checkpoint is there (a partial run resumes;
+   `--overwrite` starts over).
+2. Evaluate on held-out hands of a seed the model never saw (config.seed + UNSEEN_SEED_OFFSET:
+   a different data set, not only a different split), next to the mean-hand baseline.
+3. Write, under `<workdir>/demo/`: `metrics.json`, `predictions.png` (predicted meshes over
+   held-out images beside the ground truth), `meshes/*.obj` (predicted and true meshes),
+   `training_curve.png`; and print where they are.
+"""
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from diffhand_jax import checkpointing
+from diffhand_jax import evaluate as evaluate_lib
+from diffhand_jax import input_pipeline
+from diffhand_jax import logging_utils
+from diffhand_jax import mano
+from diffhand_jax import mesh
+from diffhand_jax import models
+from diffhand_jax import render
+from diffhand_jax import train
+
+UNSEEN_SEED_OFFSET = 1000
+NUM_SHOWN = 8    # examples in predictions.png
+NUM_MESHES = 4   # examples written as .obj
+OUTPUT_SUBDIR = 'demo'
+PRED_COLOR = (0.55, 0.7, 1.0)
+GT_COLOR = (0.5, 1.0, 0.55)
+
+
+def unseen_seed_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the data seed moved to one that training never used."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.seed = int(config.seed) + UNSEEN_SEED_OFFSET
+  return config
+
+
+def prediction_grid(predictions: dict, faces, count: int = NUM_SHOWN) -> np.ndarray:
+  """Rows of [input | predicted mesh | true mesh] for the first eval examples.
+
+  The predicted root-relative mesh is drawn at the true root, so the picture shows the 3D
+  shape and orientation the model read from the image (not the weak-perspective camera's
+  depth guess). Images are the network crops (left hands mirrored, as the model saw them).
+
+  Returns:
+    uint8 [count * S, 3 * S, 3].
+  """
+  first = predictions['overlay_batch']
+  out, batch = first['out'], first['batch']
+  images = np.clip(input_pipeline.denormalize_image(batch['image']), 0, 255).astype(np.uint8)
+  count = min(count, int(np.sum(batch['valid'] > 0)))
+  rows = []
+  for i in range(count):
+    root = batch['root'][i]
+    predicted = render.overlay_mesh(images[i], out['vertices'][i] + root, faces, batch['K'][i],
+                                    color=PRED_COLOR)
+    truth = render.overlay_mesh(images[i], batch['verts'][i] + root, faces, batch['K'][i],
+                                color=GT_COLOR)
+    rows.append(np.concatenate([images[i], predicted, truth], axis=1))
+  return np.concatenate(rows, axis=0)
+
+
+def plot_training_curve(workdir: str, path: str):
+  """training_curve.png: losses per step and the periodic evaluation's MPJPE."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')  # no display needed
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  train_log = logging_utils.read_scalars(workdir, 'train')
+  eval_log = logging_utils.read_scalars(workdir, 'eval')
+  figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  for key in ('loss', 'loss_x0', 'loss_x0_tmax', 'loss_aux', 'loss_2d'):
+    points = [(r['step'], r[key]) for r in train_log if key in r]
+    if points:
+      left.plot(*zip(*points), label=key)
+  left.set_yscale('log')
+  left.set_xlabel('step')
+  left.set_title('training losses (diffusion units)')
+  left.legend()
+  for key, label in (('mpjpe', 'MPJPE (DDIM)'), ('pa_mpjpe', 'PA-MPJPE (DDIM)'),
+                     ('mean_hand_mpjpe', 'mean-hand MPJPE')):
+    points = [(r['step'], r[key]) for r in eval_log if key in r]
+    if points:
+      right.plot(*zip(*points), marker='o', label=label)
+  right.set_xlabel('step')
+  right.set_ylabel('mm')
+  right.set_title('held-out evaluation (training seed)')
+  right.legend()
+  figure.tight_layout()
+  figure.savefig(path, dpi=90)
+  plt.close(figure)
+
+
+def _save_image(path: str, image: np.ndarray):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(image).save(path)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains if needed, evaluates on an unseen seed, writes the demo files; returns the scores."""
+  step = checkpointing.latest_step(workdir)
+  num_steps = int(config.train.num_steps)
+  if step is not None and step >= num_steps:
+    print(f'Reusing the trained model in {workdir} (step {step}); '
+          'run with --overwrite (make demo RETRAIN=1) to train again.', flush=True)
+  else:
+    train.train_and_evaluate(config, workdir)
+  if jax.process_index() != 0:
+    return {}
+
+  unseen = unseen_seed_config(config)
+  print(f'Evaluating on {unseen.data.num_eval} hands of seed {unseen.seed} '
+        f'(training used seed {config.seed}).', flush=True)
+  model = models.build_model(unseen)
+  params = train.restore_params(unseen, workdir)
+  predictions = evaluate_lib.predict_split(
+      unseen, params, model, input_pipeline.create_eval_iterator(unseen),
+      diagnostics_fn=evaluate_lib.make_diagnostics_fn(model))
+  scores = evaluate_lib.score_predictions(predictions)
+  print(evaluate_lib.format_diagnostics(scores), flush=True)
+
+  out_dir = os.path.join(workdir, OUTPUT_SUBDIR)
+  os.makedirs(os.path.join(out_dir, 'meshes'), exist_ok=True)
+  paths = {'metrics': os.path.join(out_dir, 'metrics.json'),
+           'predictions': os.path.join(out_dir, 'predictions.png'),
+           'meshes': os.path.join(out_dir, 'meshes'),
+           'training_curve': os.path.join(out_dir, 'training_curve.png')}
+  with open(paths['metrics'], 'w') as f:
+    json.dump(dict(scores, seed=unseen.seed, training_seed=int(config.seed),
+                   checkpoint_step=checkpointing.latest_step(workdir),
+                   frame='root-relative (wrist = 0), mm'), f, indent=2)
+  faces = mano.load_hand_model(config).faces
+  _save_image(paths['predictions'], prediction_grid(predictions, faces))
+  for i in range(min(NUM_MESHES, len(predictions['index']))):
+    index = int(predictions['index'][i])
+    mesh.save_obj(os.path.join(paths['meshes'], f'{index:04d}_pred.obj'),
+                  predictions['verts'][i], faces)
+    mesh.save_obj(os.path.join(paths['meshes'], f'{index:04d}_true.obj'),
+                  predictions['gt_verts'][i], faces)
+  plot_training_curve(workdir, paths['training_curve'])
+  print('Demo outputs:\n' + '\n'.join(f'  {name:15s} {path}' for name, path in paths.items()),
+        flush=True)
+  return scores
