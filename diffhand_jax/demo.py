@@ -95,6 +95,25 @@ def plot_training_curve(workdir: str, path: str):
   plt.close(figure)
 
 
+def evaluate_unseen(config: ml_collections.ConfigDict, workdir: str):
+  """Scores the latest checkpoint of `workdir` on the evaluation split of an unseen seed.
+
+  Returns:
+    (scores: `evaluate.score_predictions`, predictions: `evaluate.predict_split` output).
+  """
+  unseen = unseen_seed_config(config)
+  print(f'Evaluating on {unseen.data.num_eval} hands of seed {unseen.seed} '
+        f'(training used seed {config.seed}).', flush=True)
+  model = models.build_model(unseen)
+  params = train.restore_params(unseen, workdir)
+  predictions = evaluate_lib.predict_split(
+      unseen, params, model, input_pipeline.create_eval_iterator(unseen),
+      diagnostics_fn=evaluate_lib.make_diagnostics_fn(model))
+  scores = evaluate_lib.score_predictions(predictions)
+  print(evaluate_lib.format_diagnostics(scores), flush=True)
+  return scores, predictions
+
+
 def _save_image(path: str, image: np.ndarray):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   Image.fromarray(image).save(path)
@@ -113,15 +132,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {}
 
   unseen = unseen_seed_config(config)
-  print(f'Evaluating on {unseen.data.num_eval} hands of seed {unseen.seed} '
-        f'(training used seed {config.seed}).', flush=True)
-  model = models.build_model(unseen)
-  params = train.restore_params(unseen, workdir)
-  predictions = evaluate_lib.predict_split(
-      unseen, params, model, input_pipeline.create_eval_iterator(unseen),
-      diagnostics_fn=evaluate_lib.make_diagnostics_fn(model))
-  scores = evaluate_lib.score_predictions(predictions)
-  print(evaluate_lib.format_diagnostics(scores), flush=True)
+  scores, predictions = evaluate_unseen(config, workdir)
 
   out_dir = os.path.join(workdir, OUTPUT_SUBDIR)
   os.makedirs(os.path.join(out_dir, 'meshes'), exist_ok=True)
