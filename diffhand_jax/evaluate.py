@@ -155,7 +155,7 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
     the metrics dict of metrics.freihand_metrics (mm / fractions) plus
     'num_examples'.
   """
-  from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
+  from diffhand_jax import procedural_mano  # pylint: disable=g-import-not-at-top
   from diffhand_jax import models  # pylint: disable=g-import-not-at-top
   model = model if model is not None else models.build_model(config)
   predictions = predict_split(config, params, model,
@@ -189,7 +189,7 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
                                   predictions['verts_camera'])
   if writer is not None and step is not None:
     writer.scalars(step, scores)
-    images = overlays(predictions, mano.load_hand_model(config).faces)
+    images = overlays(predictions, procedural_mano.load_hand_model(config).faces)
     if len(images):
       writer.images(step, {'overlays': images})
   return scores

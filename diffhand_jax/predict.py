@@ -179,7 +179,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str, *,
   """
   from diffhand_jax import evaluate  # pylint: disable=g-import-not-at-top
   from diffhand_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
+  from diffhand_jax import procedural_mano  # pylint: disable=g-import-not-at-top
   from diffhand_jax import models  # pylint: disable=g-import-not-at-top
 
   if config.model.use_depth:
@@ -200,7 +200,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str, *,
   os.makedirs(output_dir, exist_ok=True)
 
   model = models.build_model(config)
-  faces = np.asarray(mano.load_hand_model(config).faces)
+  faces = np.asarray(procedural_mano.load_hand_model(config).faces)
   sample_fn = evaluate.make_sample_fn(model, config)
   image_size = int(config.data.image_size)
   # Every batch is padded to this size (one compilation); no bigger than the input needs.

@@ -409,13 +409,13 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
   # Imported here so the generic loop above needs none of the model stack.
   from diffhand_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from diffhand_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
+  from diffhand_jax import procedural_mano  # pylint: disable=g-import-not-at-top
   from diffhand_jax import models  # pylint: disable=g-import-not-at-top
 
   check_dataset_available(config)
   # ---- Model ----
   model = models.build_model(config)
-  faces = mano.load_hand_model(config).faces
+  faces = procedural_mano.load_hand_model(config).faces
   size = int(config.data.image_size)
   images = jnp.zeros((1, size, size, 3), jnp.float32)
   depth = (jnp.zeros((1, size, size, 1), jnp.float32)

@@ -10,10 +10,10 @@ import pytest
 
 from configs import synthetic
 from diffhand_jax import checkpointing
-from diffhand_jax import mano
 from diffhand_jax import models
 from diffhand_jax import optim
 from diffhand_jax import predict
+from diffhand_jax import procedural_mano
 from diffhand_jax import train
 
 _GOOD = {'a_hand.png': (80, 96), 'b_hand.jpg': (64, 64)}  # name: (height, width)
@@ -109,7 +109,7 @@ def test_json_has_documented_keys_and_shapes(setup):
 
 @pytest.mark.slow
 def test_obj_and_overlay_read_back(setup):
-  faces = np.asarray(mano.load_hand_model(setup['config']).faces)
+  faces = np.asarray(procedural_mano.load_hand_model(setup['config']).faces)
   for name, (height, width) in _GOOD.items():
     stem = os.path.join(setup['result']['output_dir'], os.path.splitext(name)[0])
     vertices, obj_faces = _read_obj(stem + '.obj')

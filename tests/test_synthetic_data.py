@@ -6,6 +6,7 @@ from datasets.synthetic import appearance
 from datasets.synthetic import generate
 from datasets.synthetic import sampler
 from diffhand_jax import mano
+from diffhand_jax import procedural_mano
 from diffhand_jax import render
 
 SIZE = 64
@@ -13,7 +14,7 @@ SIZE = 64
 
 @pytest.fixture(scope='module')
 def hand_model():
-  return mano.synthetic_mano(0)
+  return procedural_mano.procedural_hand(0)
 
 
 @pytest.fixture(scope='module')

@@ -10,6 +10,7 @@ from flax.traverse_util import flatten_dict
 from configs import synthetic
 from diffhand_jax import diffusion
 from diffhand_jax import mano
+from diffhand_jax import procedural_mano
 from diffhand_jax import models
 from diffhand_jax import optim
 from diffhand_jax import parallel
@@ -30,7 +31,7 @@ def smoke_config():
 def fake_batch(config, seed):
   """A batch with the contract's keys: template hand + noise, random images."""
   rng = np.random.default_rng(seed)
-  hand = mano.load_hand_model(config)
+  hand = procedural_mano.load_hand_model(config)
   regressor = mano.joint_regressor21(hand, tuple(config.tip_vertex_ids))
   verts = hand.v_template[None] + 0.005 * rng.normal(size=(BATCH, 778, 3))
   joints = np.einsum('jv,bvc->bjc', regressor, verts)
@@ -48,7 +49,7 @@ def model_and_loss(decoder='cross_modality', use_diffusion=True):
   config = smoke_config()
   config.decoder, config.diffusion = decoder, use_diffusion
   model = models.build_model(config)
-  loss_fn = train.make_loss_fn(model, config, mano.load_hand_model(config).faces)
+  loss_fn = train.make_loss_fn(model, config, procedural_mano.load_hand_model(config).faces)
   params = models.init_params(model, jax.random.PRNGKey(0),
                               jnp.zeros((1, 32, 32, 3)))
   return config, model, loss_fn, params

@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from datasets import features
 from datasets.synthetic import generate
 from diffhand_jax import mano
+from diffhand_jax import procedural_mano
 
 _DESCRIPTION = """Synthetic right and left hands rendered on the CPU from a MANO-format hand
 model (random pose, shape, rotation, camera, skin, light, background, occluders), with exact
@@ -150,13 +151,13 @@ def builder_for(config):
 
   Args:
     config: experiment ConfigDict (`seed`, `mano_path`, `mano_seed`, `tip_vertex_ids`,
-      `data.num_train`, `data.num_eval`, `data.render_size`, `data.use_depth`,
+      `data.num_train`, `data.num_eval`, `data.render_size`, `model.use_depth`,
       `data.tfds_data_dir`).
   """
-  hand_model = mano.load_hand_model(config)
-  tip_ids = tuple(config.get('tip_vertex_ids', mano.TIP_VERTEX_IDS))
+  hand_model = procedural_mano.load_hand_model(config)
+  tip_ids = tuple(config.tip_vertex_ids)
   builder_config = make_config(hand_model, config.data.render_size, config.data.num_train,
-                               config.data.num_eval, config.seed, config.data.use_depth,
+                               config.data.num_eval, config.seed, config.model.use_depth,
                                tip_ids)
   return SyntheticHands(config=builder_config, data_dir=config.data.tfds_data_dir,
                         hand_model=hand_model)
