@@ -89,7 +89,7 @@ def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array,
   return jnp.sqrt(alpha_bar) * x0 + jnp.sqrt(1 - alpha_bar) * noise
 
 
-def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+def ddim_timesteps(num_timesteps: int, num_sampling_steps: int) -> np.ndarray:
   """Evenly spaced descending sub-sequence tau_S > ... > tau_1 of [0, T).
 
   "Trailing" spacing: it always starts at T-1 (pure noise, what x_T ~ N(0, I) matches),
@@ -97,15 +97,16 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
 
   Args:
     num_timesteps: T.
-    num_steps: S, in [1, T].
+    num_sampling_steps: S, in [1, T].
 
   Returns:
     [S] int32, descending, distinct.
   """
-  if not 1 <= num_steps <= num_timesteps:
-    raise ValueError(f'num_steps must be in [1, {num_timesteps}], got {num_steps}')
-  k = np.arange(num_steps)
-  return (num_timesteps - 1 - (k * num_timesteps) // num_steps).astype(np.int32)
+  if not 1 <= num_sampling_steps <= num_timesteps:
+    raise ValueError(f'num_sampling_steps must be in [1, {num_timesteps}], '
+                     f'got {num_sampling_steps}')
+  k = np.arange(num_sampling_steps)
+  return (num_timesteps - 1 - (k * num_timesteps) // num_sampling_steps).astype(np.int32)
 
 
 def ddim_step(schedule: Schedule, x_t: jax.Array, x0_hat: jax.Array, t: jax.Array,

@@ -1,10 +1,13 @@
 """Console progress lines and TensorBoard scalars/images; only process 0 writes."""
+import logging as py_logging
 import os
 import time
 from typing import Mapping, Optional
 
+from absl import logging as absl_logging
 import jax
 import numpy as np
+import tensorflow as tf
 
 
 class MetricWriter:
@@ -16,9 +19,7 @@ class MetricWriter:
   def __init__(self, workdir: str, name: str = 'train'):
     self._writer = None
     if jax.process_index() == 0:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
       tf.config.set_visible_devices([], 'GPU')  # keep TF off the accelerators
-      self._tf = tf
       self._writer = tf.summary.create_file_writer(
           os.path.join(workdir, 'tensorboard', name))
 
@@ -27,7 +28,7 @@ class MetricWriter:
       return
     with self._writer.as_default():
       for key, value in scalars.items():
-        self._tf.summary.scalar(key, float(value), step=step)
+        tf.summary.scalar(key, float(value), step=step)
     self._writer.flush()
 
   def images(self, step: int, images: Mapping[str, np.ndarray]):
@@ -39,7 +40,7 @@ class MetricWriter:
         value = np.asarray(value)
         if value.ndim == 3:
           value = value[None]
-        self._tf.summary.image(key, value, step=step, max_outputs=len(value))
+        tf.summary.image(key, value, step=step, max_outputs=len(value))
     self._writer.flush()
 
   def close(self):
@@ -83,8 +84,6 @@ def _format_duration(seconds: float) -> str:
 def quiet_library_logs(packages=('orbax', 'jax/_src', 'tensorflow_datasets')):
   """Drops INFO/DEBUG records that `packages` log through absl (orbax writes
   dozens of lines per checkpoint), keeping warnings and errors."""
-  import logging as py_logging  # pylint: disable=g-import-not-at-top
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   markers = tuple(f'/{p}/' for p in packages)
 
   def keep(record):

@@ -77,7 +77,7 @@ def test_ddim_timesteps():
   np.testing.assert_array_equal(diffusion.ddim_timesteps(T, 10), np.arange(999, 0, -100))
   np.testing.assert_array_equal(diffusion.ddim_timesteps(T, T), np.arange(T - 1, -1, -1))
   for bad in (0, T + 1):
-    with pytest.raises(ValueError, match='num_steps'):
+    with pytest.raises(ValueError, match='num_sampling_steps'):
       diffusion.ddim_timesteps(T, bad)
 
 

@@ -17,7 +17,7 @@ def _config(data_dir, use_depth=True, num_train=8, num_eval=4, render_size=SIZE)
   config.data.num_train = num_train
   config.data.num_eval = num_eval
   config.data.render_size = render_size
-  config.data.use_depth = use_depth
+  config.model.use_depth = use_depth
   return config
 
 

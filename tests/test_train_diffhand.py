@@ -8,6 +8,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from configs import synthetic
+from diffhand_jax import checkpointing
 from diffhand_jax import diffusion
 from diffhand_jax import mano
 from diffhand_jax import procedural_mano
@@ -142,7 +143,6 @@ def test_real_model_jit_pmap_one_device_agree():
 def test_depth_finetune_loads_a_base_checkpoint_without_depth(tmp_path):
   """freihand_depth's init_from: every base param is loaded, only the depth
   branch keeps its (zero) init."""
-  from diffhand_jax import checkpointing  # pylint: disable=g-import-not-at-top
   config = smoke_config()
   def param_shapes(use_depth):
     config.model.use_depth = use_depth
@@ -158,7 +158,7 @@ def test_depth_finetune_loads_a_base_checkpoint_without_depth(tmp_path):
                        config)
   with_depth = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
                             param_shapes(True))
-  merged = flatten_dict(train.load_params_into(with_depth, workdir))
+  merged = flatten_dict(checkpointing.load_params_into(with_depth, workdir))
   new_only = [k for k in merged if k not in flatten_dict(base)]
   assert new_only and all('depth' in '/'.join(k) for k in new_only), new_only
   for key, value in merged.items():
