@@ -18,7 +18,10 @@ Dim = Union[int, str, None]
 
 
 def describe_shape(shape: Sequence[Any]) -> str:
-  """"[batch, 778, 3]" from ('batch', 778, 3); None is shown as "_", Ellipsis as "..."."""
+  """The message form of a shape pattern: ('batch', 778, 3) -> '[batch, 778, 3]'.
+
+  None is shown as '_' and Ellipsis as '...'.
+  """
   def word(dim):
     return '_' if dim is None else '...' if dim is Ellipsis else str(dim)
   return '[' + ', '.join(word(dim) for dim in shape) + ']'

@@ -61,7 +61,7 @@ def test_q_sample_per_example_timesteps_and_shape_errors():
   np.testing.assert_allclose(x_t[:, 0, 0], expected, rtol=1e-6)
   with pytest.raises(ValueError, match='noise'):
     diffusion.q_sample(schedule, x0, jnp.array([0, 1]), jnp.ones((2, 4, 2)))
-  with pytest.raises(ValueError, match='batch'):
+  with pytest.raises(ValueError, match=r't must have shape \[2\]'):
     diffusion.q_sample(schedule, x0, jnp.array([0, 1, 2]), noise)
 
 

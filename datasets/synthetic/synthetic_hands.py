@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from datasets import features
 from datasets.synthetic import generate
+from diffhand_jax import checks
 from diffhand_jax import mano
 from diffhand_jax import procedural_mano
 
@@ -38,9 +39,9 @@ def png_bytes(image):
   Encoding with PIL here (TFDS stores the bytes as they are) is several times faster than
   TFDS's TensorFlow encoder, which runs eagerly once per image.
   """
-  image = np.asarray(image)
-  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
-    raise ValueError(f'expected uint8 [H, W, 1 or 3], got {image.dtype} {image.shape}')
+  image = checks.check_array('image', image, ('H', 'W', None), kind=np.uint8)
+  if image.shape[2] not in (1, 3):
+    raise ValueError(f'image must have 1 or 3 channels, got shape {image.shape}')
   buffer = io.BytesIO()
   Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(
       buffer, format='PNG', compress_level=3)
