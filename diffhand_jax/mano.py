@@ -225,6 +225,7 @@ def _safe_codecs_encode(text, encoding='utf-8'):
 
 
 def _numpy_scalar():
+  # Imported here: the module moved in numpy 2 and only the pickle loader needs it.
   try:
     from numpy._core import multiarray  # pylint: disable=g-import-not-at-top
   except ImportError:  # numpy < 2

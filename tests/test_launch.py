@@ -5,6 +5,11 @@ from absl import flags
 import pytest
 from ml_collections import config_flags
 
+from configs import common
+from configs import dexycb
+from configs import freihand
+from configs import freihand_depth
+from configs import ho3d
 import launch
 from diffhand_jax import parallel
 from diffhand_jax import input_pipeline
@@ -48,7 +53,6 @@ def test_config_files_build_both_variants(name):
 
 
 def test_paper_recipe_values():
-  from configs import common, freihand, freihand_depth, dexycb, ho3d  # pylint: disable=g-import-not-at-top
   config = freihand.get_config()
   assert (config.data.name, config.model.encoder, config.data.image_size) == (
       'freihand', 'deit', 224)

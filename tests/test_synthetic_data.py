@@ -1,5 +1,10 @@
 """Tests of the synthetic hand sampler and example generator (numpy path, no TF)."""
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
+from PIL import Image
 import pytest
 
 from datasets.synthetic import appearance
@@ -235,10 +240,6 @@ def test_bad_arguments_raise(hand_model, kwargs, message):
 
 @pytest.mark.slow
 def test_figure_and_benchmark_scripts_run(tmp_path):
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(__file__).resolve().parents[1]
   out = tmp_path / 'samples.png'
   subprocess.run([sys.executable, str(root / 'docs/make_samples_figure.py'), '--out', str(out),
