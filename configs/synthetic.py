@@ -15,7 +15,7 @@ def get_config(arg=None):
   config.init_from = ''  # workdir of a run whose params start this one (e.g. depth fine-tune)
 
   # ---- Hand model ----
-  config.mano_path = ''             # '' = procedural_hand(config.mano_seed); else MANO_RIGHT.pkl / .npz
+  config.mano_path = ''             # '' = procedural_hand(mano_seed); else MANO_RIGHT.pkl / .npz
   config.mano_seed = 0
   config.tip_vertex_ids = (744, 320, 443, 555, 672)  # thumb, index, middle, ring, pinky (FreiHAND)
   config.vertex_scale = 0.1         # metres per unit of the diffusion variable

@@ -11,10 +11,10 @@ Choices, written down:
 - Intrinsics: user images come without K, so a pinhole camera is assumed: principal point at
   the image centre ((W - 1) / 2, (H - 1) / 2; pixel centres on integers) and focal length
   config.predict.focal_length_224 (500 px in configs/synthetic.py, FreiHAND-like) at a 224 px
-  crop, scaled with the crop side min(H, W). The crop only scales and shifts pixels, so the crop camera and the
-  image camera share one frame: the camera-frame mesh drawn with the image's K lands on the
-  image. Its absolute depth is as good as this focal-length guess (the relative shape is not
-  affected).
+  crop, scaled with the crop side min(H, W). The crop only scales and shifts pixels, so the crop
+  camera and the image camera share one frame: the camera-frame mesh drawn with the image's K
+  lands on the image. Its absolute depth is as good as this focal-length guess (the relative
+  shape is not affected).
 - Images are assumed to show a right hand (training mirrors left hands to right ones).
 - Sampling: `evaluate.make_sample_fn` (config.sampling.*, config.eval.tta_angles) on one
   device (parameters from `checkpointing.restore_params`, whatever topology trained them), noise

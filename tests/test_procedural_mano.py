@@ -186,7 +186,7 @@ def test_skinning_weights(model):
 
 def test_joint_regressor_reproduces_the_designed_skeleton(joints):
   """J_regressor @ v_template lands on the joints the hand was designed around."""
-  # The same draw of the seed's sizes that synthetic_mano(0) makes first.
+  # The same draw of the seed's sizes that build_procedural_hand(0) makes first.
   chains = procedural_mano._skeleton(np.random.default_rng(0))  # pylint: disable=protected-access
   designed = procedural_mano._joint_positions(chains, joints[0])  # pylint: disable=protected-access
   np.testing.assert_allclose(joints, designed, atol=2e-6)

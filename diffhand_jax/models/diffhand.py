@@ -163,9 +163,9 @@ class DiffHand(nn.Module):
 def build_model(config) -> DiffHand:
   """Builds DiffHand from the experiment config (contract of docs/ARCHITECTURE.md).
 
-  The template hand is `procedural_mano.load_hand_model(config)`: its vertices give the FPS levels and
-  `mano.joint_regressor21(hand, config.tip_vertex_ids)` the 21-joint regressor, both computed
-  here once. The encoder is `encoder.build_encoder(config.model, dtype)`.
+  The template hand is `procedural_mano.load_hand_model(config)`: its vertices give the FPS
+  levels and `mano.joint_regressor21(hand, config.tip_vertex_ids)` the 21-joint regressor, both
+  computed here once. The encoder is `encoder.build_encoder(config.model, dtype)`.
 
   Args:
     config: the experiment ConfigDict.
