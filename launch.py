@@ -54,7 +54,8 @@ def default_workdir(config_arg: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  # Imported after flag parsing so `--help` stays fast.
+  # Imported after flag parsing so `--help` stays fast; each mode below imports only its own
+  # modules for the same reason.
   import jax  # pylint: disable=g-import-not-at-top
   from diffhand_jax import logging_utils  # pylint: disable=g-import-not-at-top
   from diffhand_jax import parallel  # pylint: disable=g-import-not-at-top

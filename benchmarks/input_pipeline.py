@@ -26,6 +26,10 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
 from datasets.freihand import testing  # pylint: disable=g-import-not-at-top
 from diffhand_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+from diffhand_jax import models  # pylint: disable=g-import-not-at-top
+from diffhand_jax import optim  # pylint: disable=g-import-not-at-top
+from diffhand_jax import procedural_mano  # pylint: disable=g-import-not-at-top
+from diffhand_jax import train  # pylint: disable=g-import-not-at-top
 
 
 def pipeline_examples_per_second(config, num_batches):
@@ -42,16 +46,12 @@ def pipeline_examples_per_second(config, num_batches):
 
 def train_step_examples_per_second(config, batch, num_steps):
   """Examples/s that the jitted train step of `config` consumes (median of num_steps)."""
-  from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
-  from diffhand_jax import models  # pylint: disable=g-import-not-at-top
-  from diffhand_jax import optim  # pylint: disable=g-import-not-at-top
-  from diffhand_jax import train  # pylint: disable=g-import-not-at-top
   model = models.build_model(config)
   params = models.init_params(model, jax.random.PRNGKey(0), jnp.asarray(batch['image'][:1]))
   total_steps = int(config.train.num_steps)
   optimizer = optim.make_optimizer(config.optim, total_steps)
   state = train.create_train_state(params, optimizer, jax.random.PRNGKey(1), 0.0)
-  loss_fn = train.make_loss_fn(model, config, mano.load_hand_model(config).faces)
+  loss_fn = train.make_loss_fn(model, config, procedural_mano.load_hand_model(config).faces)
   schedule = optim.learning_rate_schedule(config.optim, total_steps)
   step = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn, optimizer=optimizer,
                                    schedule=schedule, ema_decay=0.0), donate_argnums=0)

@@ -13,6 +13,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffhand_jax import mano  # pylint: disable=g-import-not-at-top,wrong-import-position
+from diffhand_jax import procedural_mano  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main(argv=None):
@@ -20,7 +21,7 @@ def main(argv=None):
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--repeats', type=int, default=20)
   args = parser.parse_args(argv)
-  model = mano.synthetic_mano(0)
+  model = procedural_mano.procedural_hand(0)
   rng = np.random.default_rng(0)
   pose = (0.5 * rng.standard_normal((args.batch, 48))).astype(np.float32)
   betas = rng.standard_normal((args.batch, 10)).astype(np.float32)

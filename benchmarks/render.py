@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from datasets.synthetic import generate  # pylint: disable=g-import-not-at-top
-from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
+from diffhand_jax import procedural_mano  # pylint: disable=g-import-not-at-top
 from diffhand_jax import render  # pylint: disable=g-import-not-at-top
 
 
@@ -40,7 +40,7 @@ def main(argv=None):
   parser.add_argument('--sizes', type=int, nargs='+', default=[128, 224])
   args = parser.parse_args(argv)
 
-  hand_model = mano.synthetic_mano(0)
+  hand_model = procedural_mano.procedural_hand(0)
   generate.make_example(hand_model, 0, 0, 64)               # compile the MANO forward
   for size in args.sizes:
     frames = []

@@ -34,7 +34,7 @@ from diffhand_jax import sampling
 from diffhand_jax.models import build_model
 from diffhand_jax.models import init_params
 
-STATIC = ('model', 'num_steps', 'num_hypotheses', 'aggregate')
+STATIC = ('model', 'num_sampling_steps', 'num_hypotheses', 'aggregate')
 
 
 def model_config(name):
@@ -66,9 +66,9 @@ def median_times(fns, repeats):
   return [float(np.median(t)) for t in times]
 
 
-def compile_time(model, params, images, num_steps):
+def compile_time(model, params, images, num_sampling_steps):
   """Seconds to trace, lower and compile `sample` (a fresh jit, so nothing is cached)."""
-  fn = jax.jit(functools.partial(sampling.sample, model, num_steps=num_steps))
+  fn = jax.jit(functools.partial(sampling.sample, model, num_sampling_steps=num_sampling_steps))
   start = time.perf_counter()
   fn.lower(params, images, jax.random.key(0)).compile()
   return time.perf_counter() - start
@@ -105,7 +105,7 @@ def benchmark(name, steps, hypotheses, repeats):
   for s in steps:
     for k in hypotheses:
       sample_fn = functools.partial(sample, model, params, images, jax.random.key(2),
-                                    num_steps=s, num_hypotheses=k)
+                                    num_sampling_steps=s, num_hypotheses=k)
       sample_s, encoder_s, decoder_s = median_times(
           [sample_fn, encode_fn, denoise_fn(k)], repeats)
       expected_s = encoder_s + s * decoder_s

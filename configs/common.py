@@ -54,7 +54,7 @@ def paper_config(*, dataset: str, num_train_images: int, encoder: str,
   config.train.log_every = 100
   config.train.checkpoint_every = steps_per_epoch
   config.train.eval_every = 10 * steps_per_epoch
-  config.sampling.num_steps = 10
+  config.sampling.num_sampling_steps = 10
   config.eval.tta_angles = tuple(tta_angles)
 
   if arg == 'smoke':
@@ -64,7 +64,7 @@ def paper_config(*, dataset: str, num_train_images: int, encoder: str,
     config.model.encoder_size = smoke.model.encoder_size
     config.model.update({k: smoke.model[k]
                          for k in ('width', 'num_heads', 'num_blocks')})
-    config.sampling.num_steps = smoke.sampling.num_steps
+    config.sampling.num_sampling_steps = smoke.sampling.num_sampling_steps
     config.train.update(smoke.train)
     config.optim.warmup_steps = smoke.optim.warmup_steps
     config.eval.batch_size = smoke.eval.batch_size
@@ -86,8 +86,7 @@ def depth_finetune(config, *, base_workdir: str, epochs: float,
   epochs at a lower learning rate (our choice; the paper gives none).
   """
   config.init_from = base_workdir  # or --config.init_from=runs/<base run>
-  config.data.use_depth = True
-  config.model.use_depth = True
+  config.model.use_depth = True  # the data carry depth maps too
   config.optim.learning_rate = learning_rate
   if not smoke:  # the smoke variant keeps its 4 steps
     config.train.num_steps = steps_for(num_train_images, epochs,

@@ -15,7 +15,7 @@ def get_config(arg=None):
   config.init_from = ''  # workdir of a run whose params start this one (e.g. depth fine-tune)
 
   # ---- Hand model ----
-  config.mano_path = ''             # '' = synthetic_mano(config.mano_seed); else MANO_RIGHT.pkl / .npz
+  config.mano_path = ''             # '' = procedural_hand(mano_seed); else MANO_RIGHT.pkl / .npz
   config.mano_seed = 0
   config.tip_vertex_ids = (744, 320, 443, 555, 672)  # thumb, index, middle, ring, pinky (FreiHAND)
   config.vertex_scale = 0.1         # metres per unit of the diffusion variable
@@ -33,7 +33,6 @@ def get_config(arg=None):
   config.data.num_eval = 512
   config.data.render_size = 224      # synthetic images are rendered at this size
   config.data.image_size = 128       # network input (crop resized to this)
-  config.data.use_depth = False
   config.data.shuffle_buffer = 2048
   config.data.scale_jitter = 0.25    # relative crop size jitter
   config.data.center_jitter = 0.1    # crop centre jitter, fraction of the crop size
@@ -61,7 +60,7 @@ def get_config(arg=None):
   config.model.downsample_rate = 4    # r: levels N, N/r, N/r^2
   config.model.num_levels = 2         # downsamplings in the U-shaped vertex block
   config.model.mlp_ratio = 4
-  config.model.use_depth = False
+  config.model.use_depth = False       # depth-conditioned model; the data then carry depth maps
   config.model.depth_zero_init = 'last'  # 'last' (DESIGN §4: only the last conv starts at 0) | 'all'
   config.model.aux_head = True        # auxiliary joint head on the image embedding (L_aux)
   config.model.dtype = 'float32'      # compute dtype: 'float32' | 'bfloat16' (params stay float32)
@@ -71,7 +70,7 @@ def get_config(arg=None):
   config.schedule.num_timesteps = 1000
   config.schedule.cosine_s = 0.008
   config.sampling = ml_collections.ConfigDict()
-  config.sampling.num_steps = 10
+  config.sampling.num_sampling_steps = 10  # DDIM steps
   config.sampling.eta = 0.0
   config.sampling.num_hypotheses = 1
   config.sampling.aggregate = 'mean'  # 'mean' | 'medoid'
@@ -124,7 +123,7 @@ def get_config(arg=None):
     config.model.num_heads = 2
     config.model.num_blocks = 1
     config.model.encoder_size = 'micro'  # 2 blocks of width 64: tests and smoke runs only
-    config.sampling.num_steps = 2
+    config.sampling.num_sampling_steps = 2
     config.optim.warmup_steps = 2
     config.train.global_batch_size = 8
     config.train.num_steps = 4

@@ -5,19 +5,30 @@ TrainState (params, optimizer state, EMA params, RNG key, step); the data
 iterator position is the step itself, because the train stream is a function
 of (seed, start_step). `config` is the run's config as JSON, for reading a
 checkpoint without the command line that made it.
+
+Evaluation, prediction and fine-tuning read parameters through `restore_params` and
+`load_params_into`: this module is where they meet training.
 """
+import contextlib
 import json
+import logging as py_logging
 import math
 import os
 from typing import Any, Mapping, Optional
 
+from absl import logging
+import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 STATE = 'state'
 CONFIG = 'config'
+# Orbax logs this warning for every read-only manager; eval and predict always open one.
+_READ_ONLY_NOTICE = 'Given directory is read only'
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -52,10 +63,24 @@ def make_manager(workdir: str, *, keep: int = 3,
       read_only=read_only, save_interval_steps=0 if read_only else 1)
   # Explicit handlers (not just item names): metadata can then be read
   # before a restore, which `restore_state(target=None)` needs.
-  return ocp.CheckpointManager(
-      checkpoint_dir(workdir), options=options,
-      item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                     CONFIG: ocp.JsonCheckpointHandler()})
+  with _without_read_only_notice():
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir), options=options,
+        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                       CONFIG: ocp.JsonCheckpointHandler()})
+
+
+@contextlib.contextmanager
+def _without_read_only_notice():
+  """Drops orbax's "Given directory is read only" warning: reading is all eval asked for."""
+  def keep(record):
+    return not record.getMessage().startswith(_READ_ONLY_NOTICE)
+  absl_logger = py_logging.getLogger('absl')
+  absl_logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(keep)
 
 
 def _finite_or_inf(value) -> float:
@@ -107,3 +132,51 @@ def latest_step(workdir: str) -> Optional[int]:
     return None
   with make_manager(workdir, read_only=True) as manager:
     return manager.latest_step()
+
+
+# ---- Parameters for eval / predict / fine-tuning ----
+def restore_params(workdir: str, step: Optional[int] = None):
+  """The parameters of the latest (or given) checkpoint in workdir, on the host.
+
+  Returns:
+    The EMA parameters when the run kept them, else the raw ones: nested dicts of numpy
+    arrays (the model's `params` collection), whatever topology saved them. Callers place
+    them on their devices (e.g. replicated over an evaluation mesh).
+
+  Raises:
+    FileNotFoundError: the workdir has no checkpoint.
+  """
+  with make_manager(workdir, read_only=True) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(
+          f'no checkpoint under {checkpoint_dir(workdir)}: train first (--mode=train) or '
+          'point --workdir at a trained run')
+    raw = restore_state(manager, step)
+  ema = raw.get('ema_params')
+  return jax.device_get(ema if ema else raw['params'])
+
+
+def load_params_into(params, workdir: str):
+  """`params` with every leaf that a checkpoint in `workdir` has replaced.
+
+  Leaves the checkpoint lacks (e.g. the depth branch when fine-tuning a model
+  trained without depth) keep their initial values; a leaf present in both
+  with a different shape is an error.
+  """
+  loaded = flax.traverse_util.flatten_dict(flax.core.unfreeze(restore_params(workdir)))
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  missing = []
+  for path, value in flat.items():
+    if path not in loaded:
+      missing.append('/'.join(path))
+      continue
+    if np.shape(loaded[path]) != np.shape(value):
+      raise ValueError(f'init_from {workdir}: parameter {"/".join(path)} has '
+                       f'shape {np.shape(loaded[path])}, the model wants '
+                       f'{np.shape(value)}')
+    flat[path] = jnp.asarray(loaded[path], dtype=value.dtype)
+  if missing:
+    logging.info('init_from %s: %d parameters keep their init: %s', workdir,
+                 len(missing), ', '.join(missing[:10]))
+  return flax.traverse_util.unflatten_dict(flat)

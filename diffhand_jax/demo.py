@@ -19,9 +19,9 @@ from diffhand_jax import checkpointing
 from diffhand_jax import evaluate as evaluate_lib
 from diffhand_jax import input_pipeline
 from diffhand_jax import logging_utils
-from diffhand_jax import mano
 from diffhand_jax import mesh
 from diffhand_jax import models
+from diffhand_jax import procedural_mano
 from diffhand_jax import render
 from diffhand_jax import train
 
@@ -105,7 +105,7 @@ def evaluate_unseen(config: ml_collections.ConfigDict, workdir: str):
   print(f'Evaluating on {unseen.data.num_eval} hands of seed {unseen.seed} '
         f'(training used seed {config.seed}).', flush=True)
   model = models.build_model(unseen)
-  params = train.restore_params(unseen, workdir)
+  params = checkpointing.restore_params(workdir)
   predictions = evaluate_lib.predict_split(
       unseen, params, model, input_pipeline.create_eval_iterator(unseen),
       diagnostics_fn=evaluate_lib.make_diagnostics_fn(model))
@@ -144,7 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     json.dump(dict(scores, seed=unseen.seed, training_seed=int(config.seed),
                    checkpoint_step=checkpointing.latest_step(workdir),
                    frame='root-relative (wrist = 0), mm'), f, indent=2)
-  faces = mano.load_hand_model(config).faces
+  faces = procedural_mano.load_hand_model(config).faces
   _save_image(paths['predictions'], prediction_grid(predictions, faces))
   for i in range(min(NUM_MESHES, len(predictions['index']))):
     index = int(predictions['index'][i])

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffhand_jax import checks
+
 _MAX_BETA = 0.999
 
 
@@ -81,15 +83,14 @@ def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array,
   Returns:
     x_t, like x0.
   """
-  if x0.shape != noise.shape:
-    raise ValueError(f'x0 {x0.shape} and noise {noise.shape} differ in shape')
-  if jnp.ndim(t) != 1 or t.shape[0] != x0.shape[0]:
-    raise ValueError(f't must be [batch={x0.shape[0]}], got shape {jnp.shape(t)}')
+  # Shapes only: q_sample runs traced inside the loss.
+  checks.check_array('noise (like x0)', noise, x0.shape, finite=False)
+  checks.check_array('t', t, (x0.shape[0],), finite=False)
   alpha_bar = _alpha_bar(schedule, t, x0.ndim).astype(x0.dtype)
   return jnp.sqrt(alpha_bar) * x0 + jnp.sqrt(1 - alpha_bar) * noise
 
 
-def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+def ddim_timesteps(num_timesteps: int, num_sampling_steps: int) -> np.ndarray:
   """Evenly spaced descending sub-sequence tau_S > ... > tau_1 of [0, T).
 
   "Trailing" spacing: it always starts at T-1 (pure noise, what x_T ~ N(0, I) matches),
@@ -97,15 +98,16 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
 
   Args:
     num_timesteps: T.
-    num_steps: S, in [1, T].
+    num_sampling_steps: S, in [1, T].
 
   Returns:
     [S] int32, descending, distinct.
   """
-  if not 1 <= num_steps <= num_timesteps:
-    raise ValueError(f'num_steps must be in [1, {num_timesteps}], got {num_steps}')
-  k = np.arange(num_steps)
-  return (num_timesteps - 1 - (k * num_timesteps) // num_steps).astype(np.int32)
+  if not 1 <= num_sampling_steps <= num_timesteps:
+    raise ValueError(f'num_sampling_steps must be in [1, {num_timesteps}], '
+                     f'got {num_sampling_steps}')
+  k = np.arange(num_sampling_steps)
+  return (num_timesteps - 1 - (k * num_timesteps) // num_sampling_steps).astype(np.int32)
 
 
 def ddim_step(schedule: Schedule, x_t: jax.Array, x0_hat: jax.Array, t: jax.Array,
@@ -154,9 +156,9 @@ def ddim_sample(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array],
   Returns:
     x0_hat, like x_T.
   """
-  timesteps = jnp.asarray(timesteps, jnp.int32)
-  if timesteps.ndim != 1 or timesteps.shape[0] < 1:
-    raise ValueError(f'timesteps must be a non-empty 1-D array, got shape {timesteps.shape}')
+  timesteps = checks.check_array('timesteps', jnp.asarray(timesteps, jnp.int32), ('S',))
+  if timesteps.shape[0] < 1:
+    raise ValueError('timesteps must not be empty')
   next_timesteps = jnp.concatenate([timesteps[1:], jnp.full((1,), -1, jnp.int32)])
   keys = jax.random.split(rng, timesteps.shape[0])
   batch = x_T.shape[0]

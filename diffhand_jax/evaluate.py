@@ -2,7 +2,9 @@
 
 Samples every example of the eval split exactly once (DDIM, config.sampling.*;
 test-time rotations when config.eval.tta_angles is set) and scores it with the
-official FreiHAND metrics.
+official FreiHAND metrics. A split without ground truth (FreiHAND's evaluation
+images without their annotation files) is predicted, written to pred.json and
+not scored.
 
 Choices, written down:
 - Metrics compare ROOT-RELATIVE predictions (the sampler's 'vertices'/'joints',
@@ -17,6 +19,9 @@ Choices, written down:
   back (x negated) so the file is in the captured frame.
 - Sampling noise comes from PRNGKey(config.seed) folded with the batch number:
   the same checkpoint always gives the same numbers.
+- Devices: the batch is split over a mesh of all devices and the parameters are
+  replicated over it, whatever topology trained them (`--mode=eval` restores
+  them to the host first: `checkpointing.restore_params`).
 """
 import functools
 import json
@@ -32,7 +37,10 @@ import numpy as np
 from diffhand_jax import checkpointing
 from diffhand_jax import input_pipeline
 from diffhand_jax import metrics as metrics_lib
+from diffhand_jax import models
 from diffhand_jax import parallel
+from diffhand_jax import procedural_mano
+from diffhand_jax import render
 from diffhand_jax import sampling
 
 NUM_OVERLAYS = 4  # example images drawn for TensorBoard per evaluation
@@ -40,7 +48,7 @@ NUM_OVERLAYS = 4  # example images drawn for TensorBoard per evaluation
 
 def make_sample_fn(model, config: ml_collections.ConfigDict):
   """jitted (params, images, rng, depth, intrinsics) -> sampler outputs."""
-  options = dict(num_steps=int(config.sampling.num_steps),
+  options = dict(num_sampling_steps=int(config.sampling.num_sampling_steps),
                  num_hypotheses=int(config.sampling.num_hypotheses),
                  aggregate=config.sampling.aggregate,
                  eta=float(config.sampling.eta))
@@ -121,6 +129,8 @@ def predict_split(config: ml_collections.ConfigDict, params: Any, model,
 
   `sample_fn` (from make_sample_fn) may be passed to reuse its compilation;
   with `diagnostics_fn` (make_diagnostics_fn) its outputs are kept too.
+  `params` may live anywhere (host, one device, another mesh): they are
+  replicated over the mesh of all devices that the batches are split over.
 
   Returns:
     dict of numpy arrays over the N valid examples: 'index' [N], 'verts',
@@ -130,6 +140,8 @@ def predict_split(config: ml_collections.ConfigDict, params: Any, model,
     and 'overlay_batch': the first batch with its outputs (for images).
   """
   mesh = parallel.make_data_mesh()
+  # A no-op for params already replicated over this mesh (the train loop's).
+  params = jax.device_put(params, parallel.replicated_sharding(mesh))
   sample_fn = sample_fn or make_sample_fn(model, config)
   base_rng = jax.random.PRNGKey(config.seed)
   rows, overlay_batch, root_from = [], None, 'camera'
@@ -183,7 +195,6 @@ def predict_split(config: ml_collections.ConfigDict, params: Any, model,
 
 def overlays(predictions: dict, faces, count: int = NUM_OVERLAYS) -> np.ndarray:
   """Predicted meshes drawn over the first eval images: uint8 [n, S, S, 3]."""
-  from diffhand_jax import render  # pylint: disable=g-import-not-at-top
   first = predictions['overlay_batch']
   out, batch = first['out'], first['batch']
   if 'vertices_camera' not in out:
@@ -205,12 +216,14 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
 
   Args:
     config: the experiment config.
-    params: the model's 'params' collection.
+    params: the model's 'params' collection (host or device arrays).
     model: the DiffHand module (built from config when None).
     workdir: where to write eval/metrics.json, eval/scores.txt and (when
       `write_predictions`) eval/pred.json; nothing is written when None.
     step: the train step (recorded; periodic evals from the train loop write
       under eval/step_<step> and skip pred.json by default).
+    write_predictions: write pred.json; default: for `--mode=eval` (step None)
+      and for splits without ground truth.
     writer: an optional logging_utils.MetricWriter for scalars and overlays.
     sample_fn: a make_sample_fn result to reuse (periodic evals).
     diagnostics_fn: a make_diagnostics_fn result to reuse.
@@ -218,42 +231,55 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
   Returns:
     the metrics dict of metrics.freihand_metrics (mm / fractions) plus
     'num_examples' and `diagnostic_scores` (mean-hand baseline, one-step x̂0
-    and auxiliary-head errors, mm).
+    and auxiliary-head errors, mm); an empty dict when the split has no ground
+    truth (nothing was scored: metrics.json says `scored: false`, scores.txt is
+    not written).
   """
-  from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
-  from diffhand_jax import models  # pylint: disable=g-import-not-at-top
   model = model if model is not None else models.build_model(config)
+  batches = input_pipeline.create_eval_iterator(config)
   diagnostics_fn = diagnostics_fn or make_diagnostics_fn(model)
-  predictions = predict_split(config, params, model,
-                              input_pipeline.create_eval_iterator(config),
-                              sample_fn, diagnostics_fn)
-  scores = score_predictions(predictions)
-  if jax.process_index() == 0:
-    print(f'Evaluation{"" if step is None else f" at step {step}"} on '
-          f'{scores["num_examples"]} examples:\n'
-          + metrics_lib.format_table(scores) + '\n' + format_diagnostics(scores),
-          flush=True)
-  if workdir is not None and jax.process_index() == 0:
-    write_predictions = step is None if write_predictions is None else (
-        write_predictions)
+  predictions = predict_split(config, params, model, batches, sample_fn,
+                              diagnostics_fn)
+  num_examples = int(len(predictions['index']))
+  scored = batches.has_targets
+  scores = score_predictions(predictions) if scored else {}
+  is_writer = jax.process_index() == 0
+  pred_json = None
+  if workdir is not None and is_writer:
+    if write_predictions is None:
+      write_predictions = step is None or not scored
     out_dir = os.path.join(workdir, 'eval', '' if step is None
                            else f'step_{step}')
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-      json.dump(dict(scores, step=step if step is not None else checkpoint_step,
+      json.dump(dict(scores, num_examples=num_examples, scored=scored,
+                     step=step if step is not None else checkpoint_step,
                      frame='root-relative (wrist = 0)',
                      pred_json_root=predictions['root_from'],
                      tta_angles=list(config.eval.tta_angles),
-                     sampling_steps=int(config.sampling.num_steps)),
+                     num_sampling_steps=int(config.sampling.num_sampling_steps)),
                 f, indent=2)
-    metrics_lib.write_scores_txt(os.path.join(out_dir, 'scores.txt'), scores)
+    if scored:
+      metrics_lib.write_scores_txt(os.path.join(out_dir, 'scores.txt'), scores)
     if write_predictions:
-      metrics_lib.write_pred_json(os.path.join(out_dir, 'pred.json'),
-                                  predictions['joints_camera'],
+      pred_json = os.path.join(out_dir, 'pred.json')
+      metrics_lib.write_pred_json(pred_json, predictions['joints_camera'],
                                   predictions['verts_camera'])
+  if is_writer:
+    at_step = '' if step is None else f' at step {step}'
+    if scored:
+      print(f'Evaluation{at_step} on {num_examples} examples:\n'
+            + metrics_lib.format_table(scores) + '\n' + format_diagnostics(scores),
+            flush=True)
+    else:
+      where = f'; predictions written to {pred_json}' if pred_json else ''
+      print(f'Evaluation{at_step}: the evaluation split has no ground truth '
+            f'(no annotation files), so its {num_examples} predictions are not '
+            f'scored{where}.', flush=True)
   if writer is not None and step is not None:
-    writer.scalars(step, scores)
-    images = overlays(predictions, mano.load_hand_model(config).faces)
+    if scores:
+      writer.scalars(step, scores)
+    images = overlays(predictions, procedural_mano.load_hand_model(config).faces)
     if len(images):
       writer.images(step, {'overlays': images})
   return scores
@@ -277,8 +303,7 @@ def format_diagnostics(scores: dict) -> str:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str
                        ) -> dict:
   """`--mode=eval`: the latest checkpoint of `workdir` (EMA params if kept)."""
-  from diffhand_jax import train  # pylint: disable=g-import-not-at-top
-  train.check_dataset_available(config)
+  input_pipeline.check_dataset_available(config)
   step = checkpointing.latest_step(workdir)
-  params = train.restore_params(config, workdir, step)
+  params = checkpointing.restore_params(workdir, step)
   return evaluate(config, params, workdir=workdir, checkpoint_step=step)

@@ -25,6 +25,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from datasets.freihand import freihand
+from datasets.synthetic import synthetic_hands
+from diffhand_jax import checks
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Source keys the pipeline reads (the rest of the features, e.g. mask and pose, are dropped).
@@ -148,15 +152,15 @@ def _crop_box(example, image, moved_joints2d, pixel_motion, crop_margin, whole_i
   return center, side
 
 
-def transform_example(example, data_config, image_size, draws=None, whole_image=False):
+def transform_example(example, config, draws=None, whole_image=False):
   """Crops, augments and normalises one example into the contract's per-example layout.
 
   Args:
     example: dict with image ([H,W,3] uint8 or encoded string), K [3,3], joints3d [21,3],
       joints2d [21,2] pixels, verts [778,3], is_right bool, id int; optionally depth
       [H,W,1] metres and has_targets bool (False: crop the whole image, the joints are unknown).
-    data_config: config.data (crop_margin, jitters, rotation_deg, flip, color_jitter, use_depth).
-    image_size: S, the output side in pixels.
+    config: the experiment config: config.data (image_size S, crop_margin, jitters,
+      rotation_deg, flip, color_jitter) and config.model.use_depth (whether to output depth).
     draws: [8] uniform in [-1, 1] (angle, scale, centre x, centre y, flip, 3 colour gains), or
       None for evaluation (no augmentation).
     whole_image: crop the whole image instead of the box around the 2D joints.
@@ -166,6 +170,7 @@ def transform_example(example, data_config, image_size, draws=None, whole_image=
     [-1,1], root [3], K [3,3] float32; is_right, index int32; valid float32 (= 1).
   """
   _assert_finite(example)
+  data_config, image_size = config.data, config.data.image_size
   image = tf.cast(_decode(example['image']), tf.float32)
   K = tf.cast(example['K'], tf.float32)
   augment = draws is not None
@@ -199,9 +204,9 @@ def transform_example(example, data_config, image_size, draws=None, whole_image=
       'index': tf.cast(example['id'], tf.int32),
       'valid': tf.constant(1.0),
   }
-  if data_config.use_depth:
+  if config.model.use_depth:
     if 'depth' not in example:
-      raise ValueError('config.data.use_depth is set but the data source has no depth feature')
+      raise ValueError('config.model.use_depth is set but the data source has no depth feature')
     depth = warp_image(tf.cast(example['depth'], tf.float32), transform, image_size, 'NEAREST')
     # Mirroring and rotation about the optical axis keep z, so depth values need no change.
     output['depth'] = tf.where(depth > 0, depth - root[2], 0.0)
@@ -222,22 +227,17 @@ def preprocess_image(image, image_size, box=None, K=None):
   Returns:
     (image float32 [S,S,3], K_crop float32 [3,3] = crop_map @ K).
   """
-  image = np.asarray(image)
-  if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-    raise ValueError(f'preprocess_image expects a uint8 [H,W,3] image, got {image.dtype} '
-                     f'{image.shape}')
+  image = checks.check_array('image', image, ('H', 'W', 3), kind=np.uint8)
   height, width = image.shape[:2]
   if box is None:
     center, side = np.array([(width - 1) / 2, (height - 1) / 2]), min(height, width)
   else:
-    box = np.asarray(box, np.float32)
-    if box.shape != (4,) or not np.all(np.isfinite(box)) or not np.all(box[2:] > box[:2]):
-      raise ValueError(f'box must be finite (x_min, y_min, x_max, y_max) with max > min, '
-                       f'got {box}')
+    box = checks.check_array('box', box, (4,), dtype=np.float32)
+    if not np.all(box[2:] > box[:2]):
+      raise ValueError(f'box must be (x_min, y_min, x_max, y_max) with max > min, got {box}')
     center, side = square_box(box[:2], box[2:])
-  K = np.eye(3, dtype=np.float32) if K is None else np.asarray(K, np.float32)
-  if K.shape != (3, 3) or not np.all(np.isfinite(K)):
-    raise ValueError(f'K must be a finite [3,3] matrix, got shape {K.shape}')
+  K = np.eye(3) if K is None else K
+  K = checks.check_array('K', K, (3, 3), dtype=np.float32)
   crop = crop_transform(center, side, image_size)
   warped = warp_image(tf.constant(image, tf.float32), crop, image_size)
   return normalize_image(warped).numpy(), (crop @ K).numpy()
@@ -280,14 +280,14 @@ def train_dataset_from(source, num_examples, config, *, batch_size, start_step=0
   if steps_per_epoch == 0:
     raise ValueError(f'{num_examples} training examples cannot fill one batch of {batch_size}')
   start_epoch, skip_batches = divmod(int(start_step), steps_per_epoch)
-  data_config, image_size, seed = config.data, config.data.image_size, int(config.seed)
+  seed = int(config.seed)
   buffer_size = max(1, min(int(config.data.shuffle_buffer), num_examples))
   source = source.map(_select)
 
   def augment(example, epoch):
     draws = tf.random.stateless_uniform([_NUM_DRAWS], _example_seed(seed, epoch, example['id']),
                                         minval=-1.0, maxval=1.0)
-    return transform_example(example, data_config, image_size, draws)
+    return transform_example(example, config, draws)
 
   def epoch_dataset(epoch):
     shuffle_seed = tf.cast(seed, tf.int64) * 1_000_003 + epoch
@@ -330,12 +330,11 @@ def eval_dataset_from(source, num_examples, config, *, batch_size, num_batches):
   if num_examples <= 0 or num_padding < 0:
     raise ValueError(f'{num_examples} examples do not fit {num_batches} batches of '
                      f'{batch_size} (or none at all)')
-  eval_crop = config.data.get('eval_crop', 'joints')
+  eval_crop = config.data.eval_crop
   if eval_crop not in ('joints', 'image'):
     raise ValueError(f"config.data.eval_crop must be 'joints' or 'image', got {eval_crop!r}")
   examples = source.map(_select).map(
-      lambda example: transform_example(example, config.data, config.data.image_size,
-                                        whole_image=eval_crop == 'image'),
+      lambda example: transform_example(example, config, whole_image=eval_crop == 'image'),
       num_parallel_calls=tf.data.AUTOTUNE)
   padding = examples.take(1).map(lambda e: {**e, 'valid': tf.constant(0.0),
                                             'index': tf.constant(-1, tf.int32)})
@@ -345,19 +344,32 @@ def eval_dataset_from(source, num_examples, config, *, batch_size, num_batches):
 
 # ---- Sources: TFDS builders from the config ----
 
+# Data sets whose readers are planned but not written yet (their configs exist).
+PLANNED_DATASETS = {'dexycb': 'DexYCB', 'ho3d': 'HO-3D v2'}
+
+
+def check_dataset_available(config):
+  """Raises NotImplementedError for data sets whose reader is not written yet."""
+  name = config.data.name
+  if name in PLANNED_DATASETS:
+    raise NotImplementedError(
+        f"config.data.name={name!r}: the {PLANNED_DATASETS[name]} reader is not "
+        'implemented yet (planned issue); the config records the paper setting. '
+        "Available: 'synthetic', 'freihand'.")
+
+
 def get_builder(config, need_train=True):
   """The prepared TFDS builder of `config.data.name` ('synthetic' | 'freihand').
 
   need_train=False: only the evaluation split is read (the synthetic set then skips rendering
   a training split that is not there yet).
   """
+  check_dataset_available(config)
   name = config.data.name
   if name == 'synthetic':
-    from datasets.synthetic import synthetic_hands  # pylint: disable=g-import-not-at-top
     return synthetic_hands.prepare(config, need_train=need_train)
   if name == 'freihand':
-    from datasets.freihand import freihand  # pylint: disable=g-import-not-at-top
-    builder = freihand.Freihand(config='depth' if config.data.use_depth else 'rgb',
+    builder = freihand.Freihand(config='depth' if config.model.use_depth else 'rgb',
                                 data_dir=config.data.tfds_data_dir)
     if not builder.is_prepared():
       if not config.data.root:

@@ -1,11 +1,14 @@
 """Console progress lines and TensorBoard scalars/images; only process 0 writes."""
 import json
+import logging as py_logging
 import os
 import time
 from typing import Mapping, Optional
 
+from absl import logging as absl_logging
 import jax
 import numpy as np
+import tensorflow as tf
 
 
 def scalars_path(workdir: str, name: str) -> str:
@@ -33,9 +36,7 @@ class MetricWriter:
     self._writer = None
     self._jsonl = scalars_path(workdir, name)
     if jax.process_index() == 0:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
       tf.config.set_visible_devices([], 'GPU')  # keep TF off the accelerators
-      self._tf = tf
       self._writer = tf.summary.create_file_writer(
           os.path.join(workdir, 'tensorboard', name))
 
@@ -45,7 +46,7 @@ class MetricWriter:
     scalars = {key: float(value) for key, value in scalars.items() if np.ndim(value) == 0}
     with self._writer.as_default():
       for key, value in scalars.items():
-        self._tf.summary.scalar(key, value, step=step)
+        tf.summary.scalar(key, value, step=step)
     self._writer.flush()
     with open(self._jsonl, 'a') as f:
       f.write(json.dumps({'step': int(step), **scalars}) + '\n')
@@ -59,7 +60,7 @@ class MetricWriter:
         value = np.asarray(value)
         if value.ndim == 3:
           value = value[None]
-        self._tf.summary.image(key, value, step=step, max_outputs=len(value))
+        tf.summary.image(key, value, step=step, max_outputs=len(value))
     self._writer.flush()
 
   def close(self):
@@ -103,8 +104,6 @@ def _format_duration(seconds: float) -> str:
 def quiet_library_logs(packages=('orbax', 'jax/_src', 'tensorflow_datasets')):
   """Drops INFO/DEBUG records that `packages` log through absl (orbax writes
   dozens of lines per checkpoint), keeping warnings and errors."""
-  import logging as py_logging  # pylint: disable=g-import-not-at-top
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   markers = tuple(f'/{p}/' for p in packages)
 
   def keep(record):

@@ -1,29 +1,28 @@
 """The MANO hand layer: model container, file I/O without chumpy, and the LBS forward pass.
 
 `ManoModel` holds the arrays of a MANO right hand (real `MANO_RIGHT.pkl` or the procedural
-default of `synthetic_hand.py`). `mano_forward` is standard MANO/SMPL linear blend skinning in
-pure JAX; it returns vertices and 21 joints in FreiHAND order, built the way FreiHAND builds
-them: `J_regressor @ posed vertices` for the 16 skeleton joints plus five fingertip vertices.
+default of `procedural_mano.py`, whose `load_hand_model(config)` picks between the two).
+`mano_forward` is standard MANO/SMPL linear blend skinning in pure JAX; it returns vertices and
+21 joints in FreiHAND order, built the way FreiHAND builds them: `J_regressor @ posed
+vertices` for the 16 skeleton joints plus five fingertip vertices.
 
 Reading the official pickles: they are Python-2 pickles that hold `chumpy` objects and a
 scipy sparse matrix. `load_mano` uses a restricted unpickler: only an allow-list of numpy /
 scipy.sparse reconstruction globals and inert stand-ins for chumpy classes can be resolved;
 anything else (os.system, builtins.eval, ...) raises ValueError before it can run.
-
-CLI: `python -m diffhand_jax.mano synthesize OUT.pkl [--seed N]` writes the procedural hand.
 """
-import argparse
 import codecs
 import dataclasses
-import functools
 import os
 import pickle
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse
+
+from diffhand_jax import checks
+from diffhand_jax import mesh
 
 NUM_VERTICES = 778
 NUM_FACES = 1538
@@ -110,15 +109,10 @@ def make_model(arrays):
   fields = {}
   for name, shape in _ARRAY_SHAPES.items():
     if name not in arrays:
-      raise ValueError(f'MANO model is missing {name!r} (expected shape {shape})')
-    value = np.asarray(arrays[name])
-    if value.shape != shape:
-      raise ValueError(f'MANO {name!r} has shape {value.shape}, expected {shape}')
-    if not np.issubdtype(value.dtype, np.number):
-      raise ValueError(f'MANO {name!r} has non-numeric dtype {value.dtype}')
-    if not np.all(np.isfinite(value)):
-      raise ValueError(f'MANO {name!r} contains NaN or infinite values')
-    fields[name] = value.astype(np.float32)
+      raise ValueError(f'MANO model is missing {name!r} (expected shape '
+                       f'{checks.describe_shape(shape)})')
+    fields[name] = checks.check_array(f'MANO {name!r}', arrays[name], shape, kind=np.number,
+                                      dtype=np.float32)
   fields['faces'] = _faces_from(arrays)
   fields['parents'] = _parents_from(arrays)
   for value in fields.values():
@@ -129,33 +123,25 @@ def make_model(arrays):
 def _faces_from(arrays):
   key = 'faces' if 'faces' in arrays else 'f'
   if key not in arrays:
-    raise ValueError(f"MANO model is missing 'f' (faces, expected shape ({NUM_FACES}, 3))")
-  faces = np.asarray(arrays[key])
-  if faces.shape != (NUM_FACES, 3):
-    raise ValueError(f'MANO {key!r} has shape {faces.shape}, expected ({NUM_FACES}, 3)')
-  if not np.issubdtype(faces.dtype, np.integer):
-    raise ValueError(f'MANO {key!r} must hold integers, got {faces.dtype}')
-  if faces.min() < 0 or faces.max() >= NUM_VERTICES:
-    raise ValueError(f'MANO {key!r} indexes vertices outside [0, {NUM_VERTICES})')
-  return faces.astype(np.int32)
+    raise ValueError(f"MANO model is missing 'f' (faces, expected shape [{NUM_FACES}, 3])")
+  checks.check_array(f'MANO {key!r}', arrays[key], (NUM_FACES, 3))
+  return mesh.check_faces(arrays[key], NUM_VERTICES, f'MANO {key!r}').astype(np.int32)
 
 
 def _parents_from(arrays):
   """Parents [16] from `parents` or the official `kintree_table` [2, 16]."""
   if 'parents' in arrays:
-    parents = np.asarray(arrays['parents']).astype(np.int64)
-    if parents.shape != (NUM_JOINTS,):
-      raise ValueError(f"MANO 'parents' has shape {parents.shape}, expected ({NUM_JOINTS},)")
+    parents = checks.check_array("MANO 'parents'", arrays['parents'], (NUM_JOINTS,),
+                                 dtype=np.int64)
   elif 'kintree_table' in arrays:
-    table = np.asarray(arrays['kintree_table']).astype(np.int64)
-    if table.shape != (2, NUM_JOINTS):
-      raise ValueError(f"MANO 'kintree_table' has shape {table.shape}, expected (2, 16)")
+    table = checks.check_array("MANO 'kintree_table'", arrays['kintree_table'], (2, NUM_JOINTS),
+                               dtype=np.int64)
     if sorted(table[1].tolist()) != list(range(NUM_JOINTS)):
       raise ValueError("MANO 'kintree_table' row 1 must list the joint ids 0..15")
     parents = np.empty(NUM_JOINTS, np.int64)
     parents[table[1]] = table[0]
   else:
-    raise ValueError("MANO model is missing 'kintree_table' (expected shape (2, 16))")
+    raise ValueError("MANO model is missing 'kintree_table' (expected shape [2, 16])")
   parents = np.where((parents == _UINT32_ROOT) | (parents < 0), -1, parents)
   if parents[0] != -1 or np.any(parents[1:] < 0) or np.any(
       parents[1:] >= np.arange(1, NUM_JOINTS)):
@@ -239,6 +225,7 @@ def _safe_codecs_encode(text, encoding='utf-8'):
 
 
 def _numpy_scalar():
+  # Imported here: the module moved in numpy 2 and only the pickle loader needs it.
   try:
     from numpy._core import multiarray  # pylint: disable=g-import-not-at-top
   except ImportError:  # numpy < 2
@@ -376,20 +363,6 @@ def save_mano(model, path):
     pickle.dump(official, f, protocol=2)
 
 
-def load_hand_model(config):
-  """`synthetic_mano(config.mano_seed)` if `config.mano_path` is empty, else the file."""
-  if not config.mano_path:
-    return synthetic_mano(int(config.mano_seed))
-  return load_mano(config.mano_path)
-
-
-@functools.lru_cache(maxsize=4)
-def synthetic_mano(seed=0):
-  """The procedural MANO-format right hand (cached per seed); see `synthetic_hand.py`."""
-  from diffhand_jax import synthetic_hand  # pylint: disable=g-import-not-at-top
-  return synthetic_hand.synthetic_mano(seed)
-
-
 # ---- Forward pass ----
 def rodrigues(axis_angle):
   """Rotation matrices from axis-angle vectors, finite with finite gradients at zero.
@@ -524,16 +497,15 @@ def mano_forward(model, pose, betas, transl=None, *, flat_hand_mean=False,
   Returns:
     vertices [B, 778, 3] and joints [B, 21, 3] (FreiHAND order), metres, float32.
   """
-  pose = jnp.asarray(pose, jnp.float32)
-  betas = jnp.asarray(betas, jnp.float32)
-  if pose.ndim != 2 or pose.shape[1] != NUM_POSE:
-    raise ValueError(f'pose must be [batch, {NUM_POSE}], got {pose.shape}')
-  if betas.ndim != 2 or betas.shape != (pose.shape[0], NUM_BETAS):
-    raise ValueError(f'betas must be [{pose.shape[0]}, {NUM_BETAS}], got {betas.shape}')
+  # Shapes only: the forward pass runs under jit and grad, values are not inspected.
+  pose = checks.check_array('pose', jnp.asarray(pose, jnp.float32), ('batch', NUM_POSE),
+                            finite=False)
+  batch = pose.shape[0]
+  betas = checks.check_array('betas', jnp.asarray(betas, jnp.float32), (batch, NUM_BETAS),
+                             finite=False)
   if transl is not None:
-    transl = jnp.asarray(transl, jnp.float32)
-    if transl.shape != (pose.shape[0], 3):
-      raise ValueError(f'transl must be [{pose.shape[0]}, 3], got {transl.shape}')
+    transl = checks.check_array('transl', jnp.asarray(transl, jnp.float32), (batch, 3),
+                                finite=False)
   parents = tuple(int(p) for p in np.asarray(model.parents))
   tips = _check_tip_ids(tip_ids)
 
@@ -553,20 +525,3 @@ def mano_forward(model, pose, betas, transl=None, *, flat_hand_mean=False,
   skeleton = _einsum('jv,bvc->bjc', model.J_regressor, vertices)
   joints = jnp.concatenate([skeleton, vertices[:, tips]], axis=1)[:, _freihand_order()]
   return vertices, joints
-
-
-# ---- CLI ----
-def main(argv=None):
-  parser = argparse.ArgumentParser(prog='python -m diffhand_jax.mano')
-  commands = parser.add_subparsers(dest='command', required=True)
-  synth = commands.add_parser('synthesize', help='write the procedural hand as a MANO file')
-  synth.add_argument('out', help='output path (.pkl official layout, or .npz)')
-  synth.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args(argv)
-  if args.command == 'synthesize':
-    save_mano(synthetic_mano(args.seed), args.out)
-    print(f'wrote {args.out}')
-
-
-if __name__ == '__main__':
-  main(sys.argv[1:])

@@ -9,16 +9,25 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
+from diffhand_jax import checks
+
 
 def _array_module(x):
   return np if isinstance(x, np.ndarray) else jnp
 
 
+def check_faces(faces, num_vertices, name='faces'):
+  """Returns `faces` as int64 [F, 3] after checking they index vertices in [0, num_vertices)."""
+  faces = checks.check_array(name, faces, ('F', 3), kind=np.integer)
+  if faces.size and (faces.min() < 0 or faces.max() >= num_vertices):
+    raise ValueError(f'{name} index vertices outside [0, {num_vertices})')
+  return faces.astype(np.int64)
+
+
 def _check_mesh(vertices, faces):
-  if vertices.ndim < 2 or vertices.shape[-1] != 3:
-    raise ValueError(f'vertices must be [..., V, 3], got {vertices.shape}')
-  if faces.ndim != 2 or faces.shape[-1] != 3:
-    raise ValueError(f'faces must be [F, 3], got {faces.shape}')
+  """Shapes only: the normal functions also run on traced arrays."""
+  checks.check_array('vertices', vertices, (Ellipsis, 'V', 3), finite=False)
+  checks.check_array('faces', faces, ('F', 3), finite=False)
 
 
 def _normalize(xp, v, eps):
@@ -105,17 +114,8 @@ def boundary_loops(faces):
 
 
 def _checked_numpy(vertices, faces):
-  vertices = np.asarray(vertices, np.float64)
-  faces = np.asarray(faces)
-  if vertices.ndim != 2 or vertices.shape[1] != 3:
-    raise ValueError(f'vertices must be [V, 3], got {vertices.shape}')
-  if faces.ndim != 2 or faces.shape[1] != 3 or not np.issubdtype(faces.dtype, np.integer):
-    raise ValueError(f'faces must be an integer [F, 3] array, got {faces.shape} {faces.dtype}')
-  if faces.size and (faces.min() < 0 or faces.max() >= len(vertices)):
-    raise ValueError(f'faces index vertices outside [0, {len(vertices)})')
-  if not np.all(np.isfinite(vertices)):
-    raise ValueError('vertices contain NaN or infinite values')
-  return vertices, faces
+  vertices = checks.check_array('vertices', vertices, ('V', 3), dtype=np.float64)
+  return vertices, check_faces(faces, len(vertices))
 
 
 def save_obj(path, vertices, faces):

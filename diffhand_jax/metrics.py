@@ -30,6 +30,8 @@ import os
 import numpy as np
 from scipy import spatial
 
+from diffhand_jax import checks
+
 NUM_JOINTS = 21
 NUM_VERTICES = 778
 # Official eval.py: `get_measures(0.0, 0.05, 100)` (metres) and `f_threshs = [0.005, 0.015]`.
@@ -58,16 +60,9 @@ _SCORES_TXT = (
 )
 
 
-def _check_points(name, x, num_points, num_samples=None):
-  """Returns `x` as a float64 array after checking shape [N, num_points, 3] and finiteness."""
-  x = np.asarray(x, dtype=np.float64)
-  if x.ndim != 3 or x.shape[1:] != (num_points, 3):
-    raise ValueError(f'{name} must have shape (N, {num_points}, 3), got {x.shape}')
-  if num_samples is not None and x.shape[0] != num_samples:
-    raise ValueError(f'{name} has {x.shape[0]} samples, expected {num_samples}')
-  if not np.all(np.isfinite(x)):
-    raise ValueError(f'{name} contains NaN or infinite values')
-  return x
+def _check_points(name, x, num_points, num_samples='N'):
+  """Returns `x` as float64 after checking shape [num_samples, num_points, 3] and finiteness."""
+  return checks.check_array(name, x, (num_samples, num_points, 3), dtype=np.float64)
 
 
 def align_w_scale(gt, pred):
@@ -81,10 +76,8 @@ def align_w_scale(gt, pred):
     [samples, points, 3] float64: the prediction after the per-sample rotation (or reflection),
     scale and translation that best fit it to `gt`.
   """
-  gt = np.asarray(gt, dtype=np.float64)
-  pred = np.asarray(pred, dtype=np.float64)
-  if gt.shape != pred.shape or gt.ndim != 3 or gt.shape[-1] != 3:
-    raise ValueError(f'align_w_scale needs equal shapes (N, P, 3), got {gt.shape}, {pred.shape}')
+  gt = checks.check_array('gt', gt, ('samples', 'points', 3), dtype=np.float64, finite=False)
+  pred = checks.check_array('pred', pred, gt.shape, dtype=np.float64, finite=False)
   gt_mean = gt.mean(axis=1, keepdims=True)
   gt_c = gt - gt_mean
   pred_c = pred - pred.mean(axis=1, keepdims=True)

@@ -10,15 +10,16 @@ Choices, written down:
   (`input_pipeline.preprocess_image`, the training normalisation). The hand should fill it.
 - Intrinsics: user images come without K, so a pinhole camera is assumed: principal point at
   the image centre ((W - 1) / 2, (H - 1) / 2; pixel centres on integers) and focal length
-  config.predict.focal_length_224 (default 500 px, FreiHAND-like) at a 224 px crop, scaled with
-  the crop side min(H, W). The crop only scales and shifts pixels, so the crop camera and the
-  image camera share one frame: the camera-frame mesh drawn with the image's K lands on the
-  image. Its absolute depth is as good as this focal-length guess (the relative shape is not
-  affected).
+  config.predict.focal_length_224 (500 px in configs/synthetic.py, FreiHAND-like) at a 224 px
+  crop, scaled with the crop side min(H, W). The crop only scales and shifts pixels, so the crop
+  camera and the image camera share one frame: the camera-frame mesh drawn with the image's K
+  lands on the image. Its absolute depth is as good as this focal-length guess (the relative
+  shape is not affected).
 - Images are assumed to show a right hand (training mirrors left hands to right ones).
-- Sampling: `evaluate.make_sample_fn` (config.sampling.*, config.eval.tta_angles), noise from
-  PRNGKey(config.seed) folded with the batch number: the same checkpoint and images always give
-  the same meshes. Per-vertex uncertainty `vertex_std` is the RMS distance of the
+- Sampling: `evaluate.make_sample_fn` (config.sampling.*, config.eval.tta_angles) on one
+  device (parameters from `checkpointing.restore_params`, whatever topology trained them), noise
+  from PRNGKey(config.seed) folded with the batch number: the same checkpoint and images always
+  give the same meshes. Per-vertex uncertainty `vertex_std` is the RMS distance of the
   config.sampling.num_hypotheses samples to their mean (0 when K = 1).
 - Unreadable files with an image extension are reported and skipped; other files are ignored.
   Nothing already written is replaced unless `overwrite=True`: all output paths are checked
@@ -35,8 +36,15 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
+from diffhand_jax import checkpointing
+from diffhand_jax import evaluate
+from diffhand_jax import input_pipeline
+from diffhand_jax import mesh
+from diffhand_jax import models
+from diffhand_jax import procedural_mano
+from diffhand_jax import render
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
-DEFAULT_FOCAL_LENGTH_224 = 500.0  # used when a config lacks config.predict.focal_length_224
 OUTPUT_SUBDIR = 'predictions'
 # Keys of each <stem>.json; V = number of mesh vertices (778), shapes per image.
 JSON_KEYS = {
@@ -54,7 +62,7 @@ JSON_KEYS = {
                 'is not in front of the camera)',
     'vertex_std': '[V] per-vertex uncertainty, metres (RMS over the hypotheses)',
     'num_hypotheses': 'int, samples per image',
-    'num_steps': 'int, DDIM steps',
+    'num_sampling_steps': 'int, DDIM steps',
 }
 
 
@@ -112,8 +120,7 @@ def assumed_intrinsics(height: int, width: int, focal_length_224: float) -> np.n
 
 
 def _focal_length_224(config):
-  predict_config = config.get('predict') or {}
-  focal = float(predict_config.get('focal_length_224', DEFAULT_FOCAL_LENGTH_224))
+  focal = float(config.predict.focal_length_224)
   if not np.isfinite(focal) or focal <= 0:
     raise ValueError(f'config.predict.focal_length_224 must be positive, got {focal}')
   return focal
@@ -133,7 +140,6 @@ def _check_outputs_free(jobs, overwrite):
 
 def _drawing(image, K, vertices_camera, joints_camera, faces):
   """The overlay image, or the plain image when the placement cannot be drawn."""
-  from diffhand_jax import render  # pylint: disable=g-import-not-at-top
   if not (np.all(np.isfinite(vertices_camera)) and np.all(vertices_camera[:, 2] > 0)):
     return image, None
   overlay = render.overlay_mesh(image, vertices_camera, faces, K)
@@ -143,7 +149,6 @@ def _drawing(image, K, vertices_camera, joints_camera, faces):
 
 def _write_result(paths, record, image, faces):
   """Writes the .obj, the overlay PNG and the JSON of one image."""
-  from diffhand_jax import mesh  # pylint: disable=g-import-not-at-top
   overlay, joints2d = _drawing(image, record['intrinsics'], record['vertices_camera'],
                                record['joints_camera'], faces)
   record['joints2d'] = joints2d
@@ -177,11 +182,6 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str, *,
     FileExistsError: an output file exists and `overwrite` is False.
     ValueError: no images, or a config this mode cannot serve (depth-conditioned models).
   """
-  from diffhand_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from diffhand_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
-  from diffhand_jax import models  # pylint: disable=g-import-not-at-top
-
   if config.model.use_depth:
     raise ValueError('--mode=predict does not support depth-conditioned models '
                      '(config.model.use_depth=True): user images come without depth maps')
@@ -195,12 +195,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str, *,
   _check_outputs_free(jobs, overwrite)
   focal_length_224 = _focal_length_224(config)
   if params is None:
-    from diffhand_jax import train  # pylint: disable=g-import-not-at-top
-    params = train.restore_params(config, workdir)
+    params = checkpointing.restore_params(workdir)
+  # On one device, once: the jitted sampler would otherwise copy host params in every batch.
+  params = jax.device_put(params, jax.local_devices()[0])
   os.makedirs(output_dir, exist_ok=True)
 
   model = models.build_model(config)
-  faces = np.asarray(mano.load_hand_model(config).faces)
+  faces = np.asarray(procedural_mano.load_hand_model(config).faces)
   sample_fn = evaluate.make_sample_fn(model, config)
   image_size = int(config.data.image_size)
   # Every batch is padded to this size (one compilation); no bigger than the input needs.
@@ -234,7 +235,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str, *,
           'vertices_camera': np.asarray(out['vertices_camera'][row]),
           'vertex_std': np.asarray(out['vertex_std'][row]),
           'num_hypotheses': int(config.sampling.num_hypotheses),
-          'num_steps': int(config.sampling.num_steps),
+          'num_sampling_steps': int(config.sampling.num_sampling_steps),
       }
       _write_result(item['paths'], record, item['image'], faces)
       written.append(item['paths']['json'])

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from diffhand_jax import checks
 from diffhand_jax import mesh
 
 # FreiHAND skeleton: wrist -> each finger's base -> ... -> tip (joint order of datasets/features).
@@ -50,32 +51,11 @@ class Rasterization(NamedTuple):
 # ---- Input checks ----
 
 def _check_vertices(vertices, name='vertices'):
-  vertices = np.asarray(vertices, dtype=np.float64)
-  if vertices.ndim != 2 or vertices.shape[1] != 3:
-    raise ValueError(f'{name} must have shape (V, 3), got {vertices.shape}')
-  if not np.all(np.isfinite(vertices)):
-    raise ValueError(f'{name} contain NaN or inf')
-  return vertices
-
-
-def _check_faces(faces, num_vertices):
-  faces = np.asarray(faces)
-  if faces.ndim != 2 or faces.shape[1] != 3:
-    raise ValueError(f'faces must have shape (F, 3), got {faces.shape}')
-  if not np.issubdtype(faces.dtype, np.integer):
-    raise ValueError(f'faces must be integer indices, got dtype {faces.dtype}')
-  if faces.size and (faces.min() < 0 or faces.max() >= num_vertices):
-    raise ValueError(f'faces index vertices outside [0, {num_vertices})')
-  return faces.astype(np.int64)
+  return checks.check_array(name, vertices, ('V', 3), dtype=np.float64)
 
 
 def _check_intrinsics(K):
-  K = np.asarray(K, dtype=np.float64)
-  if K.shape != (3, 3):
-    raise ValueError(f'K must have shape (3, 3), got {K.shape}')
-  if not np.all(np.isfinite(K)):
-    raise ValueError('K contains NaN or inf')
-  return K
+  return checks.check_array('K', K, (3, 3), dtype=np.float64)
 
 
 def _check_size(height, width):
@@ -85,17 +65,11 @@ def _check_size(height, width):
 
 
 def _check_color(color, name='color'):
-  color = np.asarray(color, dtype=np.float64)
-  if color.shape != (3,) or not np.all(np.isfinite(color)):
-    raise ValueError(f'{name} must be 3 finite RGB floats in [0, 1], got {color!r}')
-  return color
+  return checks.check_array(name, color, (3,), dtype=np.float64)
 
 
 def _check_image(image):
-  image = np.asarray(image)
-  if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-    raise ValueError(f'image must be uint8 (H, W, 3), got {image.dtype} {image.shape}')
-  return image
+  return checks.check_array('image', image, ('H', 'W', 3), kind=np.uint8)
 
 
 # ---- Geometry ----
@@ -150,7 +124,7 @@ def rasterize(vertices, faces, K, height, width, *, near=1e-4, max_candidates=1 
     A `Rasterization` (depth [H, W], face_index [H, W], barycentric [H, W, 3]).
   """
   vertices = _check_vertices(vertices)
-  faces = _check_faces(faces, len(vertices))
+  faces = mesh.check_faces(faces, len(vertices))
   K = _check_intrinsics(K)
   height, width = _check_size(height, width)
 
@@ -248,18 +222,16 @@ def shade(raster, vertices, faces, *, color=DEFAULT_SKIN, light_dir=DEFAULT_LIGH
     [H, W, 3] float32 RGB in [0, 1].
   """
   vertices = _check_vertices(vertices)
-  faces = _check_faces(faces, len(vertices))
+  faces = mesh.check_faces(faces, len(vertices))
   per_vertex = np.ndim(color) == 2
   if per_vertex:
-    color = np.asarray(color, np.float64)
-    if color.shape != (len(vertices), 3) or not np.all(np.isfinite(color)):
-      raise ValueError(f'per-vertex color must be finite [{len(vertices)}, 3], '
-                       f'got shape {color.shape}')
+    color = checks.check_array('per-vertex color', color, (len(vertices), 3),
+                               dtype=np.float64)
   else:
     color = _check_color(color)
-  light = np.asarray(light_dir, dtype=np.float64)
-  if light.shape != (3,) or not np.all(np.isfinite(light)) or not np.any(light):
-    raise ValueError(f'light_dir must be a finite non-zero 3-vector, got {light_dir!r}')
+  light = checks.check_array('light_dir', light_dir, (3,), dtype=np.float64)
+  if not np.any(light):
+    raise ValueError(f'light_dir must be non-zero, got {light_dir!r}')
   if not 0.0 <= ambient <= 1.0:
     raise ValueError(f'ambient must be in [0, 1], got {ambient}')
   light = light / np.linalg.norm(light)
@@ -285,9 +257,7 @@ def shade(raster, vertices, faces, *, color=DEFAULT_SKIN, light_dir=DEFAULT_LIGH
 
 
 def _background_float(background, height, width):
-  background = np.asarray(background)
-  if background.shape != (height, width, 3):
-    raise ValueError(f'background must have shape {(height, width, 3)}, got {background.shape}')
+  background = checks.check_array('background', background, (height, width, 3))
   if background.dtype == np.uint8:
     return background.astype(np.float32) / 255.0
   return np.clip(background, 0.0, 1.0).astype(np.float32)
@@ -369,11 +339,9 @@ def _stamp_disks(image, centers, colors, radius):
   image[cv[inside], cu[inside]] = pixel_colors[inside]
 
 
-def _check_points2d(points2d):
-  points2d = np.asarray(points2d, dtype=np.float64)
-  if points2d.ndim != 2 or points2d.shape[1] != 2:
-    raise ValueError(f'points2d must have shape (N, 2), got {points2d.shape}')
-  return points2d
+def _check_points2d(points2d, name='points2d'):
+  # NaN points are allowed: they draw nothing.
+  return checks.check_array(name, points2d, ('N', 2), dtype=np.float64, finite=False)
 
 
 def _per_point_colors(color, count):
@@ -418,7 +386,8 @@ def draw_lines(image, starts, ends, color=(1.0, 1.0, 1.0), thickness=1.0):
     [H, W, 3] uint8, a new array.
   """
   image = _check_image(image).copy()
-  starts, ends = _check_points2d(starts), _check_points2d(ends)
+  starts = _check_points2d(starts, 'starts')
+  ends = _check_points2d(ends, 'ends')
   if starts.shape != ends.shape:
     raise ValueError(f'starts {starts.shape} and ends {ends.shape} differ')
   colors = _per_point_colors(color, len(starts))
@@ -448,9 +417,7 @@ def draw_skeleton(image, joints2d, bones=HAND_BONES, thickness=2.0, joint_radius
   Returns:
     [H, W, 3] uint8, a new array.
   """
-  joints2d = _check_points2d(joints2d)
-  if len(joints2d) != 21:
-    raise ValueError(f'joints2d must have 21 joints, got {len(joints2d)}')
+  joints2d = checks.check_array('joints2d', joints2d, (21, 2), dtype=np.float64, finite=False)
   bones = np.asarray(bones, dtype=np.int64)
   finger_of_joint = np.concatenate([[0], np.repeat(np.arange(5), 4)])
   palette = np.asarray(FINGER_COLORS)

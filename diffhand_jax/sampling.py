@@ -5,8 +5,8 @@ DDIM reverse process as one `lax.scan` over the decoder. Both functions are pure
 wrapped in `jax.jit` (model and the integer / string options static) and `jax.vmap`:
 
   sample_fn = jax.jit(sampling.sample, static_argnames=(
-      'model', 'num_steps', 'num_hypotheses', 'aggregate'))
-  out = sample_fn(model, params, images, rng, num_steps=10)
+      'model', 'num_sampling_steps', 'num_hypotheses', 'aggregate'))
+  out = sample_fn(model, params, images, rng, num_sampling_steps=10)
 """
 from typing import Optional, Sequence
 
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffhand_jax import checks
 from diffhand_jax import diffusion
 from diffhand_jax.models import diffhand
 
@@ -25,24 +26,23 @@ def _variables(params):
   return params if 'params' in params else {'params': params}
 
 
-def _check_options(model, images, depth, intrinsics, num_steps, num_hypotheses, aggregate):
+def _check_options(model, images, depth, intrinsics, num_sampling_steps, num_hypotheses, aggregate):
   """Raises ValueError for bad input, before anything is traced."""
   diffhand.check_images(images, depth)
-  if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-    raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}')
-  if num_steps > model.num_timesteps:
-    raise ValueError(f'num_steps={num_steps} exceeds the {model.num_timesteps} training '
-                     'timesteps')
+  if not isinstance(num_sampling_steps, (int, np.integer)) or num_sampling_steps < 1:
+    raise ValueError(f'num_sampling_steps must be an integer >= 1, got {num_sampling_steps!r}')
+  if num_sampling_steps > model.num_timesteps:
+    raise ValueError(f'num_sampling_steps={num_sampling_steps} exceeds the '
+                     f'{model.num_timesteps} training timesteps')
   if not isinstance(num_hypotheses, (int, np.integer)) or num_hypotheses < 1:
     raise ValueError(f'num_hypotheses must be an integer >= 1, got {num_hypotheses!r}')
   if aggregate not in AGGREGATES:
     raise ValueError(f'aggregate must be one of {AGGREGATES}, got {aggregate!r}')
-  if intrinsics is not None and tuple(jnp.shape(intrinsics)) != (images.shape[0], 3, 3):
-    raise ValueError(f'intrinsics must be [batch={images.shape[0]}, 3, 3], '
-                     f'got {jnp.shape(intrinsics)}')
+  if intrinsics is not None:
+    checks.check_array('intrinsics', intrinsics, (images.shape[0], 3, 3), finite=False)
 
 
-def _hypotheses(model, params, images, rng, num_steps, num_hypotheses, depth, eta):
+def _hypotheses(model, params, images, rng, num_sampling_steps, num_hypotheses, depth, eta):
   """K meshes per image (metres, as predicted) and the camera.
 
   Returns:
@@ -65,7 +65,7 @@ def _hypotheses(model, params, images, rng, num_steps, num_hypotheses, depth, et
   noise_key, ddim_key = jax.random.split(rng)
   x_T = jax.random.normal(noise_key, (batch * k, n, 3), jnp.float32)
   schedule = diffusion.cosine_schedule(model.num_timesteps, model.cosine_s)
-  timesteps = diffusion.ddim_timesteps(model.num_timesteps, num_steps)
+  timesteps = diffusion.ddim_timesteps(model.num_timesteps, num_sampling_steps)
   denoise_fn = lambda x_t, t: model.apply(variables, x_t, t, tokens_k, embedding_k,
                                           method='denoise')
   x0 = diffusion.ddim_sample(denoise_fn, schedule, x_T, timesteps, eta, ddim_key)
@@ -124,18 +124,18 @@ def _summarise(model, hypotheses, camera, aggregate, intrinsics, image_size):
   return out
 
 
-def sample(model, params, images: jax.Array, rng: jax.Array, *, num_steps: int = 10,
+def sample(model, params, images: jax.Array, rng: jax.Array, *, num_sampling_steps: int = 10,
            num_hypotheses: int = 1, depth: Optional[jax.Array] = None,
            aggregate: str = 'mean', eta: float = 0.0,
            intrinsics: Optional[jax.Array] = None) -> dict:
-  """Reconstructs hand meshes: encoder once, DDIM with `num_steps` decoder steps.
+  """Reconstructs hand meshes: encoder once, DDIM with `num_sampling_steps` decoder steps.
 
   Args:
     model: from `models.build_model`.
     params: from `models.init_params` (or a {'params': ...} variables dict).
     images: [B, S, S, 3] float, ImageNet-normalised crops.
     rng: PRNG key (starting noise and eta noise).
-    num_steps: DDIM steps S >= 1.
+    num_sampling_steps: DDIM steps S >= 1.
     num_hypotheses: K >= 1 independent samples per image (one encoder pass).
     depth: optional [B, S, S, 1] depth condition.
     aggregate: 'mean' or 'medoid' of the K hypotheses.
@@ -148,8 +148,8 @@ def sample(model, params, images: jax.Array, rng: jax.Array, *, num_steps: int =
     hypotheses to their mean), 'camera' [B, 3]; with intrinsics also 'vertices_camera'
     [B, N, 3] and 'joints_camera' [B, 21, 3] (metres, camera frame).
   """
-  _check_options(model, images, depth, intrinsics, num_steps, num_hypotheses, aggregate)
-  hypotheses, camera = _hypotheses(model, params, images, rng, num_steps, num_hypotheses,
+  _check_options(model, images, depth, intrinsics, num_sampling_steps, num_hypotheses, aggregate)
+  hypotheses, camera = _hypotheses(model, params, images, rng, num_sampling_steps, num_hypotheses,
                                    depth, eta)
   return _summarise(model, hypotheses, camera, aggregate, intrinsics, images.shape[1])
 
@@ -195,7 +195,7 @@ def rotate_images(images: jax.Array, angle_deg: float) -> jax.Array:
 
 
 def tta_sample(model, params, images: jax.Array, rng: jax.Array, *,
-               angles: Sequence[float] = (-10.0, 0.0, 10.0), num_steps: int = 10,
+               angles: Sequence[float] = (-10.0, 0.0, 10.0), num_sampling_steps: int = 10,
                num_hypotheses: int = 1, depth: Optional[jax.Array] = None,
                aggregate: str = 'mean', eta: float = 0.0,
                intrinsics: Optional[jax.Array] = None) -> dict:
@@ -217,13 +217,13 @@ def tta_sample(model, params, images: jax.Array, rng: jax.Array, *,
   angles = tuple(float(a) for a in angles)
   if not angles:
     raise ValueError('tta_sample needs at least one angle')
-  _check_options(model, images, depth, intrinsics, num_steps, num_hypotheses, aggregate)
+  _check_options(model, images, depth, intrinsics, num_sampling_steps, num_hypotheses, aggregate)
   batch = images.shape[0]
   rotated = jnp.concatenate([rotate_images(images, a) for a in angles])
   rotated_depth = None
   if depth is not None:
     rotated_depth = jnp.concatenate([rotate_images(depth, a) for a in angles])
-  hypotheses, camera = _hypotheses(model, params, rotated, rng, num_steps, num_hypotheses,
+  hypotheses, camera = _hypotheses(model, params, rotated, rng, num_sampling_steps, num_hypotheses,
                                    rotated_depth, eta)
   undo = jnp.stack([rotation_2d(-a) for a in angles])  # [A, 2, 2]
   hypotheses = hypotheses.reshape((len(angles), batch) + hypotheses.shape[1:])

@@ -3,6 +3,8 @@
 The loop (`run_training`) is generic over a `Task` (init, loss, data, eval) so
 that its machinery (jit/pmap, checkpoints, resume, preemption, NaN guard) is
 tested with a tiny stand-in; `train_and_evaluate` builds the DiffHand task.
+There is no separate eval step here: the periodic evaluation is the sampler of
+evaluate.py (`Task.evaluate`), the same code as `--mode=eval`.
 """
 import functools
 import signal
@@ -12,6 +14,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
 from absl import logging
 import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -19,10 +22,14 @@ import optax
 
 from diffhand_jax import checkpointing
 from diffhand_jax import diffusion as diffusion_lib
+from diffhand_jax import evaluate as evaluate_lib
+from diffhand_jax import input_pipeline
 from diffhand_jax import logging_utils
 from diffhand_jax import losses
+from diffhand_jax import models
 from diffhand_jax import optim
 from diffhand_jax import parallel
+from diffhand_jax import procedural_mano
 
 # loss_fn(params, batch, example_keys [B] keys) -> (loss scalar, aux scalars)
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array],
@@ -146,7 +153,6 @@ class PreemptionFlag:
     follows is collective, so all processes must take the branch together)."""
     if jax.process_count() == 1:
       return self._requested
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return bool(np.any(multihost_utils.process_allgather(
         np.array(self._requested))))
 
@@ -205,13 +211,13 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, task: Task,
   # ---- Checkpoints: resume ----
   manager = checkpointing.make_manager(
       workdir, keep=int(train_config.keep_checkpoints),
-      best_metric=train_config.get('best_metric') or None)
+      best_metric=train_config.best_metric or None)
   start_step = manager.latest_step() or 0
   if start_step:
     state = checkpointing.restore_state(manager, start_step, target=state)
     logging.info('Resumed from %s at step %d', manager.directory, start_step)
-  elif config.get('init_from'):
-    state = state.replace(params=load_params_into(
+  elif config.init_from:
+    state = state.replace(params=checkpointing.load_params_into(
         state.params, config.init_from))
     if state.ema_params is not None:
       state = state.replace(ema_params=jax.tree.map(jnp.array, state.params))
@@ -269,7 +275,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, task: Task,
         if eval_now:  # the task writes its own eval summaries
           eval_metrics = task.evaluate(eval_params(runner.get_state(placed)),
                                        done)
-          best = train_config.get('best_metric')
+          best = train_config.best_metric
           if eval_metrics and best and best not in eval_metrics:
             raise ValueError(f'config.train.best_metric={best!r} is not an '
                              f'eval metric (have: {sorted(eval_metrics)})')
@@ -295,68 +301,7 @@ def _scalar_metrics(metrics):
   return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
 
 
-# ---- Parameters for eval / predict / fine-tuning ----
-def restore_params(config: ml_collections.ConfigDict, workdir: str,
-                   step: Optional[int] = None):
-  """The parameters of the latest (or given) checkpoint in workdir.
-
-  Returns the EMA parameters when the run kept them, else the raw ones, as
-  numpy arrays in nested dicts (the model's `params` collection).
-  Raises FileNotFoundError when the workdir has no checkpoint.
-  """
-  del config  # the checkpoint is self-describing; kept for a stable signature
-  with checkpointing.make_manager(workdir, read_only=True) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(
-          f'no checkpoint under {checkpointing.checkpoint_dir(workdir)}: train '
-          'first (--mode=train) or point --workdir at a trained run')
-    raw = checkpointing.restore_state(manager, step)
-  ema = raw.get('ema_params')
-  return ema if ema else raw['params']
-
-
-def load_params_into(params, workdir: str):
-  """`params` with every leaf that a checkpoint in `workdir` has replaced.
-
-  Leaves the checkpoint lacks (e.g. the depth branch when fine-tuning a model
-  trained without depth) keep their initial values; a leaf present in both
-  with a different shape is an error.
-  """
-  loaded = flax.traverse_util.flatten_dict(
-      flax.core.unfreeze(restore_params(None, workdir)))
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-  missing = []
-  for path, value in flat.items():
-    if path not in loaded:
-      missing.append('/'.join(path))
-      continue
-    if np.shape(loaded[path]) != np.shape(value):
-      raise ValueError(f'init_from {workdir}: parameter {"/".join(path)} has '
-                       f'shape {np.shape(loaded[path])}, the model wants '
-                       f'{np.shape(value)}')
-    flat[path] = jnp.asarray(loaded[path], dtype=value.dtype)
-  if missing:
-    logging.info('init_from %s: %d parameters keep their init: %s', workdir,
-                 len(missing), ', '.join(missing[:10]))
-  return flax.traverse_util.unflatten_dict(flat)
-
-
 # ---- The DiffHand task ----
-# Data sets whose readers are planned but not written yet.
-PLANNED_DATASETS = {'dexycb': 'DexYCB', 'ho3d': 'HO-3D v2'}
-
-
-def check_dataset_available(config: ml_collections.ConfigDict):
-  """Raises NotImplementedError for data sets whose reader is not written yet."""
-  name = config.data.name
-  if name in PLANNED_DATASETS:
-    raise NotImplementedError(
-        f"config.data.name={name!r}: the {PLANNED_DATASETS[name]} reader is not "
-        'implemented yet (planned issue); the config records the paper setting. '
-        "Available: 'synthetic', 'freihand'.")
-
-
 # Timestep buckets of the logged x0 loss: [0, 250), [250, 500), [500, 750), [750, T - 1) and
 # t = T - 1 alone (pure noise, where only the image can tell the hand).
 T_BUCKET_EDGES = (0, 250, 500, 750)
@@ -447,16 +392,10 @@ def make_loss_fn(model, config: ml_collections.ConfigDict, faces) -> LossFn:
 
 def build_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
   """The DiffHand model, losses, train stream and periodic evaluation."""
-  # Imported here so the generic loop above needs none of the model stack.
-  from diffhand_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  from diffhand_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
-  from diffhand_jax import models  # pylint: disable=g-import-not-at-top
-
-  check_dataset_available(config)
+  input_pipeline.check_dataset_available(config)
   # ---- Model ----
   model = models.build_model(config)
-  faces = mano.load_hand_model(config).faces
+  faces = procedural_mano.load_hand_model(config).faces
   size = int(config.data.image_size)
   images = jnp.zeros((1, size, size, 3), jnp.float32)
   depth = (jnp.zeros((1, size, size, 1), jnp.float32)

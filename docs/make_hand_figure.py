@@ -15,14 +15,14 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffhand_jax import mano  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffhand_jax import mesh  # pylint: disable=g-import-not-at-top,wrong-import-position
-from diffhand_jax import synthetic_hand  # pylint: disable=g-import-not-at-top,wrong-import-position
+from diffhand_jax import procedural_mano  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def fist_pose():
   """[48] full pose (flat_hand_mean=True): every joint curled about its flexion axis."""
   curl = np.array([0.0, 1.3, 1.6, 1.0, 1.3, 1.6, 1.0, 1.3, 1.6, 1.0, 1.3, 1.6, 1.0,
                    0.5, 0.6, 0.8])
-  return (curl[:, None] * synthetic_hand.flexion_axes()).reshape(-1)
+  return (curl[:, None] * procedural_mano.flexion_axes()).reshape(-1)
 
 
 # Rotations (rows: screen right, screen up, towards the viewer); no mirroring, so a right
@@ -56,7 +56,7 @@ def main(argv=None):
                                                     'synthetic_hand.png'))
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
-  model = mano.synthetic_mano(args.seed)
+  model = procedural_mano.procedural_hand(args.seed)
   rng = np.random.default_rng(1)
   hands_mean = np.concatenate([np.zeros(3), model.hands_mean])
   random_pose = hands_mean + np.concatenate([np.zeros(3), 0.35 * rng.standard_normal(45)])

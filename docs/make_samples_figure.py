@@ -17,7 +17,7 @@ from PIL import ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from datasets.synthetic import generate  # pylint: disable=g-import-not-at-top,wrong-import-position
-from diffhand_jax import mano  # pylint: disable=g-import-not-at-top,wrong-import-position
+from diffhand_jax import procedural_mano  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffhand_jax import render  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _GAP = 4
@@ -44,7 +44,7 @@ def main(argv=None):
   parser.add_argument('--size', type=int, default=224)
   args = parser.parse_args(argv)
 
-  hand_model = mano.synthetic_mano(0)
+  hand_model = procedural_mano.procedural_hand(0)
   size, step = args.size, args.size + _GAP
   canvas = np.full((args.rows * step - _GAP, args.cols * step - _GAP, 3), 255, np.uint8)
   examples = generate.examples(hand_model, args.seed, 0, args.rows * args.cols, size)

@@ -239,7 +239,7 @@ def test_decoder_rejects_bad_shapes():
   x_t, t, tokens, embedding = _decoder_inputs()
   with pytest.raises(ValueError, match='x_t'):
     decoder.init(jax.random.key(0), x_t[:, :10], t, tokens, embedding)
-  with pytest.raises(ValueError, match='t must be'):
+  with pytest.raises(ValueError, match='t must have shape'):
     decoder.init(jax.random.key(0), x_t, t[:1], tokens, embedding)
   with pytest.raises(ValueError, match='embedding'):
     decoder.init(jax.random.key(0), x_t, t, tokens, embedding[:, :5])

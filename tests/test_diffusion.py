@@ -61,7 +61,7 @@ def test_q_sample_per_example_timesteps_and_shape_errors():
   np.testing.assert_allclose(x_t[:, 0, 0], expected, rtol=1e-6)
   with pytest.raises(ValueError, match='noise'):
     diffusion.q_sample(schedule, x0, jnp.array([0, 1]), jnp.ones((2, 4, 2)))
-  with pytest.raises(ValueError, match='batch'):
+  with pytest.raises(ValueError, match=r't must have shape \[2\]'):
     diffusion.q_sample(schedule, x0, jnp.array([0, 1, 2]), noise)
 
 
@@ -77,7 +77,7 @@ def test_ddim_timesteps():
   np.testing.assert_array_equal(diffusion.ddim_timesteps(T, 10), np.arange(999, 0, -100))
   np.testing.assert_array_equal(diffusion.ddim_timesteps(T, T), np.arange(T - 1, -1, -1))
   for bad in (0, T + 1):
-    with pytest.raises(ValueError, match='num_steps'):
+    with pytest.raises(ValueError, match='num_sampling_steps'):
       diffusion.ddim_timesteps(T, bad)
 
 

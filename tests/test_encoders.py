@@ -10,10 +10,10 @@ import pytest
 from diffhand_jax.models import encoder
 from diffhand_jax.models import layers
 from diffhand_jax.models import vit
-from test_encoders_helpers import abstract_encoder_outputs
-from test_encoders_helpers import model_config
-from test_encoders_helpers import random_array
-from test_encoders_helpers import random_variables
+from encoder_testing import abstract_encoder_outputs
+from encoder_testing import model_config
+from encoder_testing import random_array
+from encoder_testing import random_variables
 
 # Published timm parameter counts (timm model cards / `sum(p.numel())`), 224 px, patch 16.
 TIMM_VIT_TINY_WITH_HEAD = 5_717_416     # vit_tiny_patch16_224, 5.72 M

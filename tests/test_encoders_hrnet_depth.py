@@ -10,11 +10,11 @@ import pytest
 from diffhand_jax.models import depth as depth_lib
 from diffhand_jax.models import encoder
 from diffhand_jax.models import hrnet
-from test_encoders_helpers import abstract_encoder_outputs
-from test_encoders_helpers import model_config
-from test_encoders_helpers import perturbed
-from test_encoders_helpers import random_array
-from test_encoders_helpers import random_variables
+from encoder_testing import abstract_encoder_outputs
+from encoder_testing import model_config
+from encoder_testing import perturbed
+from encoder_testing import random_array
+from encoder_testing import random_variables
 
 # HRNet paper (Sun et al. 2019, COCO pose table): HRNet-W32 28.5 M, HRNet-W48 63.6 M parameters;
 # those include a final 1x1 convolution to 17 heatmaps (under 1 k parameters).

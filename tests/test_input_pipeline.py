@@ -48,11 +48,12 @@ def _source(examples):
   return tf.data.Dataset.from_tensor_slices(examples)
 
 
-def _config(**data_overrides):
+def _config(use_depth=False, **data_overrides):
   config = synthetic_config.get_config('smoke')
   config.data.image_size = CROP
   config.data.shuffle_buffer = 16
   config.data.update(data_overrides)
+  config.model.use_depth = use_depth
   return config
 
 
@@ -177,7 +178,7 @@ def test_preprocess_image_crop_intrinsics_follow_the_image():
 
 @pytest.mark.parametrize('bad', [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.float32)])
 def test_preprocess_image_rejects_bad_input(bad):
-  with pytest.raises(ValueError, match='uint8'):
+  with pytest.raises(ValueError, match='image must'):  # [H, W, 3] uint8
     input_pipeline.preprocess_image(bad, 16)
   with pytest.raises(ValueError, match='box'):
     input_pipeline.preprocess_image(np.zeros((8, 8, 3), np.uint8), 16, box=(5, 5, 2, 9))

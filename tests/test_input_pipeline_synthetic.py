@@ -11,7 +11,7 @@ def config(tmp_path_factory):
   config = synthetic_config.get_config('smoke')
   config.data.num_train = 16
   config.data.num_eval = 5
-  config.data.use_depth = True
+  config.model.use_depth = True
   config.data.tfds_data_dir = str(tmp_path_factory.mktemp('tfds'))
   config.eval.batch_size = 4
   return config

@@ -5,9 +5,14 @@ from absl import flags
 import pytest
 from ml_collections import config_flags
 
+from configs import common
+from configs import dexycb
+from configs import freihand
+from configs import freihand_depth
+from configs import ho3d
 import launch
 from diffhand_jax import parallel
-from diffhand_jax import train
+from diffhand_jax import input_pipeline
 
 CONFIG_FILES = ('synthetic', 'freihand', 'freihand_depth', 'dexycb', 'ho3d')
 
@@ -48,7 +53,6 @@ def test_config_files_build_both_variants(name):
 
 
 def test_paper_recipe_values():
-  from configs import common, freihand, freihand_depth, dexycb, ho3d
   config = freihand.get_config()
   assert (config.data.name, config.model.encoder, config.data.image_size) == (
       'freihand', 'deit', 224)
@@ -56,9 +60,10 @@ def test_paper_recipe_values():
   assert config.optim.learning_rate == 1e-4 and config.optim.weight_decay == 1e-4
   # 100 epochs of 130,240 images at 64 per step.
   assert config.train.num_steps == -(-100 * 130_240 // 64) == 203_500
-  assert config.sampling.num_steps == 10 and len(config.eval.tta_angles) == 3
+  assert config.sampling.num_sampling_steps == 10 and len(config.eval.tta_angles) == 3
   depth = freihand_depth.get_config()
-  assert depth.model.use_depth and depth.data.use_depth and depth.init_from
+  assert depth.model.use_depth and depth.init_from
+  assert 'use_depth' not in depth.data  # one knob: config.model.use_depth
   assert depth.train.num_steps == common.steps_for(130_240, 5, 64)
   assert dexycb.get_config().model.encoder == 'hrnet'
   assert ho3d.get_config().model.encoder == 'deit'
@@ -88,6 +93,6 @@ def test_ablation_switches_from_the_command_line():
 def test_planned_datasets_raise_clear_error(name):
   config = importlib.import_module(f'configs.{name}').get_config('smoke')
   with pytest.raises(NotImplementedError, match='not implemented yet'):
-    train.check_dataset_available(config)
-  train.check_dataset_available(
+    input_pipeline.check_dataset_available(config)
+  input_pipeline.check_dataset_available(
       importlib.import_module('configs.freihand').get_config('smoke'))

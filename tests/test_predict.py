@@ -10,10 +10,10 @@ import pytest
 
 from configs import synthetic
 from diffhand_jax import checkpointing
-from diffhand_jax import mano
 from diffhand_jax import models
 from diffhand_jax import optim
 from diffhand_jax import predict
+from diffhand_jax import procedural_mano
 from diffhand_jax import train
 
 _GOOD = {'a_hand.png': (80, 96), 'b_hand.jpg': (64, 64)}  # name: (height, width)
@@ -89,7 +89,7 @@ def test_json_has_documented_keys_and_shapes(setup):
     for key, shape in shapes.items():
       assert np.shape(record[key]) == shape, key
     assert record['image_size'] == [height, width]
-    assert record['num_steps'] == config.sampling.num_steps
+    assert record['num_sampling_steps'] == config.sampling.num_sampling_steps
     # The documented assumed camera: f = 500 px * min(H, W) / 224, centre ((W-1)/2, (H-1)/2).
     focal = 500.0 * min(height, width) / 224
     np.testing.assert_allclose(record['intrinsics'], [[focal, 0, (width - 1) / 2],
@@ -109,7 +109,7 @@ def test_json_has_documented_keys_and_shapes(setup):
 
 @pytest.mark.slow
 def test_obj_and_overlay_read_back(setup):
-  faces = np.asarray(mano.load_hand_model(setup['config']).faces)
+  faces = np.asarray(procedural_mano.load_hand_model(setup['config']).faces)
   for name, (height, width) in _GOOD.items():
     stem = os.path.join(setup['result']['output_dir'], os.path.splitext(name)[0])
     vertices, obj_faces = _read_obj(stem + '.obj')

@@ -15,7 +15,7 @@ from diffhand_jax.models import diffhand
 from diffhand_jax.models import init_params
 
 IMAGE_SIZE = 32
-STATIC = ('model', 'num_steps', 'num_hypotheses', 'aggregate')
+STATIC = ('model', 'num_sampling_steps', 'num_hypotheses', 'aggregate')
 
 
 def _config(use_diffusion=True):
@@ -33,7 +33,7 @@ INTRINSICS = jnp.array([[[60.0, 0, 15.0], [0, 62.0, 17.0], [0, 0, 1]],
 # whole module; every call below with these shapes must hit the cache.
 @chex.assert_max_traces(n=1)
 def _sample_2_3(model, params, images, rng, intrinsics):
-  return sampling.sample(model, params, images, rng, num_steps=2, num_hypotheses=3,
+  return sampling.sample(model, params, images, rng, num_sampling_steps=2, num_hypotheses=3,
                          intrinsics=intrinsics)
 
 
@@ -114,7 +114,7 @@ def test_vmap_matches_separate_calls():
   keys = jax.random.split(jax.random.key(5), 2)
   intrinsics = jnp.stack([INTRINSICS, INTRINSICS[::-1]])
   batched = jax.jit(jax.vmap(lambda im, key, k: sampling.sample(
-      MODEL, params, im, key, num_steps=2, num_hypotheses=3, intrinsics=k)))(
+      MODEL, params, im, key, num_sampling_steps=2, num_hypotheses=3, intrinsics=k)))(
           images, keys, intrinsics)
   for i in range(2):
     single = SAMPLE_2_3(MODEL, params, images[i], keys[i], intrinsics=intrinsics[i])
@@ -135,10 +135,10 @@ def _equations(jaxpr):
           yield from _equations(getattr(inner, 'jaxpr', inner))
 
 
-def _sample_jaxpr(num_steps, num_hypotheses, model=MODEL):
+def _sample_jaxpr(num_sampling_steps, num_hypotheses, model=MODEL):
   return jax.make_jaxpr(functools.partial(
-      sampling.sample, model, num_steps=num_steps, num_hypotheses=num_hypotheses))(
-          _params(), IMAGES, jax.random.key(0)).jaxpr
+      sampling.sample, model, num_sampling_steps=num_sampling_steps,
+      num_hypotheses=num_hypotheses))(_params(), IMAGES, jax.random.key(0)).jaxpr
 
 
 def _count(jaxpr, primitive):
@@ -204,7 +204,7 @@ def test_single_hypothesis_has_zero_spread():
 def test_regressor_mode_returns_the_direct_prediction():
   model = build_model(_config(use_diffusion=False))
   params = _params()
-  out = jax.jit(functools.partial(sampling.sample, model, num_steps=4, num_hypotheses=3))(
+  out = jax.jit(functools.partial(sampling.sample, model, num_sampling_steps=4, num_hypotheses=3))(
       params, IMAGES, jax.random.key(3))
   direct = np.asarray(model.apply({'params': params}, IMAGES, jnp.zeros((2, 778, 3)),
                                   jnp.zeros((2,), jnp.int32))['x0'], np.float64)
@@ -217,21 +217,21 @@ def test_regressor_mode_returns_the_direct_prediction():
 
 
 @pytest.mark.parametrize('change,message', [
-    (dict(images=jnp.zeros((IMAGE_SIZE, IMAGE_SIZE, 3))), 'images must be'),
-    (dict(images=jnp.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 1))), 'images must be'),
+    (dict(images=jnp.zeros((IMAGE_SIZE, IMAGE_SIZE, 3))), 'images must have shape'),
+    (dict(images=jnp.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 1))), 'images must have shape'),
     (dict(images=jnp.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.int32)), 'floating'),
-    (dict(num_steps=0), 'num_steps'),
-    (dict(num_steps=2.5), 'num_steps'),
-    (dict(num_steps=1001), 'num_steps'),
+    (dict(num_sampling_steps=0), 'num_sampling_steps'),
+    (dict(num_sampling_steps=2.5), 'num_sampling_steps'),
+    (dict(num_sampling_steps=1001), 'num_sampling_steps'),
     (dict(num_hypotheses=0), 'num_hypotheses'),
     (dict(depth=jnp.zeros((2, 16, 16, 1))), 'depth'),
     (dict(aggregate='median'), 'aggregate'),
     (dict(intrinsics=jnp.zeros((2, 3))), 'intrinsics'),
     (dict(images=IMAGES.at[1, 2, 3, 0].set(jnp.nan)), 'NaN'),
-    (dict(depth=jnp.full((2, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.inf)), 'NaN or inf'),
+    (dict(depth=jnp.full((2, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.inf)), 'NaN or infinite'),
 ])
 def test_bad_input_raises_before_tracing(change, message):
-  kwargs = dict(images=IMAGES, num_steps=2, num_hypotheses=1)
+  kwargs = dict(images=IMAGES, num_sampling_steps=2, num_hypotheses=1)
   kwargs.update(change)
   images = kwargs.pop('images')
   # Params are never touched: validation comes first.
@@ -254,7 +254,7 @@ def test_rotate_images_convention():
 
 
 def test_tta_with_angle_zero_equals_sample():
-  out = jax.jit(functools.partial(sampling.tta_sample, angles=(0.0,), num_steps=2,
+  out = jax.jit(functools.partial(sampling.tta_sample, angles=(0.0,), num_sampling_steps=2,
                                   num_hypotheses=3), static_argnums=0)(
                                       MODEL, _params(), IMAGES, jax.random.key(1),
                                       intrinsics=INTRINSICS)
@@ -306,9 +306,9 @@ def _equivariant_model_and_params():
 
 def test_equivariant_model_rotation_convention_and_tta():
   model, params, images = _equivariant_model_and_params()
-  plain = sampling.sample(model, params, images, jax.random.key(0), num_steps=2)
+  plain = sampling.sample(model, params, images, jax.random.key(0), num_sampling_steps=2)
   rotated = sampling.sample(model, params, sampling.rotate_images(images, 30.0),
-                            jax.random.key(0), num_steps=2)
+                            jax.random.key(0), num_sampling_steps=2)
   xy, xy_rotated = np.asarray(plain['vertices'][0, :, :2]), np.asarray(
       rotated['vertices'][0, :, :2])
   scale = np.abs(xy).max()
@@ -320,7 +320,7 @@ def test_equivariant_model_rotation_convention_and_tta():
       plain['camera'][0, 1:]), atol=2e-3)
   # So TTA, which rotates the predictions back, reproduces the plain answer.
   tta = sampling.tta_sample(model, params, images, jax.random.key(0),
-                            angles=(-30.0, 0.0, 45.0), num_steps=2, num_hypotheses=2)
+                            angles=(-30.0, 0.0, 45.0), num_sampling_steps=2, num_hypotheses=2)
   assert tta['hypotheses'].shape == (1, 6, 778, 3)
   for name in ('vertices', 'joints', 'camera'):
     np.testing.assert_allclose(tta[name], plain[name], atol=2e-3 * max(scale, 1))

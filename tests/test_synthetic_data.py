@@ -1,11 +1,17 @@
 """Tests of the synthetic hand sampler and example generator (numpy path, no TF)."""
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
+from PIL import Image
 import pytest
 
 from datasets.synthetic import appearance
 from datasets.synthetic import generate
 from datasets.synthetic import sampler
 from diffhand_jax import mano
+from diffhand_jax import procedural_mano
 from diffhand_jax import render
 
 SIZE = 64
@@ -13,7 +19,7 @@ SIZE = 64
 
 @pytest.fixture(scope='module')
 def hand_model():
-  return mano.synthetic_mano(0)
+  return procedural_mano.procedural_hand(0)
 
 
 @pytest.fixture(scope='module')
@@ -234,10 +240,6 @@ def test_bad_arguments_raise(hand_model, kwargs, message):
 
 @pytest.mark.slow
 def test_figure_and_benchmark_scripts_run(tmp_path):
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(__file__).resolve().parents[1]
   out = tmp_path / 'samples.png'
   subprocess.run([sys.executable, str(root / 'docs/make_samples_figure.py'), '--out', str(out),

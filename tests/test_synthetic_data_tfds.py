@@ -5,7 +5,7 @@ import pytest
 from configs import synthetic as synthetic_config
 from datasets.synthetic import generate
 from datasets.synthetic import synthetic_hands
-from diffhand_jax import mano
+from diffhand_jax import procedural_mano
 
 SIZE = 64
 
@@ -17,7 +17,7 @@ def _config(data_dir, use_depth=True, num_train=8, num_eval=4, render_size=SIZE)
   config.data.num_train = num_train
   config.data.num_eval = num_eval
   config.data.render_size = render_size
-  config.data.use_depth = use_depth
+  config.model.use_depth = use_depth
   return config
 
 
@@ -32,7 +32,7 @@ def test_prepare_reads_back_the_numpy_examples(tmp_path, capfd):
   config = _config(tmp_path)
   builder = synthetic_hands.prepare(config)
   assert 'examples/s' in capfd.readouterr().err
-  hand_model = mano.load_hand_model(config)
+  hand_model = procedural_mano.load_hand_model(config)
   for split, stream, count in (('train', generate.TRAIN_STREAM, 8),
                                ('evaluation', generate.EVAL_STREAM, 4)):
     stored = _read(builder, split)
@@ -83,7 +83,7 @@ def test_bad_config_raises(tmp_path):
     synthetic_hands.builder_for(_config(tmp_path, num_train=0, num_eval=0))
   builder = synthetic_hands.SyntheticHands(
       config=synthetic_hands.builder_for(_config(tmp_path)).builder_config,
-      data_dir=str(tmp_path), hand_model=mano.synthetic_mano(1))
+      data_dir=str(tmp_path), hand_model=procedural_mano.procedural_hand(1))
   with pytest.raises(ValueError, match='fingerprint'):
     builder.download_and_prepare()
   with pytest.raises(ValueError, match='make_config'):

@@ -8,8 +8,10 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from configs import synthetic
+from diffhand_jax import checkpointing
 from diffhand_jax import diffusion
 from diffhand_jax import mano
+from diffhand_jax import procedural_mano
 from diffhand_jax import models
 from diffhand_jax import optim
 from diffhand_jax import parallel
@@ -30,7 +32,7 @@ def smoke_config():
 def fake_batch(config, seed):
   """A batch with the contract's keys: template hand + noise, random images."""
   rng = np.random.default_rng(seed)
-  hand = mano.load_hand_model(config)
+  hand = procedural_mano.load_hand_model(config)
   regressor = mano.joint_regressor21(hand, tuple(config.tip_vertex_ids))
   verts = hand.v_template[None] + 0.005 * rng.normal(size=(BATCH, 778, 3))
   joints = np.einsum('jv,bvc->bjc', regressor, verts)
@@ -48,7 +50,7 @@ def model_and_loss(decoder='cross_modality', use_diffusion=True):
   config = smoke_config()
   config.decoder, config.diffusion = decoder, use_diffusion
   model = models.build_model(config)
-  loss_fn = train.make_loss_fn(model, config, mano.load_hand_model(config).faces)
+  loss_fn = train.make_loss_fn(model, config, procedural_mano.load_hand_model(config).faces)
   params = models.init_params(model, jax.random.PRNGKey(0),
                               jnp.zeros((1, 32, 32, 3)))
   return config, model, loss_fn, params
@@ -164,7 +166,6 @@ def test_real_model_jit_pmap_one_device_agree():
 def test_depth_finetune_loads_a_base_checkpoint_without_depth(tmp_path):
   """freihand_depth's init_from: every base param is loaded, only the depth
   branch keeps its (zero) init."""
-  from diffhand_jax import checkpointing  # pylint: disable=g-import-not-at-top
   config = smoke_config()
   def param_shapes(use_depth):
     config.model.use_depth = use_depth
@@ -180,7 +181,7 @@ def test_depth_finetune_loads_a_base_checkpoint_without_depth(tmp_path):
                        config)
   with_depth = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
                             param_shapes(True))
-  merged = flatten_dict(train.load_params_into(with_depth, workdir))
+  merged = flatten_dict(checkpointing.load_params_into(with_depth, workdir))
   new_only = [k for k in merged if k not in flatten_dict(base)]
   assert new_only and all('depth' in '/'.join(k) for k in new_only), new_only
   for key, value in merged.items():

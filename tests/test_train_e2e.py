@@ -47,8 +47,9 @@ def test_smoke_train_eval_predict(tmp_path):
   out = launch(*common, '--mode=train')
   assert 'step 1/4' not in out
 
-  # Evaluated on 1 device, trained on 2: checkpoints restore across topologies.
-  out = launch(*common, '--mode=eval', devices=1)
+  # Evaluated on 4 devices, trained on 2: checkpoints restore across topologies and the
+  # parameters follow the evaluation mesh.
+  out = launch(*common, '--mode=eval', devices=4)
   eval_dir = os.path.join(workdir, 'eval')
   with open(os.path.join(eval_dir, 'metrics.json')) as f:
     metrics = json.load(f)
@@ -62,6 +63,7 @@ def test_smoke_train_eval_predict(tmp_path):
   with open(os.path.join(eval_dir, 'scores.txt')) as f:
     assert f.read().startswith('xyz_mean3d: ')
   assert 'PA joints' in out  # the printed table
+  assert 'read only' not in out  # orbax's read-only notice is dropped
 
   images = tmp_path / 'images'
   images.mkdir()
@@ -69,7 +71,8 @@ def test_smoke_train_eval_predict(tmp_path):
   for name in ('a.png', 'b.jpg'):
     Image.fromarray(rng.integers(0, 255, (80, 100, 3), np.uint8)).save(
         images / name)
-  launch(*common, '--mode=predict', f'--input={images}')
+  out = launch(*common, '--mode=predict', f'--input={images}', devices=4)
+  assert 'read only' not in out
   written = sorted(os.listdir(os.path.join(workdir, 'predictions')))
   for stem in ('a', 'b'):
     assert {f'{stem}.obj', f'{stem}.json', f'{stem}_overlay.png'} <= set(written)

@@ -143,7 +143,7 @@ def test_resume_is_bit_exact_and_sigterm_saves(tmp_path):
                   jax.tree.leaves(jax.device_get(resumed))):
     np.testing.assert_array_equal(a, b)
   # restore_params returns the EMA params of the last checkpoint.
-  params = train.restore_params(config, workdir)
+  params = checkpointing.restore_params(workdir)
   for a, b in zip(jax.tree.leaves(params),
                   jax.tree.leaves(jax.device_get(resumed.ema_params))):
     np.testing.assert_array_equal(a, b)
@@ -172,7 +172,7 @@ def test_nan_stops_naming_the_step_and_keeps_last_good(tmp_path):
   with pytest.raises(FloatingPointError, match=r'train step 3 .*checkpoint: step 2'):
     train.run_training(config, workdir, tiny_task(config, nan_at=3))
   assert checkpointing.latest_step(workdir) == 2
-  params = train.restore_params(config, workdir)
+  params = checkpointing.restore_params(workdir)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
@@ -233,14 +233,14 @@ def test_init_from_loads_known_params_and_keeps_new_ones(tmp_path):
   base = train.run_training(config, base_dir, tiny_task(config))
   fresh = tiny_init(jax.random.PRNGKey(9))
   fresh['depth_conv'] = jnp.zeros((3, 3))  # a branch the base run lacks
-  merged = train.load_params_into(fresh, base_dir)
+  merged = checkpointing.load_params_into(fresh, base_dir)
   # EMA params of the base (restore_params prefers them), the new branch kept.
   for key in ('w1', 'b1', 'w2'):
     np.testing.assert_array_equal(merged[key], base.ema_params[key])
   np.testing.assert_array_equal(merged['depth_conv'], np.zeros((3, 3)))
   fresh['w2'] = jnp.zeros((2, 2))
   with pytest.raises(ValueError, match='w2 has shape'):
-    train.load_params_into(fresh, base_dir)
+    checkpointing.load_params_into(fresh, base_dir)
   # A run with init_from starts from those params.
   config.init_from = base_dir
   config.train.num_steps = 1
@@ -255,7 +255,7 @@ def test_init_from_loads_known_params_and_keeps_new_ones(tmp_path):
 
 def test_restore_params_without_checkpoint_raises(tmp_path):
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
-    train.restore_params(tiny_config(), str(tmp_path / 'empty'))
+    checkpointing.restore_params(str(tmp_path / 'empty'))
 
 
 @pytest.mark.parametrize('parallelism', parallel.PARALLELISMS)

@@ -217,7 +217,7 @@ def examples(root, split, *, depth_dir=None, skip_corrupt=False, versions=None):
   if num_skipped:
     message = f'FreiHAND {prefix}: skipped {num_skipped} corrupt file(s) under {root}'
     logging.warning(message)
-    warnings.warn(message)
+    warnings.warn(message, stacklevel=2)
 
 
 def _example(root, relative_image_path, annotations, idx, depth_dir, mask_path):

@@ -22,7 +22,9 @@ import tensorflow_datasets as tfds
 from datasets import features
 from datasets.synthetic import generate
 from datasets.synthetic import sampler
+from diffhand_jax import checks
 from diffhand_jax import mano
+from diffhand_jax import procedural_mano
 
 _DESCRIPTION = """Synthetic right and left hands rendered on the CPU from a MANO-format hand
 model (random pose, shape, rotation, camera, skin, light, background, occluders), with exact
@@ -38,9 +40,9 @@ def png_bytes(image):
   Encoding with PIL here (TFDS stores the bytes as they are) is several times faster than
   TFDS's TensorFlow encoder, which runs eagerly once per image.
   """
-  image = np.asarray(image)
-  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
-    raise ValueError(f'expected uint8 [H, W, 1 or 3], got {image.dtype} {image.shape}')
+  image = checks.check_array('image', image, ('H', 'W', None), kind=np.uint8)
+  if image.shape[2] not in (1, 3):
+    raise ValueError(f'image must have 1 or 3 channels, got shape {image.shape}')
   buffer = io.BytesIO()
   Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(
       buffer, format='PNG', compress_level=3)
@@ -159,15 +161,15 @@ def builder_for(config, num_train=None):
 
   Args:
     config: experiment ConfigDict (`seed`, `mano_path`, `mano_seed`, `tip_vertex_ids`,
-      `data.num_train`, `data.num_eval`, `data.render_size`, `data.use_depth`,
+      `data.num_train`, `data.num_eval`, `data.render_size`, `model.use_depth`,
       `data.orientation`, `data.tfds_data_dir`).
     num_train: training-split size; None = config.data.num_train.
   """
-  hand_model = mano.load_hand_model(config)
+  hand_model = procedural_mano.load_hand_model(config)
   tip_ids = tuple(config.tip_vertex_ids)
   num_train = config.data.num_train if num_train is None else num_train
   builder_config = make_config(hand_model, config.data.render_size, num_train,
-                               config.data.num_eval, config.seed, config.data.use_depth,
+                               config.data.num_eval, config.seed, config.model.use_depth,
                                tip_ids, config.data.orientation)
   return SyntheticHands(config=builder_config, data_dir=config.data.tfds_data_dir,
                         hand_model=hand_model)

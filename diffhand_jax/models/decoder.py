@@ -5,14 +5,15 @@ the image embedding e to x0_hat. Point downsampling uses farthest point sampling
 on the template mesh in numpy (`fps_level_indices`), so every shape is static under jit.
 """
 import math
-from typing import Any, Sequence, Tuple
+from typing import Any, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffhand_jax.models.layers import DENSE_INIT, Mlp
+from diffhand_jax import checks
+from diffhand_jax.models.layers import DENSE_INIT, Mlp, dense
 
 Dtype = Any
 LevelIndices = Tuple[Tuple[int, ...], ...]
@@ -33,11 +34,7 @@ def farthest_point_sampling(points: np.ndarray, num_samples: int) -> np.ndarray:
   Returns:
     [num_samples] int32 distinct indices into `points`, in pick order.
   """
-  points = np.asarray(points, np.float64)
-  if points.ndim != 2 or points.shape[0] < 1:
-    raise ValueError(f'points must be [num_points, dims], got shape {points.shape}')
-  if not np.all(np.isfinite(points)):
-    raise ValueError('points contain NaN or inf')
+  points = checks.check_array('points', points, ('num_points', 'dims'), dtype=np.float64)
   if not 1 <= num_samples <= points.shape[0]:
     raise ValueError(f'num_samples must be in [1, {points.shape[0]}], got {num_samples}')
   picked = np.zeros(num_samples, np.int64)
@@ -102,11 +99,6 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
-def _dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=DENSE_INIT,
-                  name=name)
-
-
 def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name)
 
@@ -158,7 +150,7 @@ class PointUpsample(nn.Module):
 
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:
-    out = _dense(self.num_points, self.dtype, 'point_map')(jnp.swapaxes(h, 1, 2))
+    out = dense(self.num_points, self.dtype, 'point_map')(jnp.swapaxes(h, 1, 2))
     return jnp.swapaxes(out, 1, 2)
 
 
@@ -239,24 +231,22 @@ class Decoder(nn.Module):
     Returns:
       [B, N, 3] float32 x0_hat.
     """
+    # Shapes only: the decoder runs traced, inside the sampler's scan.
+    checks.check_array('x_t', x_t, ('batch', self.num_points, 3), finite=False)
     batch = x_t.shape[0]
-    if x_t.shape[1:] != (self.num_points, 3):
-      raise ValueError(f'x_t must be [batch, {self.num_points}, 3], got {x_t.shape}')
-    if jnp.shape(t) != (batch,):
-      raise ValueError(f't must be [batch={batch}], got shape {jnp.shape(t)}')
-    if tokens.ndim != 3 or embedding.shape != (batch, tokens.shape[-1]):
-      raise ValueError(f'tokens [B, P, D] and embedding [B, D] expected, got {tokens.shape} '
-                       f'and {embedding.shape}')
+    checks.check_array('t', t, (batch,), finite=False)
+    tokens = checks.check_array('tokens', tokens, (batch, 'P', 'D'), finite=False)
+    checks.check_array('embedding', embedding, (batch, tokens.shape[-1]), finite=False)
     if self.kind not in ('cross_modality', 'vanilla'):
       raise ValueError(f"decoder kind must be 'cross_modality' or 'vanilla', got {self.kind!r}")
 
     position = self.param('position_embedding', nn.initializers.normal(0.02),
                           (self.num_points, self.width), jnp.float32)
-    h = _dense(self.width, self.dtype, 'vertex_embed')(x_t) + position.astype(self.dtype)
+    h = dense(self.width, self.dtype, 'vertex_embed')(x_t) + position.astype(self.dtype)
     time_features = Mlp(self.width, dtype=self.dtype, name='time_mlp')(
         timestep_embedding(t, self.width))
-    g = _dense(self.width, self.dtype, 'global_embed')(embedding) + time_features
-    tokens = _dense(self.width, self.dtype, 'token_proj')(tokens)
+    g = dense(self.width, self.dtype, 'global_embed')(embedding) + time_features
+    tokens = dense(self.width, self.dtype, 'token_proj')(tokens)
 
     for block in range(self.num_blocks):
       if self.kind == 'cross_modality':
@@ -268,4 +258,4 @@ class Decoder(nn.Module):
           h = AttentionBlock(self.num_heads, self.mlp_ratio, self.dtype,
                              name=f'layer_{block}_{layer}')(h, g, tokens)
     h = _layer_norm(self.dtype, 'norm_out')(h)
-    return _dense(3, self.dtype, 'out')(h).astype(jnp.float32)
+    return dense(3, self.dtype, 'out')(h).astype(jnp.float32)

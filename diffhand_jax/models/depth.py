@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffhand_jax import checks
+
 Dtype = Any
 
 ZERO_INIT_CHOICES = ('all', 'last')
@@ -45,8 +47,7 @@ class DepthBranch(nn.Module):
     """Args: depth: [batch, H, W, 1]. Returns: [batch, H / 2**n, W / 2**n, out_dim]."""
     if self.zero_init not in ZERO_INIT_CHOICES:
       raise ValueError(f'zero_init={self.zero_init!r}; expected one of {ZERO_INIT_CHOICES}')
-    if depth.ndim != 4 or depth.shape[-1] != 1:
-      raise ValueError(f'depth must be [batch, H, W, 1], got shape {depth.shape}')
+    checks.check_array('depth', depth, ('batch', 'H', 'W', 1), finite=False)
     stride = 2**self.num_downsamples
     if depth.shape[1] % stride or depth.shape[2] % stride:
       raise ValueError(f'depth size {depth.shape[1:3]} is not divisible by the stride {stride}')
@@ -89,6 +90,6 @@ def check_depth(depth: Optional[jax.Array], image_shape: Sequence[int], use_dept
     raise ValueError('this encoder has a depth branch (use_depth=True): pass depth [B,H,W,1]')
   if not use_depth and depth is not None:
     raise ValueError('depth was given but the encoder has no depth branch (use_depth=False)')
-  expected = tuple(image_shape[:3]) + (1,)
-  if depth is not None and tuple(depth.shape) != expected:
-    raise ValueError(f'depth must be {expected} to match the images, got {depth.shape}')
+  if depth is not None:  # shapes only: encoders run traced
+    checks.check_array('depth (to match the images)', depth, tuple(image_shape[:3]) + (1,),
+                       finite=False)

@@ -12,8 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffhand_jax import checks
+from diffhand_jax import mano
+from diffhand_jax import procedural_mano
 from diffhand_jax.models import decoder as decoder_lib
-from diffhand_jax.models.layers import DENSE_INIT
+from diffhand_jax.models import encoder as encoder_lib
+from diffhand_jax.models import layers
 
 # Initial weak-perspective scale (normalised image units per metre). The crop side is
 # `crop_margin` (1.4) x the 2D extent of the joints, so s ~ 2 / (1.4 x extent in metres);
@@ -67,20 +71,11 @@ def compute_dtype(name: str):
 def check_images(images: jax.Array, depth: Optional[jax.Array] = None):
   """Raises ValueError unless images is float [B, H, W, 3] and depth None or [B, H, W, 1].
 
-  Concrete (untraced) inputs must also be finite.
+  Concrete (untraced) inputs must also be finite (`checks.check_array`).
   """
-  if jnp.ndim(images) != 4 or images.shape[-1] != 3:
-    raise ValueError(f'images must be [batch, height, width, 3], got shape {jnp.shape(images)}')
-  if not jnp.issubdtype(images.dtype, jnp.floating):
-    raise ValueError(f'images must be floating point (ImageNet-normalised), got {images.dtype}')
-  if depth is not None and tuple(jnp.shape(depth)) != tuple(images.shape[:3]) + (1,):
-    raise ValueError(f'depth must be {tuple(images.shape[:3]) + (1,)} to match the images, '
-                     f'got {jnp.shape(depth)}')
-  # Values can only be checked outside jit (traced arrays have none yet).
-  for name, array in (('images', images), ('depth', depth)):
-    if array is not None and not isinstance(array, jax.core.Tracer) and not np.all(
-        np.isfinite(np.asarray(array))):
-      raise ValueError(f'{name} contain NaN or inf')
+  checks.check_array('images', images, ('batch', 'height', 'width', 3), kind=jnp.floating)
+  if depth is not None:
+    checks.check_array('depth', depth, tuple(images.shape[:3]) + (1,), kind=jnp.floating)
 
 
 class JointHead(nn.Module):
@@ -98,10 +93,8 @@ class JointHead(nn.Module):
   @nn.compact
   def __call__(self, embedding: jax.Array) -> jax.Array:
     """Args: embedding: [B, D]. Returns: [B, num_joints, 3] float32, diffusion space."""
-    hidden = nn.gelu(nn.Dense(embedding.shape[-1], dtype=self.dtype, param_dtype=jnp.float32,
-                              kernel_init=DENSE_INIT, name='hidden')(embedding))
-    out = nn.Dense(self.num_joints * 3, dtype=self.dtype, param_dtype=jnp.float32,
-                   kernel_init=DENSE_INIT, name='out')(hidden)
+    hidden = nn.gelu(layers.dense(embedding.shape[-1], self.dtype, 'hidden')(embedding))
+    out = layers.dense(self.num_joints * 3, self.dtype, 'out')(hidden)
     return out.astype(jnp.float32).reshape(-1, self.num_joints, 3)
 
 
@@ -165,8 +158,7 @@ class DiffHand(nn.Module):
     Returns:
       [B, 3] float32.
     """
-    raw = nn.Dense(3, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=DENSE_INIT,
-                   name='camera_head')(embedding).astype(jnp.float32)
+    raw = layers.dense(3, self.dtype, 'camera_head')(embedding).astype(jnp.float32)
     scale = INITIAL_CAMERA_SCALE * jnp.exp(raw[:, :1])
     return jnp.concatenate([scale, raw[:, 1:]], axis=-1)
 
@@ -202,9 +194,9 @@ class DiffHand(nn.Module):
 def build_model(config) -> DiffHand:
   """Builds DiffHand from the experiment config (contract of docs/ARCHITECTURE.md).
 
-  The template hand is `mano.load_hand_model(config)`: its vertices give the FPS levels and
-  `mano.joint_regressor21(hand, config.tip_vertex_ids)` the 21-joint regressor, both computed
-  here once. The encoder is `encoder.build_encoder(config.model, dtype)`.
+  The template hand is `procedural_mano.load_hand_model(config)`: its vertices give the FPS
+  levels and `mano.joint_regressor21(hand, config.tip_vertex_ids)` the 21-joint regressor, both
+  computed here once. The encoder is `encoder.build_encoder(config.model, dtype)`.
 
   Args:
     config: the experiment ConfigDict.
@@ -212,10 +204,7 @@ def build_model(config) -> DiffHand:
   Returns:
     The (hashable, unbound) DiffHand module.
   """
-  # Imported here: the hand model and the encoders are only needed to build a model.
-  from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
-  from diffhand_jax.models import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
-  hand = mano.load_hand_model(config)
+  hand = procedural_mano.load_hand_model(config)
   regressor = mano.joint_regressor21(hand, tuple(config.tip_vertex_ids))
   encoder = encoder_lib.build_encoder(config.model, compute_dtype(config.model.dtype),
                                       int(config.data.image_size))
@@ -242,13 +231,9 @@ def assemble_model(config, encoder: nn.Module, template: np.ndarray,
   if config.decoder not in ('cross_modality', 'vanilla'):
     raise ValueError(f"config.decoder must be 'cross_modality' or 'vanilla', "
                      f'got {config.decoder!r}')
-  template = np.asarray(template, np.float64)
-  if template.ndim != 2 or template.shape[1] != 3:
-    raise ValueError(f'template must be [num_vertices, 3], got {template.shape}')
-  joint_regressor = np.asarray(joint_regressor, np.float32)
-  if joint_regressor.shape != (21, template.shape[0]):
-    raise ValueError(f'joint_regressor must be [21, {template.shape[0]}], '
-                     f'got {joint_regressor.shape}')
+  template = checks.check_array('template', template, ('num_vertices', 3), dtype=np.float64)
+  joint_regressor = checks.check_array('joint_regressor', joint_regressor,
+                                       (21, template.shape[0]), dtype=np.float32)
   level_indices = decoder_lib.fps_level_indices(
       template, config.model.downsample_rate, config.model.num_levels)
   decoder = decoder_lib.Decoder(

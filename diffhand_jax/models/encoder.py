@@ -83,17 +83,17 @@ def build_encoder(model_config, dtype: Any = jnp.float32, image_size: int = 0) -
   """
   name, size = _check_name(model_config)
   dtype = jnp.dtype(dtype)
-  depth_zero_init = model_config.depth_zero_init
   if name == 'resnet':
     return resnet.ResNet(spec=resnet.RESNET_SIZES[size], use_depth=model_config.use_depth,
-                         depth_zero_init=depth_zero_init, dtype=dtype)
+                         depth_zero_init=model_config.depth_zero_init, dtype=dtype)
   if name == 'hrnet':
     return hrnet.HRNet(spec=hrnet.HRNET_SIZES[size], use_depth=model_config.use_depth,
-                       depth_zero_init=depth_zero_init, dtype=dtype)
+                       depth_zero_init=model_config.depth_zero_init, dtype=dtype)
   depth, width, num_heads = vit.VIT_SIZES[size]
   return vit.VisionTransformer(
       width=width, depth=depth, num_heads=num_heads, patch_size=model_config.patch_size,
       distilled=model_config.distilled,
       pretrained_image_size=(image_size if image_size and not model_config.pretrained_path
                              else model_config.pretrained_image_size),
-      use_depth=model_config.use_depth, depth_zero_init=depth_zero_init, dtype=dtype)
+      use_depth=model_config.use_depth, depth_zero_init=model_config.depth_zero_init,
+      dtype=dtype)

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffhand_jax import checks
 from diffhand_jax.models import depth as depth_lib
 
 Dtype = Any
@@ -198,8 +199,7 @@ class HRNet(nn.Module):
       embedding: [batch, widths[0]] its global average.
     """
     spec, dtype = self.spec, self.dtype
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f'images must be [batch, H, W, 3], got shape {images.shape}')
+    checks.check_array('images', images, ('batch', 'H', 'W', 3), finite=False)
     coarsest = STEM_STRIDE * 2**(len(spec.widths) - 1)
     if images.shape[1] % coarsest or images.shape[2] % coarsest:
       raise ValueError(f'image size {images.shape[1:3]} is not a multiple of {coarsest}')

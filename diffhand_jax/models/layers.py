@@ -16,6 +16,15 @@ Dtype = Any
 DENSE_INIT = nn.initializers.truncated_normal(stddev=0.02)
 
 
+def dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
+  """nn.Dense with float32 parameters, timm's initialisation and computation in `dtype`.
+
+  Call it inside a compact method: the layer is a submodule `name` of the calling module.
+  """
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=DENSE_INIT,
+                  name=name)
+
+
 def exact_gelu(x: jax.Array) -> jax.Array:
   """GELU with erf, as timm / PyTorch `nn.GELU()`; flax's default is the tanh approximation."""
   return nn.gelu(x, approximate=False)
@@ -37,11 +46,8 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x: [..., channels]. Returns: [..., out_dim or channels]."""
     out_dim = x.shape[-1] if self.out_dim is None else self.out_dim
-    x = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=jnp.float32,
-                 kernel_init=DENSE_INIT, name='fc1')(x)
-    x = exact_gelu(x)
-    return nn.Dense(out_dim, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=DENSE_INIT, name='fc2')(x)
+    x = exact_gelu(dense(self.hidden_dim, self.dtype, 'fc1')(x))
+    return dense(out_dim, self.dtype, 'fc2')(x)
 
 
 class SelfAttention(nn.Module):
@@ -65,12 +71,10 @@ class SelfAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f'token width {width} is not divisible by num_heads={self.num_heads}')
     head_dim = width // self.num_heads
-    qkv = nn.Dense(3 * width, dtype=self.dtype, param_dtype=jnp.float32,
-                   kernel_init=DENSE_INIT, name='qkv')(x)
+    qkv = dense(3 * width, self.dtype, 'qkv')(x)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [batch, tokens, heads, head_dim]
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * head_dim**-0.5
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, tokens, width)
-    return nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=DENSE_INIT, name='proj')(out)
+    return dense(width, self.dtype, 'proj')(out)

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffhand_jax import checks
 from diffhand_jax.models import depth as depth_lib
 from diffhand_jax.models import layers
 
@@ -143,8 +144,7 @@ class VisionTransformer(nn.Module):
       embedding: [batch, D] class token (distilled: mean of class and distillation tokens).
     """
     p = self.patch_size
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f'images must be [batch, H, W, 3], got shape {images.shape}')
+    checks.check_array('images', images, ('batch', 'H', 'W', 3), finite=False)
     batch, height, width_px, _ = images.shape
     if height % p or width_px % p:
       raise ValueError(f'image size {height}x{width_px} is not a multiple of patch {p}')

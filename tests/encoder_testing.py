@@ -1,4 +1,4 @@
-"""Helpers shared by the encoder tests (no tests here).
+"""Helpers shared by the encoder tests (no tests here: pytest does not collect this file).
 
 Random inputs and parameters are drawn with numpy: every distinct eager jax.random call would
 compile its own small XLA program, which dominated these tests' run time.
@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import synthetic
+from diffhand_jax.models import encoder
 
 
 def model_config(encoder_name='vit', size='micro', distilled=False, use_depth=False,
@@ -60,7 +61,6 @@ def abstract_encoder_outputs(config, image_size, batch=2):
   Returns:
     (variables, tokens, embedding) as ShapeDtypeStructs.
   """
-  from diffhand_jax.models import encoder  # pylint: disable=g-import-not-at-top
   module = encoder.build_encoder(config)
   images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
   variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), images)

@@ -15,8 +15,18 @@ vertices). The pole has valence 16; dropping it leaves 778 vertices, 1538 faces 
 16-vertex boundary loop at the wrist (Euler: 2 * 779 - 4 - 16 = 1538). All rings run
 counter-clockwise around their tube's axis, so every triangle faces outwards. Finally the
 vertex order is permuted so that the fingertips are FreiHAND's tip vertices.
+
+Entry points: `build_procedural_hand(seed)` builds the hand; `procedural_hand(seed)` is the
+cached one everybody uses; `load_hand_model(config)` returns the hand a config names (this one,
+or a MANO file through `mano.load_mano`).
+
+CLI: `python -m diffhand_jax.procedural_mano OUT.pkl [--seed N]` writes the procedural hand as a
+MANO file (`.pkl` in the official layout, or `.npz`).
 """
+import argparse
 import dataclasses
+import functools
+import sys
 
 import numpy as np
 import scipy.optimize
@@ -460,8 +470,8 @@ def _hands_mean(rng):
   return (mean + 0.02 * rng.standard_normal(mean.shape)).reshape(-1)
 
 
-def synthetic_mano(seed=0):
-  """Builds the procedural MANO-format right hand.
+def build_procedural_hand(seed=0):
+  """Builds the procedural MANO-format right hand (seconds; use the cached `procedural_hand`).
 
   Args:
     seed: int; the seed varies sizes by a few percent and the small random parts.
@@ -499,3 +509,32 @@ def synthetic_mano(seed=0):
       'hands_mean': _hands_mean(rng),
       'hands_components': np.linalg.qr(rng.standard_normal((45, 45)))[0].T,
   })
+
+
+@functools.lru_cache(maxsize=4)
+def procedural_hand(seed=0):
+  """`build_procedural_hand(seed)`, built once per seed (the model's arrays are read-only)."""
+  return build_procedural_hand(seed)
+
+
+def load_hand_model(config):
+  """The hand of an experiment config: `procedural_hand(config.mano_seed)` when
+  `config.mano_path` is empty, else `mano.load_mano(config.mano_path)`."""
+  if not config.mano_path:
+    return procedural_hand(int(config.mano_seed))
+  return mano.load_mano(config.mano_path)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog='python -m diffhand_jax.procedural_mano',
+      description='Writes the procedural hand as a MANO file.')
+  parser.add_argument('out', help='output path (.pkl official layout, or .npz)')
+  parser.add_argument('--seed', type=int, default=0)
+  args = parser.parse_args(argv)
+  mano.save_mano(procedural_hand(args.seed), args.out)
+  print(f'wrote {args.out}')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffhand_jax import mano
-from diffhand_jax import synthetic_hand
+from diffhand_jax import procedural_mano
 
 TIP_OF = {'thumb': 744, 'index': 320, 'middle': 443, 'ring': 555, 'pinky': 672}
 # MANO joints per digit, base to end, and the digit each joint belongs to.
@@ -17,7 +17,7 @@ forward = jax.jit(mano.mano_forward, static_argnames=('flat_hand_mean',))
 
 @pytest.fixture(scope='module')
 def model():
-  return mano.synthetic_mano(0)
+  return procedural_mano.procedural_hand(0)
 
 
 @pytest.fixture(scope='module')
@@ -128,7 +128,7 @@ def test_outward_orientation(model, joints):
 @pytest.mark.parametrize('seed', [0, 5])
 def test_no_folded_triangles(seed):
   """Neighbouring faces never fold back onto each other (creases at webs stay < 140 deg)."""
-  model = mano.synthetic_mano(seed)
+  model = procedural_mano.procedural_hand(seed)
   corners = model.v_template.astype(np.float64)[model.faces]
   normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
   assert np.linalg.norm(normals, axis=1).min() > 1e-9  # no degenerate faces
@@ -186,9 +186,9 @@ def test_skinning_weights(model):
 
 def test_joint_regressor_reproduces_the_designed_skeleton(joints):
   """J_regressor @ v_template lands on the joints the hand was designed around."""
-  # The same draw of the seed's sizes that synthetic_mano(0) makes first.
-  chains = synthetic_hand._skeleton(np.random.default_rng(0))  # pylint: disable=protected-access
-  designed = synthetic_hand._joint_positions(chains, joints[0])  # pylint: disable=protected-access
+  # The same draw of the seed's sizes that build_procedural_hand(0) makes first.
+  chains = procedural_mano._skeleton(np.random.default_rng(0))  # pylint: disable=protected-access
+  designed = procedural_mano._joint_positions(chains, joints[0])  # pylint: disable=protected-access
   np.testing.assert_allclose(joints, designed, atol=2e-6)
   for chain in chains:  # and the design is a hand: joints in order along each digit
     assert np.all(np.diff(chain.joint_s) > 0.015) and chain.length > chain.joint_s[-1] + 0.015
@@ -213,7 +213,7 @@ def test_joint_regressor_rows_are_local_convex_weights(model, joints):
 
 def test_positive_flexion_curls_towards_the_palm(model):
   """Fingers flex about +z and the thumb about its `flexion_axes` row: tips move palmwards."""
-  axes = synthetic_hand.flexion_axes()
+  axes = procedural_mano.flexion_axes()
   assert axes.shape == (16, 3)
   np.testing.assert_allclose(np.linalg.norm(axes, axis=1), 1.0)
   rest, _ = forward(model, np.zeros((1, 48)), np.zeros((1, 10)), flat_hand_mean=True)
@@ -245,10 +245,10 @@ def test_blend_shapes_and_pose_space(model):
 
 
 def test_deterministic_in_seed(model):
-  again = synthetic_hand.synthetic_mano(0)
+  again = procedural_mano.build_procedural_hand(0)
   for name in ('v_template', 'shapedirs', 'posedirs', 'J_regressor', 'weights', 'faces'):
     np.testing.assert_array_equal(getattr(again, name), getattr(model, name))
-  other = synthetic_hand.synthetic_mano(1)
+  other = procedural_mano.build_procedural_hand(1)
   np.testing.assert_array_equal(other.faces, model.faces)
   change = np.abs(other.v_template - model.v_template).max()
   assert 1e-4 < change < 0.02  # a slightly different hand, same topology
