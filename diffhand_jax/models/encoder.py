@@ -1,8 +1,9 @@
 """Encoder factory: `config.model` -> a Flax module `(images, depth=None) -> (tokens, embedding)`.
 
 Config keys read (configs/synthetic.py, `config.model`): encoder ('vit' | 'deit' | 'hrnet'),
-encoder_size, patch_size, distilled, use_depth, pretrained_image_size, and depth_zero_init
-('all' | 'last', default 'all' when absent).
+encoder_size, patch_size, distilled, use_depth, pretrained_image_size, depth_zero_init
+('all' | 'last', default 'all' when absent) and hrnet_norm ('group' | 'frozen_bn', default
+'group' when absent; 'frozen_bn' holds imported timm BatchNorm weights, see hrnet.py).
 
 'vit' and 'deit' build the same module (DeiT is the ViT architecture with a different training
 recipe); only 'deit' may add the distillation token (distilled=True). Sizes: vit.VIT_SIZES
@@ -71,7 +72,8 @@ def build_encoder(model_config, dtype: Any = jnp.float32) -> nn.Module:
   depth_zero_init = model_config.get('depth_zero_init', 'all')
   if name == 'hrnet':
     return hrnet.HRNet(spec=hrnet.HRNET_SIZES[size], use_depth=model_config.use_depth,
-                       depth_zero_init=depth_zero_init, dtype=dtype)
+                       depth_zero_init=depth_zero_init,
+                       norm=model_config.get('hrnet_norm', 'group'), dtype=dtype)
   depth, width, num_heads = vit.VIT_SIZES[size]
   return vit.VisionTransformer(
       width=width, depth=depth, num_heads=num_heads, patch_size=model_config.patch_size,
