@@ -411,6 +411,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
   from diffhand_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
   from diffhand_jax import models  # pylint: disable=g-import-not-at-top
+  from diffhand_jax import weights  # pylint: disable=g-import-not-at-top
 
   check_dataset_available(config)
   # ---- Model ----
@@ -422,7 +423,10 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
            if config.model.use_depth else None)
 
   def init(rng):
-    return models.init_params(model, rng, images, depth)
+    # config.model.pretrained_path (a timm checkpoint or its converted .msgpack) replaces
+    # the encoder's initial values; '' keeps them. init_from, if set, is applied after this.
+    return weights.load_pretrained_encoder(
+        models.init_params(model, rng, images, depth), config)
 
   # ---- Evaluation ----
   eval_writer = logging_utils.MetricWriter(workdir, 'eval')
