@@ -138,7 +138,8 @@ def count_annotated(root, split, setup='s0'):
 
 
 @functools.lru_cache(maxsize=4)
-def _mano(mano_dir, side):
+def load_mano_side(mano_dir, side):
+  """The MANO model of one side (MANO_RIGHT.pkl / MANO_LEFT.pkl in mano_dir), cached."""
   from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(mano_dir) / f'MANO_{side.upper()}.pkl'
   if not path.is_file():
@@ -156,7 +157,7 @@ def mano_vertices(mano_dir, side, pose_m, betas):
     betas: [10].
   """
   from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
-  model = _mano(os.fspath(mano_dir), side)
+  model = load_mano_side(os.fspath(mano_dir), side)
   pose_m = np.asarray(pose_m, np.float64).reshape(51)
   hand_pose = pose_m[3:48] @ np.asarray(model.hands_components, np.float64)
   pose = np.concatenate([pose_m[:3], hand_pose]).astype(np.float32)
