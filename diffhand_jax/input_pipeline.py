@@ -19,6 +19,7 @@ seeded by (seed, epoch), augmentation drawn with stateless ops from (seed, epoch
 resume by skipping whole epochs arithmetically and then examples inside the epoch.
 """
 import math
+import os
 
 import jax
 import numpy as np
@@ -346,23 +347,39 @@ def eval_dataset_from(source, num_examples, config, *, batch_size, num_batches):
 # ---- Sources: TFDS builders from the config ----
 
 def get_builder(config):
-  """The prepared TFDS builder of `config.data.name` ('synthetic' | 'freihand')."""
+  """The prepared TFDS builder of `config.data.name` ('synthetic' | 'freihand' | 'dexycb' |
+  'ho3d'); real data sets are prepared from config.data.root (manual_dir) on first use."""
   name = config.data.name
   if name == 'synthetic':
     from datasets.synthetic import synthetic_hands  # pylint: disable=g-import-not-at-top
     return synthetic_hands.prepare(config)
+  variant = 'depth' if config.data.use_depth else 'rgb'
+  data_dir = config.data.tfds_data_dir
   if name == 'freihand':
     from datasets.freihand import freihand  # pylint: disable=g-import-not-at-top
-    builder = freihand.Freihand(config='depth' if config.data.use_depth else 'rgb',
-                                data_dir=config.data.tfds_data_dir)
-    if not builder.is_prepared():
-      if not config.data.root:
-        raise ValueError('config.data.root must point to the FreiHAND files (manual_dir) to '
-                         f'prepare the freihand data set in {config.data.tfds_data_dir}')
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=config.data.root))
-    return builder
-  raise ValueError(f"unknown config.data.name {name!r} (known: 'synthetic', 'freihand')")
+    builder = freihand.Freihand(config=variant, data_dir=data_dir)
+  elif name in ('dexycb', 'ho3d'):
+    # Their vertices come from the MANO parameters: the real MANO files are needed.
+    if not config.mano_path:
+      raise ValueError(f'config.data.name={name!r} needs config.mano_path = the real '
+                       'MANO_RIGHT.pkl (MANO_LEFT.pkl beside it for DexYCB)')
+    mano_dir = os.path.dirname(os.path.abspath(config.mano_path))
+    if name == 'dexycb':
+      from datasets.dexycb import dexycb  # pylint: disable=g-import-not-at-top
+      builder = dexycb.Dexycb(config=variant, data_dir=data_dir, mano_dir=mano_dir)
+    else:
+      from datasets.ho3d import ho3d  # pylint: disable=g-import-not-at-top
+      builder = ho3d.Ho3d(config=variant, data_dir=data_dir, mano_dir=mano_dir)
+  else:
+    raise ValueError(f"unknown config.data.name {name!r} (known: 'synthetic', 'freihand', "
+                     "'dexycb', 'ho3d')")
+  if not builder.is_prepared():
+    if not config.data.root:
+      raise ValueError(f'config.data.root must point to the {name} files (manual_dir) to '
+                       f'prepare the {name} data set in {data_dir}')
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=config.data.root))
+  return builder
 
 
 def read_split(builder, split, *, process_index=None, process_count=None):

@@ -342,8 +342,9 @@ def load_params_into(params, workdir: str):
 
 
 # ---- The DiffHand task ----
-# Data sets whose readers are planned but not written yet.
-PLANNED_DATASETS = {'dexycb': 'DexYCB', 'ho3d': 'HO-3D v2'}
+# Data sets whose readers are planned but not written yet (none left: DexYCB and HO-3D v2
+# are read by datasets/dexycb and datasets/ho3d).
+PLANNED_DATASETS = {}
 
 
 def check_dataset_available(config: ml_collections.ConfigDict):
@@ -353,7 +354,7 @@ def check_dataset_available(config: ml_collections.ConfigDict):
     raise NotImplementedError(
         f"config.data.name={name!r}: the {PLANNED_DATASETS[name]} reader is not "
         'implemented yet (planned issue); the config records the paper setting. '
-        "Available: 'synthetic', 'freihand'.")
+        "Available: 'synthetic', 'freihand', 'dexycb', 'ho3d'.")
 
 
 def noisy_input(schedule, x0: jax.Array, keys: jax.Array, diffusion: bool):

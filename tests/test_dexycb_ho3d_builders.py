@@ -1,0 +1,84 @@
+"""The `dexycb` and `ho3d` TFDS builders and their input-pipeline wiring, on tiny layouts."""
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import dexycb as dexycb_config
+from datasets import dexycb as dexycb_reader
+from datasets import ho3d as ho3d_reader
+from datasets.dexycb import dexycb
+from datasets.dexycb import testing as dexycb_testing
+from datasets.ho3d import ho3d
+from datasets.ho3d import testing as ho3d_testing
+from diffhand_jax import input_pipeline
+from diffhand_jax import mano
+
+
+@pytest.fixture(scope='module')
+def mano_dir(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('mano')
+  mano.save_mano(mano.synthetic_mano(0), folder / 'MANO_RIGHT.pkl')
+  mano.save_mano(mano.synthetic_mano(1), folder / 'MANO_LEFT.pkl')
+  return folder
+
+
+@pytest.mark.slow
+def test_dexycb_builder_and_pipeline(tmp_path, mano_dir):
+  root = tmp_path / 'dexycb'
+  dexycb_testing.write_layout(root, mano_dir)
+  config = dexycb_config.get_config('smoke')
+  config.data.update(root=str(root), tfds_data_dir=str(tmp_path / 'tfds'), image_size=32)
+  config.mano_path = str(mano_dir / 'MANO_RIGHT.pkl')
+  builder = input_pipeline.get_builder(config)
+  assert isinstance(builder, dexycb.Dexycb)
+  splits = builder.info.splits
+  assert (splits['train'].num_examples, splits['validation'].num_examples,
+          splits['evaluation'].num_examples) == (300, 16, 64)
+  expected = {e['id']: e for e in dexycb_reader.examples(root, 'test', mano_dir=mano_dir)}
+  for record in tfds.as_numpy(builder.as_dataset(split='evaluation')):
+    reference = expected.pop(int(record['id']))
+    for key in ('K', 'joints3d', 'joints2d', 'verts', 'pose', 'betas', 'bbox', 'mask'):
+      np.testing.assert_array_equal(record[key], reference[key], err_msg=key)
+    assert bool(record['is_right']) == reference['is_right']
+  assert not expected
+  batch = next(input_pipeline.create_train_iterator(config))
+  assert batch['image'].shape == (8, 32, 32, 3)
+  assert set(np.unique(batch['is_right'])) <= {0, 1}
+  np.testing.assert_allclose(batch['joints3d'][:, 0], 0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ho3d_builder_evaluation_crops_from_the_box(tmp_path, mano_dir):
+  root = tmp_path / 'ho3d'
+  ho3d_testing.write_layout(root)
+  builder = ho3d.Ho3d(data_dir=str(tmp_path / 'tfds'), mano_dir=str(mano_dir))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+  assert builder.info.splits['train'].num_examples == 3
+  assert builder.info.splits['evaluation'].num_examples == 3
+  train = {e['id']: e for e in ho3d_reader.examples(root, 'train', mano_dir=mano_dir)}
+  for record in tfds.as_numpy(builder.as_dataset(split='train')):
+    reference = train.pop(int(record['id']))
+    np.testing.assert_array_equal(record['joints3d'], reference['joints3d'])
+    np.testing.assert_array_equal(record['verts'], reference['verts'])
+    np.testing.assert_array_equal(record['image'], reference['image'])  # PNG: lossless
+    assert record['has_targets']
+  for record in tfds.as_numpy(builder.as_dataset(split='evaluation')):
+    assert not record['has_targets'] and not record['verts'].any()
+    box = record['bbox']
+    np.testing.assert_array_equal(record['joints2d'].min(0), box[:2])
+    np.testing.assert_array_equal(record['joints2d'].max(0), box[2:])
+
+
+def test_box_as_joints_extent():
+  points = ho3d.box_as_joints([1.0, 2.0, 30.0, 40.0])
+  assert points.shape == (21, 2)
+  np.testing.assert_array_equal(points.min(0), [1, 2])
+  np.testing.assert_array_equal(points.max(0), [30, 40])
+
+
+def test_real_datasets_need_the_real_mano_files(tmp_path):
+  config = dexycb_config.get_config('smoke')
+  config.data.tfds_data_dir = str(tmp_path)
+  with pytest.raises(ValueError, match='mano_path'):
+    input_pipeline.get_builder(config)
