@@ -30,7 +30,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Source keys the pipeline reads (the rest of the features, e.g. mask and pose, are dropped).
 _SOURCE_KEYS = ('image', 'depth', 'K', 'joints3d', 'joints2d', 'verts', 'is_right', 'id',
-                'has_targets')
+                'has_targets', 'bbox')
 _NUM_DRAWS = 8  # angle, scale, centre x/y, flip, 3 colour gains
 
 
@@ -136,12 +136,20 @@ def _camera_motion_of(example, data_config, draws):
 def _crop_box(example, image, moved_joints2d, pixel_motion, crop_margin, whole_image=False):
   """The square crop (centre [2], side) before jitter: around the moved 2D joints, or the
   whole (moved) image when `whole_image` or when the example has no joints (has_targets =
-  False: FreiHAND evaluation without annotations).
+  False: FreiHAND evaluation without annotations). An example without joints that has a
+  given hand box (`bbox` x0,y0,x1,y1: HO-3D evaluation's handBoundingBox) is cropped around
+  that box instead, with the same margin.
   """
   center, extent = square_box(tf.reduce_min(moved_joints2d, 0), tf.reduce_max(moved_joints2d, 0))
   side = crop_margin * tf.maximum(extent, 1.0)
-  use_image = tf.logical_or(tf.constant(bool(whole_image)),
-                            tf.logical_not(tf.cast(example.get('has_targets', True), tf.bool)))
+  no_joints = tf.logical_not(tf.cast(example.get('has_targets', True), tf.bool))
+  if 'bbox' in example:
+    corners = apply_affine(pixel_motion, tf.reshape(tf.cast(example['bbox'], tf.float32), (2, 2)))
+    box_center, box_extent = square_box(tf.reduce_min(corners, 0), tf.reduce_max(corners, 0))
+    center = tf.where(no_joints, box_center, center)
+    side = tf.where(no_joints, crop_margin * tf.maximum(box_extent, 1.0), side)
+    no_joints = tf.constant(False)
+  use_image = tf.logical_or(tf.constant(bool(whole_image)), no_joints)
   height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32))
   image_center = apply_affine(pixel_motion, tf.stack([(width - 1) / 2, (height - 1) / 2])[None])
   center = tf.where(use_image, image_center[0], center)

@@ -63,18 +63,30 @@ def test_ho3d_builder_evaluation_crops_from_the_box(tmp_path, mano_dir):
     np.testing.assert_array_equal(record['verts'], reference['verts'])
     np.testing.assert_array_equal(record['image'], reference['image'])  # PNG: lossless
     assert record['has_targets']
+  boxes = {}
   for record in tfds.as_numpy(builder.as_dataset(split='evaluation')):
     assert not record['has_targets'] and not record['verts'].any()
-    box = record['bbox']
-    np.testing.assert_array_equal(record['joints2d'].min(0), box[:2])
-    np.testing.assert_array_equal(record['joints2d'].max(0), box[2:])
+    boxes[int(record['id'])] = record['bbox']
+  np.testing.assert_array_equal(boxes[2], [6, 3, 22, 18])
 
 
-def test_box_as_joints_extent():
-  points = ho3d.box_as_joints([1.0, 2.0, 30.0, 40.0])
-  assert points.shape == (21, 2)
-  np.testing.assert_array_equal(points.min(0), [1, 2])
-  np.testing.assert_array_equal(points.max(0), [30, 40])
+def test_evaluation_crop_follows_the_given_box():
+  """No joints + a bbox: the crop is the box's square (side = margin x longer side)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  image = np.zeros((60, 80, 3), np.uint8)
+  image[20:30, 40:60] = 255  # the hand box: x 40..60, y 20..30
+  example = {'image': image, 'K': np.diag([100.0, 100.0, 1.0]).astype(np.float32),
+             'joints3d': np.zeros((21, 3), np.float32) + [0, 0, 1],
+             'joints2d': np.zeros((21, 2), np.float32), 'verts': np.zeros((778, 3), np.float32),
+             'is_right': True, 'id': 0, 'has_targets': False,
+             'bbox': np.array([40, 20, 60, 30], np.float32)}
+  data_config = ml_collections.ConfigDict(dict(crop_margin=1.0, use_depth=False, flip=False))
+  out = input_pipeline.transform_example(
+      {k: tf.constant(v) for k, v in example.items()}, data_config, 20)
+  crop = input_pipeline.denormalize_image(out["image"].numpy())
+  # A 20x20 crop centred on (50, 25): the box fills the middle 10 rows, every column.
+  assert crop[8:12, :].mean() > 200 and crop[:3].mean() < 30 and crop[-3:].mean() < 30
 
 
 def test_real_datasets_need_the_real_mano_files(tmp_path):

@@ -5,10 +5,9 @@
       manual_dir='/path/to/HO3D_v2'))
 
 Splits: 'train' (train.txt, annotated frames) and 'evaluation' (evaluation.txt, every frame,
-`has_targets` False: all-zero 3D targets; score them on the online server with
-`reader.write_submission`). Evaluation crops come from the given handBoundingBox: the
-pipeline crops around the extent of `joints2d`, so evaluation records hold the box's two
-corners there (joints 0-10 the top-left, 11-20 the bottom-right); `bbox` keeps the box itself.
+`has_targets` False: all-zero targets; score them on the online server with
+`reader.write_submission`). `bbox` is the given handBoundingBox for evaluation (the input
+pipeline crops evaluation examples around it) and the 2D joints' extent for training.
 The 'depth' config reads <manual_dir>/depth/<train|evaluation>/<SEQ>/rgb/<FRAME>.png|.npy.
 """
 import numpy as np
@@ -16,12 +15,6 @@ import tensorflow_datasets as tfds
 
 from datasets import features
 from datasets.ho3d import reader
-
-
-def box_as_joints(bbox):
-  """[21, 2] points whose extent is the box (x0, y0, x1, y1): the crop source for evaluation."""
-  corners = np.asarray(bbox, np.float32).reshape(2, 2)
-  return np.concatenate([np.repeat(corners[:1], 11, 0), np.repeat(corners[1:], 10, 0)])
 
 
 class Ho3d(tfds.core.GeneratorBasedBuilder):
@@ -69,6 +62,5 @@ class Ho3d(tfds.core.GeneratorBasedBuilder):
         bbox = np.concatenate([low, high]).astype(np.float32)
       else:
         bbox = example['bbox']
-        record['joints2d'] = box_as_joints(bbox)
       record.update(bbox=bbox, has_targets=example['has_targets'])
       yield example['id'], record
