@@ -165,6 +165,13 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
       predictions['joints'], predictions['verts'], predictions['gt_joints'],
       predictions['gt_verts'])
   scores['num_examples'] = int(len(predictions['index']))
+  if config.data.name == 'dexycb':
+    # The DexYCB protocol written out: wrist-aligned MPJPE / MPVPE and Procrustes-aligned
+    # errors (datasets/dexycb/evaluation.py); predictions and targets are root-relative.
+    from datasets.dexycb import evaluation as dexycb_evaluation  # pylint: disable=g-import-not-at-top
+    scores.update({f'dexycb_{k}': v for k, v in dexycb_evaluation.dexycb_metrics(
+        predictions['joints'], predictions['verts'], predictions['gt_joints'],
+        predictions['gt_verts']).items()})
   if jax.process_index() == 0:
     print(f'Evaluation{"" if step is None else f" at step {step}"} on '
           f'{scores["num_examples"]} examples:\n'
@@ -187,6 +194,12 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
       metrics_lib.write_pred_json(os.path.join(out_dir, 'pred.json'),
                                   predictions['joints_camera'],
                                   predictions['verts_camera'])
+      if config.data.name == 'ho3d':
+        # The online server's format: HO-3D joint order, OpenGL frame, zipped pred.json.
+        from datasets.ho3d import reader as ho3d_reader  # pylint: disable=g-import-not-at-top
+        ho3d_reader.write_submission(os.path.join(out_dir, 'pred_ho3d.zip'),
+                                     predictions['joints_camera'],
+                                     predictions['verts_camera'])
   if writer is not None and step is not None:
     writer.scalars(step, scores)
     images = overlays(predictions, mano.load_hand_model(config).faces)
