@@ -372,6 +372,9 @@ def load_pretrained_encoder(params: Params, config) -> Params:
   """
   path = config.model.get('pretrained_path', '')
   if not path:
+    if config.model.encoder == 'hrnet' and config.model.get('hrnet_norm') == 'frozen_bn':
+      logging.warning('model.hrnet_norm="frozen_bn" without model.pretrained_path: every norm '
+                      'starts as the identity (no normalisation); use "group" from scratch')
     return params
   loaded = flax.traverse_util.flatten_dict(load_timm_checkpoint(path, config.model))
   params = flax.core.unfreeze(params)
