@@ -38,7 +38,8 @@ $(TORCH_STAMP): requirements-torch.txt $(STAMP)
 	touch $@
 
 test-torch: $(TORCH_STAMP)
-	$(TORCH_PY) -m pytest -q tests/test_weights_timm.py
+	$(TORCH_PY) -m pytest -q tests/test_weights_timm.py \
+	    tests/test_encoders.py::test_resample_matches_pytorch_when_installed
 
 demo: $(STAMP)
 	$(PY) launch.py --config=configs/synthetic.py --workdir=runs/demo
