@@ -168,7 +168,7 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
   if config.data.name == 'dexycb':
     # The DexYCB protocol written out: wrist-aligned MPJPE / MPVPE and Procrustes-aligned
     # errors (datasets/dexycb/evaluation.py); predictions and targets are root-relative.
-    from datasets.dexycb import evaluation as dexycb_evaluation  # pylint: disable=g-import-not-at-top
+    from datasets.dexycb import evaluation as dexycb_evaluation  # pylint: disable=g-import-not-at-top,line-too-long
     scores.update({f'dexycb_{k}': v for k, v in dexycb_evaluation.dexycb_metrics(
         predictions['joints'], predictions['verts'], predictions['gt_joints'],
         predictions['gt_verts']).items()})

@@ -120,3 +120,13 @@ def test_metrics_root_aligned_and_procrustes():
   assert m['mpjpe'] == pytest.approx(3.0 * 20 / 21)
   assert m['mpvpe'] == pytest.approx(3.0)
   assert m["pa_mpvpe"] < 1e-4
+
+
+def test_depth_dir_mirrors_the_colour_paths(layout, tmp_path):
+  root, mano_dir, _ = layout
+  folder = tmp_path / '20200820-subject-03' / '20200101_100004' / reader.SERIALS[0]
+  folder.mkdir(parents=True)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(np.full((24, 32), 650, np.uint16)).save(folder / 'color_000000.png')
+  example = next(dexycb.examples(root, 'test', mano_dir=mano_dir, depth_dir=tmp_path))
+  np.testing.assert_allclose(example['depth'], 0.65)  # 16-bit PNG in millimetres

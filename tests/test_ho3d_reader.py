@@ -108,3 +108,16 @@ def test_missing_list_and_bad_split(tmp_path):
     ho3d.frame_list(tmp_path, 'train')
   with pytest.raises(ValueError, match='split'):
     ho3d.frame_list(tmp_path, 'val')
+
+
+def test_depth_dir_mirrors_the_rgb_paths(layout, tmp_path):
+  root, mano_dir, _ = layout
+  depth = np.full((24, 32), 0.5, np.float32)
+  for sequence in ('ABF10', 'MC1'):
+    (tmp_path / 'train' / sequence / 'rgb').mkdir(parents=True)
+    for frame in ('0000', '0001'):
+      np.save(tmp_path / 'train' / sequence / 'rgb' / f'{frame}.npy', depth)
+  example = next(ho3d.examples(root, 'train', mano_dir=mano_dir, depth_dir=tmp_path))
+  assert example['depth'].shape == (24, 32, 1) and np.all(example['depth'] == 0.5)
+  with pytest.raises(FileNotFoundError, match='depth map missing'):
+    next(ho3d.examples(root, 'evaluation', mano_dir=mano_dir, depth_dir=tmp_path))

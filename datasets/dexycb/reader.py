@@ -217,7 +217,7 @@ def examples(root, split, *, setup='s0', mano_dir, depth_dir=None, skip_unannota
             continue
           raise ValueError(f'{label_path}: the hand is not annotated in this frame')
         image_relative = pathlib.Path(folder) / f'color_{frame:06d}.jpg'
-        image = freihand_reader._read_image(root / image_relative, 'RGB')  # pylint: disable=protected-access
+        image = freihand_reader.read_image(root / image_relative, 'RGB')
         verts, pose = mano_vertices(mano_dir, side, pose_m, betas)
         example = {
             'image': image, 'K': cameras[serial], 'joints3d': joints3d, 'joints2d': joints2d,
@@ -228,7 +228,8 @@ def examples(root, split, *, setup='s0', mano_dir, depth_dir=None, skip_unannota
         if seg is not None:
           example['mask'] = np.where(seg == 255, 255, 0).astype(np.uint8)[..., None]
         if depth_dir is not None:
-          example['depth'] = freihand_reader._read_depth(depth_dir, image_relative, image.shape)  # pylint: disable=protected-access
+          example['depth'] = freihand_reader.read_depth(depth_dir, image_relative,
+                                                        image.shape)
         yield example
 
 

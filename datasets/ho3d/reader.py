@@ -122,7 +122,7 @@ def examples(root, split, *, mano_dir, depth_dir=None, skip_unannotated=True):
         continue
       raise ValueError(f'{meta_path}: the hand is not annotated in this frame')
     image_relative = pathlib.Path(split_dir) / sequence / 'rgb' / f'{frame}.png'
-    image = freihand_reader._read_image(root / image_relative, 'RGB')  # pylint: disable=protected-access
+    image = freihand_reader.read_image(root / image_relative, 'RGB')
     K = _array(meta, 'camMat', (3, 3), meta_path)
     example = {'image': image, 'K': K, 'is_right': True, 'id': index, 'sequence': sequence,
                'frame': frame, 'image_path': os.fspath(root / image_relative),
@@ -142,7 +142,7 @@ def examples(root, split, *, mano_dir, depth_dir=None, skip_unannotated=True):
       example['bbox'] = _array(meta, 'handBoundingBox', (4,), meta_path)
       example['root'] = flip(_array(meta, 'handJoints3D', (3,), meta_path))
     if depth_dir is not None:
-      example['depth'] = freihand_reader._read_depth(depth_dir, image_relative, image.shape)  # pylint: disable=protected-access
+      example['depth'] = freihand_reader.read_depth(depth_dir, image_relative, image.shape)
     yield example
 
 
