@@ -1,13 +1,19 @@
-"""DexYCB (S0 split, invalid samples filtered as in HandOccNet): HRNet-W64, 256 px.
+"""DexYCB (S0 split, unannotated frames filtered as in HandOccNet): HRNet-W64, 256 px.
 
-The reader is not written yet: training stops with a clear error (planned issue).
-The input size is our choice (HandOccNet's 256 px; the paper's value was lost, and
-DESIGN §6 fixes 224 px only for FreiHAND and HO-3D).
+  python launch.py --config=configs/dexycb.py --config.data.root=/data/dex-ycb \
+      --config.mano_path=/models/mano/MANO_RIGHT.pkl \
+      --config.model.pretrained_path=/models/hrnet_w64.safetensors \
+      --config.model.hrnet_norm=frozen_bn --workdir=runs/dexycb
+MANO_LEFT.pkl must sit beside MANO_RIGHT.pkl (left hands). Files and protocol:
+docs/DATASETS.md. The input size is our choice (HandOccNet's 256 px; the paper's value was
+lost, and DESIGN §6 fixes 224 px only for FreiHAND and HO-3D).
 """
 from configs import common
 
-# Approximate size of the filtered S0 training split; only turns 100 epochs
-# into steps. Recompute from the reader when it lands.
+# Approximate size of the filtered S0 training split (not counted here: the data cannot be
+# downloaded); only turns 100 epochs into steps. Count it from your files with
+#   python -m datasets.dexycb.reader count /data/dex-ycb train
+# and pass --config.train.num_steps=ceil(100 * count / 64) when it differs.
 NUM_TRAIN_IMAGES = 406_888
 
 

@@ -2,7 +2,8 @@
 
   python launch.py --config=configs/ho3d.py --config.data.root=... --workdir=runs/ho3d
   python launch.py --config=configs/ho3d.py:depth --config.init_from=runs/ho3d ...
-The reader is not written yet: training stops with a clear error (planned issue).
+Also --config.mano_path=/models/mano/MANO_RIGHT.pkl, and for an ImageNet-pretrained DeiT
+--config.model.pretrained_path=deit_large.safetensors; files and protocol: docs/DATASETS.md.
 """
 from configs import common
 

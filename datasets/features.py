@@ -44,3 +44,27 @@ def hand_features(with_depth=False, image_encoding='png'):
     spec['depth'] = tfds.features.Tensor(shape=(None, None, 1), dtype=tf.float32,
                                          encoding=tfds.features.Encoding.ZLIB)
   return tfds.features.FeaturesDict(spec)
+
+
+TARGET_SHAPES = {'joints3d': (NUM_JOINTS, 3), 'joints2d': (NUM_JOINTS, 2),
+                 'verts': (NUM_VERTICES, 3), 'pose': (48,), 'betas': (10,)}
+
+
+def to_record(example, with_depth):
+  """A reader example -> the `hand_features` schema (zeros for absent targets and mask).
+
+  The image is passed as its file path, so TFDS stores the released bytes unchanged (no
+  second lossy JPEG encoding).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  image_shape = example['image'].shape
+  record = {
+      'image': example['image_path'],
+      'mask': example.get('mask', np.zeros(image_shape[:2] + (1,), np.uint8)),
+      'K': example['K'], 'is_right': example['is_right'], 'id': example['id'],
+  }
+  for name, shape in TARGET_SHAPES.items():
+    record[name] = example.get(name, np.zeros(shape, np.float32))
+  if with_depth:
+    record['depth'] = example['depth']
+  return record

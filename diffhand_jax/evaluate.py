@@ -34,6 +34,8 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from datasets.dexycb import evaluation as dexycb_evaluation
+from datasets.ho3d import reader as ho3d_reader
 from diffhand_jax import checkpointing
 from diffhand_jax import input_pipeline
 from diffhand_jax import metrics as metrics_lib
@@ -243,6 +245,12 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
   num_examples = int(len(predictions['index']))
   scored = batches.has_targets
   scores = score_predictions(predictions) if scored else {}
+  if scored and config.data.name == 'dexycb':
+    # The DexYCB protocol written out: wrist-aligned MPJPE / MPVPE and Procrustes-aligned
+    # errors (datasets/dexycb/evaluation.py); predictions and targets are root-relative.
+    scores.update({f'dexycb_{k}': v for k, v in dexycb_evaluation.dexycb_metrics(
+        predictions['joints'], predictions['verts'], predictions['gt_joints'],
+        predictions['gt_verts']).items()})
   is_writer = jax.process_index() == 0
   pred_json = None
   if workdir is not None and is_writer:
@@ -265,6 +273,11 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
       pred_json = os.path.join(out_dir, 'pred.json')
       metrics_lib.write_pred_json(pred_json, predictions['joints_camera'],
                                   predictions['verts_camera'])
+      if config.data.name == 'ho3d':
+        # The online server's format: HO-3D joint order, OpenGL frame, zipped pred.json.
+        ho3d_reader.write_submission(os.path.join(out_dir, 'pred_ho3d.zip'),
+                                     predictions['joints_camera'],
+                                     predictions['verts_camera'])
   if is_writer:
     at_step = '' if step is None else f' at step {step}'
     if scored:

@@ -19,13 +19,16 @@ seeded by (seed, epoch), augmentation drawn with stateless ops from (seed, epoch
 resume by skipping whole epochs arithmetically and then examples inside the epoch.
 """
 import math
+import os
 
 import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from datasets.dexycb import dexycb
 from datasets.freihand import freihand
+from datasets.ho3d import ho3d
 from datasets.synthetic import synthetic_hands
 from diffhand_jax import checks
 
@@ -33,7 +36,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Source keys the pipeline reads (the rest of the features, e.g. mask and pose, are dropped).
 _SOURCE_KEYS = ('image', 'depth', 'K', 'joints3d', 'joints2d', 'verts', 'is_right', 'id',
-                'has_targets')
+                'has_targets', 'bbox')
 _NUM_DRAWS = 8  # angle, scale, centre x/y, flip, 3 colour gains
 
 
@@ -139,12 +142,20 @@ def _camera_motion_of(example, data_config, draws):
 def _crop_box(example, image, moved_joints2d, pixel_motion, crop_margin, whole_image=False):
   """The square crop (centre [2], side) before jitter: around the moved 2D joints, or the
   whole (moved) image when `whole_image` or when the example has no joints (has_targets =
-  False: FreiHAND evaluation without annotations).
+  False: FreiHAND evaluation without annotations). An example without joints that has a
+  given hand box (`bbox` x0,y0,x1,y1: HO-3D evaluation's handBoundingBox) is cropped around
+  that box instead, with the same margin.
   """
   center, extent = square_box(tf.reduce_min(moved_joints2d, 0), tf.reduce_max(moved_joints2d, 0))
   side = crop_margin * tf.maximum(extent, 1.0)
-  use_image = tf.logical_or(tf.constant(bool(whole_image)),
-                            tf.logical_not(tf.cast(example.get('has_targets', True), tf.bool)))
+  no_joints = tf.logical_not(tf.cast(example.get('has_targets', True), tf.bool))
+  if 'bbox' in example:
+    corners = apply_affine(pixel_motion, tf.reshape(tf.cast(example['bbox'], tf.float32), (2, 2)))
+    box_center, box_extent = square_box(tf.reduce_min(corners, 0), tf.reduce_max(corners, 0))
+    center = tf.where(no_joints, box_center, center)
+    side = tf.where(no_joints, crop_margin * tf.maximum(box_extent, 1.0), side)
+    no_joints = tf.constant(False)
+  use_image = tf.logical_or(tf.constant(bool(whole_image)), no_joints)
   height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32))
   image_center = apply_affine(pixel_motion, tf.stack([(width - 1) / 2, (height - 1) / 2])[None])
   center = tf.where(use_image, image_center[0], center)
@@ -344,8 +355,9 @@ def eval_dataset_from(source, num_examples, config, *, batch_size, num_batches):
 
 # ---- Sources: TFDS builders from the config ----
 
-# Data sets whose readers are planned but not written yet (their configs exist).
-PLANNED_DATASETS = {'dexycb': 'DexYCB', 'ho3d': 'HO-3D v2'}
+# Data sets whose readers are planned but not written yet (none left: DexYCB and HO-3D v2
+# are read by datasets/dexycb and datasets/ho3d).
+PLANNED_DATASETS = {}
 
 
 def check_dataset_available(config):
@@ -355,11 +367,12 @@ def check_dataset_available(config):
     raise NotImplementedError(
         f"config.data.name={name!r}: the {PLANNED_DATASETS[name]} reader is not "
         'implemented yet (planned issue); the config records the paper setting. '
-        "Available: 'synthetic', 'freihand'.")
+        "Available: 'synthetic', 'freihand', 'dexycb', 'ho3d'.")
 
 
 def get_builder(config, need_train=True):
-  """The prepared TFDS builder of `config.data.name` ('synthetic' | 'freihand').
+  """The prepared TFDS builder of `config.data.name` ('synthetic' | 'freihand' | 'dexycb' |
+  'ho3d'); real data sets are prepared from config.data.root (manual_dir) on first use.
 
   need_train=False: only the evaluation split is read (the synthetic set then skips rendering
   a training split that is not there yet).
@@ -368,17 +381,30 @@ def get_builder(config, need_train=True):
   name = config.data.name
   if name == 'synthetic':
     return synthetic_hands.prepare(config, need_train=need_train)
+  variant = 'depth' if config.model.use_depth else 'rgb'
+  data_dir = config.data.tfds_data_dir
   if name == 'freihand':
-    builder = freihand.Freihand(config='depth' if config.model.use_depth else 'rgb',
-                                data_dir=config.data.tfds_data_dir)
-    if not builder.is_prepared():
-      if not config.data.root:
-        raise ValueError('config.data.root must point to the FreiHAND files (manual_dir) to '
-                         f'prepare the freihand data set in {config.data.tfds_data_dir}')
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=config.data.root))
-    return builder
-  raise ValueError(f"unknown config.data.name {name!r} (known: 'synthetic', 'freihand')")
+    builder = freihand.Freihand(config=variant, data_dir=data_dir)
+  elif name in ('dexycb', 'ho3d'):
+    # Their vertices come from the MANO parameters: the real MANO files are needed.
+    if not config.mano_path:
+      raise ValueError(f'config.data.name={name!r} needs config.mano_path = the real '
+                       'MANO_RIGHT.pkl (MANO_LEFT.pkl beside it for DexYCB)')
+    mano_dir = os.path.dirname(os.path.abspath(config.mano_path))
+    if name == 'dexycb':
+      builder = dexycb.Dexycb(config=variant, data_dir=data_dir, mano_dir=mano_dir)
+    else:
+      builder = ho3d.Ho3d(config=variant, data_dir=data_dir, mano_dir=mano_dir)
+  else:
+    raise ValueError(f"unknown config.data.name {name!r} (known: 'synthetic', 'freihand', "
+                     "'dexycb', 'ho3d')")
+  if not builder.is_prepared():
+    if not config.data.root:
+      raise ValueError(f'config.data.root must point to the {name} files (manual_dir) to '
+                       f'prepare the {name} data set in {data_dir}')
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=config.data.root))
+  return builder
 
 
 def read_split(builder, split, *, process_index=None, process_count=None):

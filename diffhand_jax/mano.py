@@ -281,17 +281,34 @@ def _to_array(value, key):
   return value
 
 
-def _read_pickle(path):
+def _read_pickle(path, what='MANO pickle'):
   with open(path, 'rb') as f:
     try:
       data = _RestrictedUnpickler(f, encoding='latin1').load()
     except ValueError:
       raise
     except Exception as e:  # corrupt or truncated files raise many different types
-      raise ValueError(f'{path}: not a readable MANO pickle ({type(e).__name__}: {e})') from e
+      raise ValueError(f'{path}: not a readable {what} ({type(e).__name__}: {e})') from e
   if not isinstance(data, dict):
-    raise ValueError(f'{path}: expected a dict in the MANO pickle, got {type(data).__name__}')
+    raise ValueError(f'{path}: expected a dict in the {what}, got {type(data).__name__}')
   return data
+
+
+def read_restricted_pickle(path, what='pickle'):
+  """Reads a pickled dict of numpy arrays and plain values with `load_mano`'s allow-list.
+
+  For data-set annotation pickles (e.g. HO-3D's meta/*.pkl): numpy arrays and scalars,
+  strings, numbers, None, lists and dicts load; any other global (os.system, builtins.eval,
+  ...) raises ValueError before it can run.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    ValueError: a disallowed global, a corrupt file or not a dict.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{what} not found: {path}')
+  return _read_pickle(path, what)
 
 
 def _read_npz(path):

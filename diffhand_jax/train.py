@@ -30,6 +30,7 @@ from diffhand_jax import models
 from diffhand_jax import optim
 from diffhand_jax import parallel
 from diffhand_jax import procedural_mano
+from diffhand_jax import weights
 
 # loss_fn(params, batch, example_keys [B] keys) -> (loss scalar, aux scalars)
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array],
@@ -402,7 +403,10 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
            if config.model.use_depth else None)
 
   def init(rng):
-    return models.init_params(model, rng, images, depth)
+    # config.model.pretrained_path (a timm checkpoint or its converted .msgpack) replaces
+    # the encoder's initial values; '' keeps them. init_from, if set, is applied after this.
+    return weights.load_pretrained_encoder(
+        models.init_params(model, rng, images, depth), config)
 
   # ---- Evaluation ----
   eval_writer = logging_utils.MetricWriter(workdir, 'eval')

@@ -242,3 +242,8 @@ def _example(root, relative_image_path, annotations, idx, depth_dir, mask_path):
   if depth_dir is not None:
     example['depth'] = _read_depth(depth_dir, relative_image_path, image.shape)
   return example
+
+
+# Shared with the DexYCB and HO-3D readers (same image decoding and depth-map formats).
+read_image = _read_image
+read_depth = _read_depth

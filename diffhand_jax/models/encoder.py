@@ -2,7 +2,8 @@
 
 Config keys read (configs/synthetic.py, `config.model`): encoder ('vit' | 'deit' | 'hrnet' |
 'resnet'), encoder_size, patch_size, distilled, use_depth, pretrained_path,
-pretrained_image_size and depth_zero_init ('all' | 'last').
+pretrained_image_size, depth_zero_init ('all' | 'last') and hrnet_norm ('group' |
+'frozen_bn'; 'frozen_bn' holds imported timm BatchNorm weights, see hrnet.py).
 
 'vit' and 'deit' build the same module (DeiT is the ViT architecture with a different training
 recipe); only 'deit' may add the distillation token (distilled=True). Sizes: vit.VIT_SIZES
@@ -88,7 +89,8 @@ def build_encoder(model_config, dtype: Any = jnp.float32, image_size: int = 0) -
                          depth_zero_init=model_config.depth_zero_init, dtype=dtype)
   if name == 'hrnet':
     return hrnet.HRNet(spec=hrnet.HRNET_SIZES[size], use_depth=model_config.use_depth,
-                       depth_zero_init=model_config.depth_zero_init, dtype=dtype)
+                       depth_zero_init=model_config.depth_zero_init,
+                       norm=model_config.hrnet_norm, dtype=dtype)
   depth, width, num_heads = vit.VIT_SIZES[size]
   return vit.VisionTransformer(
       width=width, depth=depth, num_heads=num_heads, patch_size=model_config.patch_size,

@@ -6,12 +6,25 @@ after every module. As in the HRNet pose / mesh networks, the last module of sta
 the highest-resolution branch only; that branch (stride 4, width widths[0]) flattened is the
 token map F, and its global average is the embedding e (width D = widths[0]).
 
-Deviation from timm: GroupNorm instead of BatchNorm. BatchNorm's running statistics are a
-mutable collection that the pure `(params, batch, rng) -> loss` training step would have to
-thread through (and frozen statistics would not suit training from scratch); GroupNorm has no
-state and is batch-size independent. Groups = gcd(32, channels): 32 for multiples of 32,
-16 for W48's 48-channel branch, fewer for the tiny test size. A timm checkpoint's BatchNorm layers cannot be converted to it,
-so pretrained HRNet import would need a BatchNorm variant of this module.
+Normalisation, `norm` (config.model.hrnet_norm):
+- 'group' (default, training from scratch): GroupNorm instead of timm's BatchNorm.
+  BatchNorm's running statistics are a mutable collection that the pure
+  `(params, batch, rng) -> loss` training step would have to thread through (and frozen
+  statistics would not suit training from scratch); GroupNorm has no state and is batch-size
+  independent. Groups = gcd(32, channels): 32 for multiples of 32, 16 for W48's 48-channel
+  branch, fewer for the tiny test size. timm's BatchNorm weights cannot be converted to it.
+- 'frozen_bn' (ImageNet-pretrained timm weights, weights.py): each norm is a per-channel
+  affine map y = scale * x + bias into which the import folds BatchNorm's running statistics
+  (scale = gamma / sqrt(var + eps), bias = beta - mean * scale): exactly timm in eval mode.
+  Why frozen and folded rather than a live BatchNorm: (1) the training step stays a pure
+  function of params (no `batch_stats` collection to thread through jit/pmap and the
+  checkpoints); (2) the paper's batch is 64 over 4 accelerators, 16 crops per device, too few
+  for reliable batch statistics, and fine-tuning with re-estimated statistics on hand crops
+  would drift from the ImageNet ones the pretrained convolutions expect (detection backbones
+  freeze BatchNorm for the same reason); (3) scale and bias stay trainable parameters (no
+  weight decay: they are 1-D), so fine-tuning can still adjust each channel. The submodule is
+  named `bn` (GroupNorm's is `norm`), so the two forms' parameter trees differ and a checkpoint
+  of one cannot be loaded into the other by mistake.
 
 Submodule names echo timm's (timm name -> ours): conv1+bn1 -> conv1, conv2+bn2 -> conv2,
 layer1.{n} -> layer1_block{n}, transition{k}.{b} -> transition{k}_{b},
@@ -55,6 +68,8 @@ class HRNetSpec:
   num_blocks: int = 4
 
 
+NORMS = ('group', 'frozen_bn')
+
 HRNET_SIZES = {
     'w8': HRNetSpec(stem_width=16, stage1_planes=8, stage1_blocks=1, widths=(8, 16, 32, 64),
                     num_modules=(1, 1, 1), num_blocks=1),  # tests and smoke runs only
@@ -64,20 +79,41 @@ HRNET_SIZES = {
 }
 
 
+class FrozenBatchNorm(nn.Module):
+  """BatchNorm in eval mode with its statistics folded in: y = scale * x + bias per channel.
+
+  Initialised to the identity (scale 1, bias 0); weights.py fills it from timm's BatchNorm.
+
+  Attributes:
+    dtype: computation dtype.
+  """
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x: [..., C]. Returns: [..., C]."""
+    channels = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
+    return x * scale.astype(self.dtype) + bias.astype(self.dtype)
+
+
 class ConvNorm(nn.Module):
-  """Convolution (no bias) -> GroupNorm -> optional ReLU.
+  """Convolution (no bias) -> GroupNorm or frozen BatchNorm -> optional ReLU.
 
   Attributes:
     features: output channels.
     kernel: kernel side (1 or 3; padding keeps size / stride).
     stride: convolution stride.
     relu: apply ReLU after the norm.
+    norm: 'group' or 'frozen_bn' (module docstring).
     dtype: computation dtype.
   """
   features: int
   kernel: int = 3
   stride: int = 1
   relu: bool = True
+  norm: str = 'group'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -87,40 +123,49 @@ class ConvNorm(nn.Module):
     x = nn.Conv(self.features, (self.kernel,) * 2, strides=(self.stride,) * 2,
                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype,
                 param_dtype=jnp.float32, name='conv')(x)
-    x = nn.GroupNorm(num_groups=math.gcd(32, self.features), epsilon=1e-5, dtype=self.dtype,
-                     param_dtype=jnp.float32, name='norm')(x)
+    if self.norm == 'group':
+      x = nn.GroupNorm(num_groups=math.gcd(32, self.features), epsilon=1e-5, dtype=self.dtype,
+                       param_dtype=jnp.float32, name='norm')(x)
+    elif self.norm == 'frozen_bn':
+      x = FrozenBatchNorm(dtype=self.dtype, name='bn')(x)
+    else:
+      raise ValueError(f'HRNet norm={self.norm!r}; expected one of {NORMS}')
     return nn.relu(x) if self.relu else x
 
 
 class BasicBlock(nn.Module):
   """Two 3x3 ConvNorms with a residual (1x1 projection when the width changes)."""
   features: int
+  norm: str = 'group'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x: [batch, H, W, C]. Returns: [batch, H, W, features]."""
-    y = ConvNorm(self.features, dtype=self.dtype, name='conv1')(x)
-    y = ConvNorm(self.features, relu=False, dtype=self.dtype, name='conv2')(y)
+    y = ConvNorm(self.features, norm=self.norm, dtype=self.dtype, name='conv1')(x)
+    y = ConvNorm(self.features, relu=False, norm=self.norm, dtype=self.dtype, name='conv2')(y)
     if x.shape[-1] != self.features:
-      x = ConvNorm(self.features, 1, relu=False, dtype=self.dtype, name='downsample')(x)
+      x = ConvNorm(self.features, 1, relu=False, norm=self.norm, dtype=self.dtype,
+                   name='downsample')(x)
     return nn.relu(x + y)
 
 
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 -> 1x1 (4x wider) ConvNorms with a residual."""
   planes: int
+  norm: str = 'group'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x: [batch, H, W, C]. Returns: [batch, H, W, 4 * planes]."""
     out = BOTTLENECK_EXPANSION * self.planes
-    y = ConvNorm(self.planes, 1, dtype=self.dtype, name='conv1')(x)
-    y = ConvNorm(self.planes, 3, dtype=self.dtype, name='conv2')(y)
-    y = ConvNorm(out, 1, relu=False, dtype=self.dtype, name='conv3')(y)
+    y = ConvNorm(self.planes, 1, norm=self.norm, dtype=self.dtype, name='conv1')(x)
+    y = ConvNorm(self.planes, 3, norm=self.norm, dtype=self.dtype, name='conv2')(y)
+    y = ConvNorm(out, 1, relu=False, norm=self.norm, dtype=self.dtype, name='conv3')(y)
     if x.shape[-1] != out:
-      x = ConvNorm(out, 1, relu=False, dtype=self.dtype, name='downsample')(x)
+      x = ConvNorm(out, 1, relu=False, norm=self.norm, dtype=self.dtype,
+                   name='downsample')(x)
     return nn.relu(x + y)
 
 
@@ -140,11 +185,13 @@ class HRModule(nn.Module):
     widths: channel width of each branch.
     num_blocks: basic blocks per branch.
     num_outputs: how many (finest first) fused outputs to compute.
+    norm: 'group' or 'frozen_bn'.
     dtype: computation dtype.
   """
   widths: Sequence[int]
   num_blocks: int
   num_outputs: int
+  norm: str = 'group'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -153,20 +200,22 @@ class HRModule(nn.Module):
     ys = []
     for b, (x, width) in enumerate(zip(xs, self.widths)):
       for n in range(self.num_blocks):
-        x = BasicBlock(width, dtype=self.dtype, name=f'branch{b}_block{n}')(x)
+        x = BasicBlock(width, norm=self.norm, dtype=self.dtype,
+                       name=f'branch{b}_block{n}')(x)
       ys.append(x)
     fused = []
     for i in range(self.num_outputs):
       total = ys[i]
       for j, y in enumerate(ys):
         if j > i:
-          y = ConvNorm(self.widths[i], 1, relu=False, dtype=self.dtype, name=f'fuse{i}_{j}')(y)
+          y = ConvNorm(self.widths[i], 1, relu=False, norm=self.norm, dtype=self.dtype,
+                       name=f'fuse{i}_{j}')(y)
           total = total + _upsample_nearest(y, 2**(j - i))
         elif j < i:
           for k in range(i - j):
             last = k == i - j - 1
             y = ConvNorm(self.widths[i] if last else self.widths[j], 3, stride=2, relu=not last,
-                         dtype=self.dtype, name=f'fuse{i}_{j}_{k}')(y)
+                         norm=self.norm, dtype=self.dtype, name=f'fuse{i}_{j}_{k}')(y)
           total = total + y
       fused.append(nn.relu(total))
     return tuple(fused)
@@ -179,11 +228,13 @@ class HRNet(nn.Module):
     spec: the architecture (`HRNET_SIZES[name]`).
     use_depth: create the zero-initialised depth branch added to the stem output.
     depth_zero_init: see `depth.DepthBranch.zero_init`.
+    norm: 'group' (from scratch) or 'frozen_bn' (timm weights); see the module docstring.
     dtype: computation dtype (parameters stay float32).
   """
   spec: HRNetSpec
   use_depth: bool = False
   depth_zero_init: str = 'all'
+  norm: str = 'group'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -205,14 +256,18 @@ class HRNet(nn.Module):
       raise ValueError(f'image size {images.shape[1:3]} is not a multiple of {coarsest}')
     depth_lib.check_depth(depth, images.shape, self.use_depth)
 
-    x = ConvNorm(spec.stem_width, 3, stride=2, dtype=dtype, name='conv1')(images.astype(dtype))
-    x = ConvNorm(spec.stem_width, 3, stride=2, dtype=dtype, name='conv2')(x)
+    if self.norm not in NORMS:
+      raise ValueError(f'HRNet norm={self.norm!r}; expected one of {NORMS}')
+    x = ConvNorm(spec.stem_width, 3, stride=2, norm=self.norm, dtype=dtype,
+                 name='conv1')(images.astype(dtype))
+    x = ConvNorm(spec.stem_width, 3, stride=2, norm=self.norm, dtype=dtype, name='conv2')(x)
     if self.use_depth:
       x = x + depth_lib.DepthBranch(spec.stem_width, depth_lib.num_downsamples(STEM_STRIDE),
                                     zero_init=self.depth_zero_init, dtype=dtype,
                                     name='depth')(depth)
     for n in range(spec.stage1_blocks):
-      x = Bottleneck(spec.stage1_planes, dtype=dtype, name=f'layer1_block{n}')(x)
+      x = Bottleneck(spec.stage1_planes, norm=self.norm, dtype=dtype,
+                     name=f'layer1_block{n}')(x)
 
     xs = [x]
     for stage, num_modules in enumerate(spec.num_modules):
@@ -221,7 +276,8 @@ class HRNet(nn.Module):
       xs = self._transition(xs, widths, name=f'transition{stage + 1}')
       for m in range(num_modules):
         final = stage == len(spec.num_modules) - 1 and m == num_modules - 1
-        xs = HRModule(widths, spec.num_blocks, 1 if final else num_branches, dtype=dtype,
+        xs = HRModule(widths, spec.num_blocks, 1 if final else num_branches, norm=self.norm,
+                      dtype=dtype,
                       name=f'stage{stage + 2}_module{m}')(xs)
 
     high = xs[0]
@@ -243,8 +299,8 @@ class HRNet(nn.Module):
     out = []
     for b, x in enumerate(xs):
       if x.shape[-1] != widths[b]:
-        x = ConvNorm(widths[b], 3, dtype=self.dtype, name=f'{name}_{b}')(x)
+        x = ConvNorm(widths[b], 3, norm=self.norm, dtype=self.dtype, name=f'{name}_{b}')(x)
       out.append(x)
-    out.append(ConvNorm(widths[len(xs)], 3, stride=2, dtype=self.dtype,
+    out.append(ConvNorm(widths[len(xs)], 3, stride=2, norm=self.norm, dtype=self.dtype,
                         name=f'{name}_{len(xs)}')(xs[-1]))
     return out
