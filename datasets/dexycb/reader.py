@@ -36,7 +36,6 @@ import os
 import pathlib
 
 import numpy as np
-from PIL import Image
 import yaml
 
 from datasets.freihand import reader as freihand_reader
