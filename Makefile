@@ -2,7 +2,7 @@
 #   make demo   create .venv if missing, install, run the main job on the embedded default
 #   make test   create .venv if missing, install, run the whole test suite
 # Developer tools (requirements-dev.txt, installed on first use):
-#   make lint   ruff (pyflakes + bugbear, pyproject.toml); CI runs it with the tests
+#   make lint   ruff (pyflakes + bugbear) and pyink --check (pyproject.toml); CI runs it
 #   make format pyink over the tree (Google style: 2-space indents, 100 columns)
 # Optional extra (PyTorch + timm, ~6 GB): `make test-torch` creates .venv-torch and runs the
 # weight-import tests against timm; CI runs it after `make test`.
@@ -31,6 +31,7 @@ $(DEV_STAMP): requirements-dev.txt
 
 lint: $(DEV_STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m pyink --check --quiet .
 
 format: $(DEV_STAMP)
 	$(PY) -m pyink .

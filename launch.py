@@ -9,6 +9,7 @@
 
 Re-running the same training command with the same --workdir resumes it.
 """
+
 import os
 import shutil
 
@@ -18,20 +19,28 @@ from absl import logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file(
-    'config', None, 'Config file, optionally with a variant: FILE[:variant].',
-    lock_config=True)
-flags.DEFINE_string('workdir', None,
-                    'Run directory (default: runs/<config name>[_<variant>]).')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'demo'],
-                  'What to do (demo: train if needed, evaluate on an unseen seed, '
-                  'write pictures).')
+    'config', None, 'Config file, optionally with a variant: FILE[:variant].', lock_config=True
+)
+flags.DEFINE_string('workdir', None, 'Run directory (default: runs/<config name>[_<variant>]).')
+flags.DEFINE_enum(
+    'mode',
+    'train',
+    ['train', 'eval', 'predict', 'demo'],
+    'What to do (demo: train if needed, evaluate on an unseen seed, ' 'write pictures).',
+)
 flags.DEFINE_string('input', None, '--mode=predict: an image or a folder.')
-flags.DEFINE_bool('overwrite', False,
-                  'train: delete the workdir first (start over instead of '
-                  'resuming); predict: replace existing outputs.')
-flags.DEFINE_string('compilation_cache', os.path.join('~', '.cache', 'diffhand_jax', 'xla'),
-                    "JAX's persistent compilation cache ('' = off): a second run of the "
-                    'same program skips most of its compile time.')
+flags.DEFINE_bool(
+    'overwrite',
+    False,
+    'train: delete the workdir first (start over instead of '
+    'resuming); predict: replace existing outputs.',
+)
+flags.DEFINE_string(
+    'compilation_cache',
+    os.path.join('~', '.cache', 'diffhand_jax', 'xla'),
+    "JAX's persistent compilation cache ('' = off): a second run of the "
+    'same program skips most of its compile time.',
+)
 FLAGS = flags.FLAGS
 
 
@@ -67,17 +76,24 @@ def main(argv):
     jax.distributed.initialize()
   config = FLAGS.config
   workdir = FLAGS.workdir or default_workdir(_config_argument())
-  logging.info('JAX devices: %d (%d local), process %d of %d; workdir %s',
-               jax.device_count(), jax.local_device_count(),
-               jax.process_index(), jax.process_count(), workdir)
+  logging.info(
+      'JAX devices: %d (%d local), process %d of %d; workdir %s',
+      jax.device_count(),
+      jax.local_device_count(),
+      jax.process_index(),
+      jax.process_count(),
+      workdir,
+  )
 
   if FLAGS.mode in ('train', 'demo'):
     from diffhand_jax import demo  # pylint: disable=g-import-not-at-top
     from diffhand_jax import train  # pylint: disable=g-import-not-at-top
+
     if FLAGS.overwrite and os.path.isdir(workdir) and jax.process_index() == 0:
       shutil.rmtree(workdir)
     if jax.process_count() > 1:  # nobody reads the workdir before it is gone
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       multihost_utils.sync_global_devices('workdir ready')
     os.makedirs(workdir, exist_ok=True)
     if FLAGS.mode == 'demo':
@@ -86,9 +102,11 @@ def main(argv):
       train.train_and_evaluate(config, workdir)
   elif FLAGS.mode == 'eval':
     from diffhand_jax import evaluate  # pylint: disable=g-import-not-at-top
+
     evaluate.evaluate_checkpoint(config, workdir)
   else:
     from diffhand_jax import predict  # pylint: disable=g-import-not-at-top
+
     if not FLAGS.input:
       raise app.UsageError('--mode=predict needs --input=IMAGE_OR_FOLDER')
     predict.predict(config, workdir, FLAGS.input, overwrite=FLAGS.overwrite)

@@ -9,6 +9,7 @@ baseline of that split. Runs go to <root>/<variant>; a finished run is reused.
 
 Prints a table (markdown) and writes <root>/results.json.
 """
+
 import json
 import os
 import subprocess
@@ -25,31 +26,47 @@ VARIANTS = {
     'full': ('nothing (the recipe)', []),
     'no_t_max': ('t = T-1 share of the batch (t uniform)', ['--config.train.t_max_fraction=0']),
     'no_aux_head': ('auxiliary joint head', ['--config.model.aux_head=False']),
-    'old_loss_weights': ('3D losses in diffusion units (the old metre-scaled weights)',
-                         ['--config.loss.x0_weight=1.01', '--config.loss.joints_weight=0.01',
-                          '--config.loss.reprojection_weight=1.0']),
-    'vit_encoder': ('ResNet encoder (ViT-Tiny from scratch instead)',
-                    ['--config.model.encoder=vit', '--config.model.encoder_size=tiny']),
-    'uniform_orientation': ('held-hand orientations (uniform rotations instead)',
-                            ['--config.data.orientation=uniform']),
+    'old_loss_weights': (
+        '3D losses in diffusion units (the old metre-scaled weights)',
+        [
+            '--config.loss.x0_weight=1.01',
+            '--config.loss.joints_weight=0.01',
+            '--config.loss.reprojection_weight=1.0',
+        ],
+    ),
+    'vit_encoder': (
+        'ResNet encoder (ViT-Tiny from scratch instead)',
+        ['--config.model.encoder=vit', '--config.model.encoder_size=tiny'],
+    ),
+    'uniform_orientation': (
+        'held-hand orientations (uniform rotations instead)',
+        ['--config.data.orientation=uniform'],
+    ),
 }
 
 flags.DEFINE_list('variants', list(VARIANTS), f'Subset of {list(VARIANTS)}.')
 flags.DEFINE_integer('steps', 300, 'Training steps per variant (the budget).')
 flags.DEFINE_string('root', 'runs/ablation', 'Where the runs go.')
-flags.DEFINE_list('extra', [], 'Overrides added to every variant (e.g. '
-                  '--config.data.num_train=4096).')
+flags.DEFINE_list(
+    'extra', [], 'Overrides added to every variant (e.g. ' '--config.data.num_train=4096).'
+)
 FLAGS = flags.FLAGS
 
 
 def _run(variant, workdir):
   """Trains (or resumes) one variant in a subprocess; returns its wall time in seconds."""
-  command = [sys.executable, 'launch.py', '--config=configs/synthetic.py',
-             f'--workdir={workdir}', f'--config.train.num_steps={FLAGS.steps}',
-             f'--config.train.eval_every={FLAGS.steps}',
-             f'--config.train.checkpoint_every={FLAGS.steps}',
-             f'--config.optim.warmup_steps={max(1, FLAGS.steps // 10)}',
-             *VARIANTS[variant][1], *FLAGS.extra]
+  command = [
+      sys.executable,
+      'launch.py',
+      '--config=configs/synthetic.py',
+      f'--workdir={workdir}',
+      f'--config.train.num_steps={FLAGS.steps}',
+      f'--config.train.eval_every={FLAGS.steps}',
+      f'--config.train.checkpoint_every={FLAGS.steps}',
+      f'--config.optim.warmup_steps={max(1, FLAGS.steps // 10)}',
+      *VARIANTS[variant][1],
+      *FLAGS.extra,
+  ]
   started = time.perf_counter()
   with open(os.path.join(workdir, 'train.log'), 'a') as log:
     subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -59,18 +76,26 @@ def _run(variant, workdir):
 def _config(variant):
   """The variant's config, parsed as launch.py would."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   holder = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, '', flag_values=holder)
-  holder([sys.argv[0], '--config=configs/synthetic.py',
+  holder(
+      [
+          sys.argv[0],
+          '--config=configs/synthetic.py',
           f'--config.train.num_steps={FLAGS.steps}',
           f'--config.optim.warmup_steps={max(1, FLAGS.steps // 10)}',
-          *VARIANTS[variant][1], *FLAGS.extra])
+          *VARIANTS[variant][1],
+          *FLAGS.extra,
+      ]
+  )
   return holder.config
 
 
 def main(argv):
   del argv
   from diffhand_jax import demo  # pylint: disable=g-import-not-at-top
+
   os.makedirs(FLAGS.root, exist_ok=True)
   rows = []
   for variant in FLAGS.variants:
@@ -80,21 +105,33 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
     seconds = _run(variant, workdir)
     scores, _ = demo.evaluate_unseen(_config(variant), workdir)
-    rows.append(dict(variant=variant, off=VARIANTS[variant][0], train_seconds=seconds,
-                     **{k: scores[k] for k in scores if 'mpjpe' in k or k == 'mpvpe'}))
+    rows.append(
+        dict(
+            variant=variant,
+            off=VARIANTS[variant][0],
+            train_seconds=seconds,
+            **{k: scores[k] for k in scores if 'mpjpe' in k or k == 'mpvpe'},
+        )
+    )
     with open(os.path.join(FLAGS.root, 'results.json'), 'w') as f:
       json.dump(rows, f, indent=2)
-  print(f'\n{FLAGS.steps} steps per variant, extra overrides: {FLAGS.extra or "none"}; '
-        'unseen seed; MPJPE / PA-MPJPE in mm (ratio to the mean hand)\n')
-  print('| switched off | MPJPE | PA-MPJPE | one-step x̂0 MPJPE | aux MPJPE | mean hand '
-        '| train s |')
+  print(
+      f'\n{FLAGS.steps} steps per variant, extra overrides: {FLAGS.extra or "none"}; '
+      'unseen seed; MPJPE / PA-MPJPE in mm (ratio to the mean hand)\n'
+  )
+  print(
+      '| switched off | MPJPE | PA-MPJPE | one-step x̂0 MPJPE | aux MPJPE | mean hand '
+      '| train s |'
+  )
   print('|---|---|---|---|---|---|---|')
   for r in rows:
     base = r['mean_hand_mpjpe'], r['mean_hand_pa_mpjpe']
     aux = f"{r['aux_mpjpe']:.1f}" if 'aux_mpjpe' in r else '-'
-    print(f"| {r['off']} | {r['mpjpe']:.1f} ({r['mpjpe'] / base[0]:.2f}) | "
-          f"{r['pa_mpjpe']:.1f} ({r['pa_mpjpe'] / base[1]:.2f}) | {r['onestep_mpjpe']:.1f} | "
-          f"{aux} | {base[0]:.1f} / {base[1]:.1f} | {r['train_seconds']:.0f} |")
+    print(
+        f"| {r['off']} | {r['mpjpe']:.1f} ({r['mpjpe'] / base[0]:.2f}) | "
+        f"{r['pa_mpjpe']:.1f} ({r['pa_mpjpe'] / base[1]:.2f}) | {r['onestep_mpjpe']:.1f} | "
+        f"{aux} | {base[0]:.1f} / {base[1]:.1f} | {r['train_seconds']:.0f} |"
+    )
 
 
 if __name__ == '__main__':

@@ -9,6 +9,7 @@ set (rendered at config.data.render_size, PNG). Training: the jitted train step
 (`train.train_step` with `train.make_loss_fn`, forward + backward + AdamW) of the default config
 on a batch of that pipeline. Both run on this machine's CPU; the target ratio is >= 5x.
 """
+
 import argparse
 import contextlib
 import functools
@@ -53,8 +54,12 @@ def train_step_examples_per_second(config, batch, num_steps):
   state = train.create_train_state(params, optimizer, jax.random.PRNGKey(1), 0.0)
   loss_fn = train.make_loss_fn(model, config, procedural_mano.load_hand_model(config).faces)
   schedule = optim.learning_rate_schedule(config.optim, total_steps)
-  step = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn, optimizer=optimizer,
-                                   schedule=schedule, ema_decay=0.0), donate_argnums=0)
+  step = jax.jit(
+      functools.partial(
+          train.train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, ema_decay=0.0
+      ),
+      donate_argnums=0,
+  )
   batch = jax.tree.map(jnp.asarray, batch)
   start = time.perf_counter()
   state, metrics = step(state, batch)
@@ -71,8 +76,12 @@ def train_step_examples_per_second(config, batch, num_steps):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--num_annotations', type=int, default=64,
-                      help='unique FreiHAND-layout annotations (x 4 images each)')
+  parser.add_argument(
+      '--num_annotations',
+      type=int,
+      default=64,
+      help='unique FreiHAND-layout annotations (x 4 images each)',
+  )
   parser.add_argument('--num_batches', type=int, default=10)
   parser.add_argument('--num_steps', type=int, default=3)
   parser.add_argument('--markdown', action='store_true', help='print a BENCHMARKS.md section')
@@ -88,8 +97,9 @@ def main():
       if source == 'freihand':
         config.data.name = 'freihand'
         config.data.root = os.path.join(tmp, 'files')
-        testing.write_layout(config.data.root, args.num_annotations, 2, image_size=224,
-                             textured=True)
+        testing.write_layout(
+            config.data.root, args.num_annotations, 2, image_size=224, textured=True
+        )
         what = 'FreiHAND layout (textured 224 px JPEG)'
       else:
         config.data.num_train = 4 * args.num_annotations
@@ -101,20 +111,33 @@ def main():
         config.data.image_size = size
         rate, batch = pipeline_examples_per_second(config, args.num_batches)
         batches.setdefault(size, batch)
-        rows.append((f'train pipeline, {what} -> {size}x{size}, batch '
-                     f'{config.train.global_batch_size}', rate))
+        rows.append(
+            (
+                f'train pipeline, {what} -> {size}x{size}, batch '
+                f'{config.train.global_batch_size}',
+                rate,
+            )
+        )
   step_rate, compile_seconds = train_step_examples_per_second(
-      default, batches[default.data.image_size], args.num_steps)
-  rows.append((f'train step consumes (default config: {default.model.encoder}-'
-               f'{default.model.encoder_size}, {default.data.image_size} px, batch '
-               f'{default.train.global_batch_size}; compile {compile_seconds:.1f} s)', step_rate))
+      default, batches[default.data.image_size], args.num_steps
+  )
+  rows.append(
+      (
+          f'train step consumes (default config: {default.model.encoder}-'
+          f'{default.model.encoder_size}, {default.data.image_size} px, batch '
+          f'{default.train.global_batch_size}; compile {compile_seconds:.1f} s)',
+          step_rate,
+      )
+  )
   ratio = min(rate for name, rate in rows if '224x224' in name) / step_rate
   load = os.getloadavg()[0]
   if args.markdown:
     print('## Input pipeline (benchmarks/input_pipeline.py)\n')
-    print(f'CPU, {os.cpu_count()} cores shared with other jobs (1-min load average {load:.1f} '
-          'at the end), jax/tf on CPU; TFDS builders -> `create_train_iterator` with the '
-          'default augmentation; the train step is the jitted `train.train_step`.\n')
+    print(
+        f'CPU, {os.cpu_count()} cores shared with other jobs (1-min load average {load:.1f} '
+        'at the end), jax/tf on CPU; TFDS builders -> `create_train_iterator` with the '
+        'default augmentation; the train step is the jitted `train.train_step`.\n'
+    )
     print('| what | examples/s |\n| --- | --- |')
     for name, rate in rows:
       print(f'| {name} | {rate:.1f} |')
@@ -122,8 +145,10 @@ def main():
   else:
     for name, rate in rows:
       print(f'{name:100s} {rate:8.1f} examples/s')
-    print(f'ratio slowest 224 px pipeline / train step: {ratio:.1f}x (target >= 5x); '
-          f'load average {load:.1f}')
+    print(
+        f'ratio slowest 224 px pipeline / train step: {ratio:.1f}x (target >= 5x); '
+        f'load average {load:.1f}'
+    )
 
 
 if __name__ == '__main__':

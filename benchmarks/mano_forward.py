@@ -3,6 +3,7 @@
 Usage: python benchmarks/mano_forward.py [--batch 64] [--repeats 20]
 Prints the first-call (compile) time and the median / min wall time per call after it.
 """
+
 import argparse
 import os
 import sys
@@ -38,9 +39,12 @@ def main(argv=None):
       start = time.perf_counter()
       jax.block_until_ready(forward(arg, pose, betas))
       times.append(time.perf_counter() - start)
-    print(f'mano_forward batch={args.batch} on {jax.devices()[0].platform}, {label}: '
-          f'first call {first_s:.2f} s, median {1e3 * np.median(times):.2f} ms, '
-          f'min {1e3 * np.min(times):.2f} ms over {args.repeats} calls')
+    print(
+        f'mano_forward batch={args.batch} on {jax.devices()[0].platform}, {label}: '
+        f'first call {first_s:.2f} s, median {1e3 * np.median(times):.2f} ms, '
+        f'min {1e3 * np.min(times):.2f} ms over {args.repeats} calls'
+    )
+
 
 if __name__ == '__main__':
   main()

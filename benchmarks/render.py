@@ -9,6 +9,7 @@ over a background). Also reported: the rasteriser alone and a whole synthetic ex
 on a shared machine expect noise: the process CPU time printed beside the render time is
 less sensitive to other jobs.
 """
+
 import argparse
 import os
 import sys
@@ -41,21 +42,24 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   hand_model = procedural_mano.procedural_hand(0)
-  generate.make_example(hand_model, 0, 0, 64)               # compile the MANO forward
+  generate.make_example(hand_model, 0, 0, 64)  # compile the MANO forward
   for size in args.sizes:
     frames = []
     for index in range(args.frames):
       geometry = generate.sample_geometry(hand_model, np.random.default_rng([1, index]), size)
       frames.append((geometry['verts'], geometry['faces'], geometry['K'], size, size))
-    render.render(*frames[0])                                # warm-up
+    render.render(*frames[0])  # warm-up
     full = _median_ms(render.render, frames)
     raster = _median_ms(render.rasterize, frames)
-    example = _median_ms(generate.make_example,
-                         [(hand_model, 1, index, size) for index in range(args.frames // 4)])
+    example = _median_ms(
+        generate.make_example, [(hand_model, 1, index, size) for index in range(args.frames // 4)]
+    )
     pixels = np.mean([(render.rasterize(*frame).face_index >= 0).mean() for frame in frames])
-    print(f'{size}x{size}: render {full[0]:.1f} ms/frame (CPU time {full[1]:.1f} ms; '
-          f'rasterize {raster[0]:.1f} ms), whole synthetic example {example[0]:.1f} ms; '
-          f'hand covers {100 * pixels:.0f}% of the frame (median of {args.frames} frames)')
+    print(
+        f'{size}x{size}: render {full[0]:.1f} ms/frame (CPU time {full[1]:.1f} ms; '
+        f'rasterize {raster[0]:.1f} ms), whole synthetic example {example[0]:.1f} ms; '
+        f'hand covers {100 * pixels:.0f}% of the frame (median of {args.frames} frames)'
+    )
 
 
 if __name__ == '__main__':

@@ -15,6 +15,7 @@ Usage:
   python benchmarks/sampling.py --models=default,deit_base --append
   python benchmarks/sampling.py --steps=1,10 --hypotheses=1,4 --repeats=2   # a small grid
 """
+
 import argparse
 import datetime
 import functools
@@ -91,39 +92,54 @@ def benchmark(name, steps, hypotheses, repeats):
   encode_fn = functools.partial(encode, variables, images)
 
   def denoise_fn(k):
-    args = (jnp.zeros((k, model.num_points, 3)), jnp.full((k,), 500, jnp.int32),
-            jnp.repeat(tokens, k, 0), jnp.repeat(embedding, k, 0))
+    args = (
+        jnp.zeros((k, model.num_points, 3)),
+        jnp.full((k,), 500, jnp.int32),
+        jnp.repeat(tokens, k, 0),
+        jnp.repeat(embedding, k, 0),
+    )
     return functools.partial(denoise, variables, *args)
 
-  lines = [f'### {name}: {config.model.encoder}-{config.model.encoder_size} {size}x{size}, '
-           f'decoder {config.decoder} width {config.model.width}, '
-           f'{num_params / 1e6:.1f} M params, batch 1',
-           '',
-           '| S | K | sample ms | encoder ms | decoder step ms (batch K) | '
-           'encoder + S x decoder ms | ratio |',
-           '| ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+  lines = [
+      f'### {name}: {config.model.encoder}-{config.model.encoder_size} {size}x{size}, '
+      f'decoder {config.decoder} width {config.model.width}, '
+      f'{num_params / 1e6:.1f} M params, batch 1',
+      '',
+      '| S | K | sample ms | encoder ms | decoder step ms (batch K) | '
+      'encoder + S x decoder ms | ratio |',
+      '| ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+  ]
   for s in steps:
     for k in hypotheses:
-      sample_fn = functools.partial(sample, model, params, images, jax.random.key(2),
-                                    num_sampling_steps=s, num_hypotheses=k)
-      sample_s, encoder_s, decoder_s = median_times(
-          [sample_fn, encode_fn, denoise_fn(k)], repeats)
+      sample_fn = functools.partial(
+          sample, model, params, images, jax.random.key(2), num_sampling_steps=s, num_hypotheses=k
+      )
+      sample_s, encoder_s, decoder_s = median_times([sample_fn, encode_fn, denoise_fn(k)], repeats)
       expected_s = encoder_s + s * decoder_s
-      lines.append(f'| {s} | {k} | {1e3 * sample_s:.1f} | {1e3 * encoder_s:.1f} | '
-                   f'{1e3 * decoder_s:.1f} | {1e3 * expected_s:.1f} | '
-                   f'{sample_s / expected_s:.2f} |')
+      lines.append(
+          f'| {s} | {k} | {1e3 * sample_s:.1f} | {1e3 * encoder_s:.1f} | '
+          f'{1e3 * decoder_s:.1f} | {1e3 * expected_s:.1f} | '
+          f'{sample_s / expected_s:.2f} |'
+      )
       print(lines[-1], flush=True)
   compile_10 = compile_time(model, params, images, 10)
   compile_50 = compile_time(model, params, images, 50)
-  lines += ['', f'compile (trace + lower + compile, K=1): S=10 {compile_10:.2f} s, '
-            f'S=50 {compile_50:.2f} s (ratio {compile_50 / compile_10:.2f})', '']
+  lines += [
+      '',
+      f'compile (trace + lower + compile, K=1): S=10 {compile_10:.2f} s, '
+      f'S=50 {compile_50:.2f} s (ratio {compile_50 / compile_10:.2f})',
+      '',
+  ]
   return lines
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--models', default='default',
-                      help='comma-separated: default, deit_base (DeiT-Base 224: slow on CPU)')
+  parser.add_argument(
+      '--models',
+      default='default',
+      help='comma-separated: default, deit_base (DeiT-Base 224: slow on CPU)',
+  )
   parser.add_argument('--steps', default='1,5,10,50')
   parser.add_argument('--hypotheses', default='1,4,16')
   parser.add_argument('--repeats', type=int, default=3)
@@ -133,19 +149,24 @@ def main(argv=None):
   hypotheses = [int(k) for k in args.hypotheses.split(',')]
 
   device = jax.devices()[0]
-  lines = ['## Sampling (benchmarks/sampling.py)', '',
-           f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, jax '
-           f'{jax.__version__}, {device.platform} ({device.device_kind}), '
-           f'{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; '
-           f'median of {args.repeats} calls after a warm-up. Target: ratio <= 1.1; compile '
-           'S=50 within 20% of S=10.', '']
+  lines = [
+      '## Sampling (benchmarks/sampling.py)',
+      '',
+      f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, jax '
+      f'{jax.__version__}, {device.platform} ({device.device_kind}), '
+      f'{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; '
+      f'median of {args.repeats} calls after a warm-up. Target: ratio <= 1.1; compile '
+      'S=50 within 20% of S=10.',
+      '',
+  ]
   for name in args.models.split(','):
     lines += benchmark(name, steps, hypotheses, args.repeats)
   text = '\n'.join(lines)
   print(text)
   if args.append:
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        'BENCHMARKS.md')
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'BENCHMARKS.md'
+    )
     with open(path, 'a') as f:
       f.write('\n' + text + '\n')
 

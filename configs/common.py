@@ -3,6 +3,7 @@
 Each real-data config file is a few lines on top of `paper_config`; the schema
 itself is configs/synthetic.py's (one source of every key).
 """
+
 import math
 
 from configs import synthetic
@@ -19,9 +20,17 @@ def steps_for(num_images: int, epochs: float, batch_size: int) -> int:
   return int(math.ceil(epochs * num_images / batch_size))
 
 
-def paper_config(*, dataset: str, num_train_images: int, encoder: str,
-                 encoder_size: str, image_size: int, arg=None,
-                 epochs: float = PAPER_EPOCHS, tta_angles=()):
+def paper_config(
+    *,
+    dataset: str,
+    num_train_images: int,
+    encoder: str,
+    encoder_size: str,
+    image_size: int,
+    arg=None,
+    epochs: float = PAPER_EPOCHS,
+    tta_angles=(),
+):
   """The DESIGN §6 recipe on a real data set.
 
   AdamW, lr 1e-4 with one epoch of linear warmup then cosine decay to 0 (the
@@ -48,8 +57,7 @@ def paper_config(*, dataset: str, num_train_images: int, encoder: str,
   config.optim.weight_decay = PAPER_WEIGHT_DECAY
   config.train.global_batch_size = PAPER_GLOBAL_BATCH
   steps_per_epoch = steps_for(num_train_images, 1, PAPER_GLOBAL_BATCH)
-  config.train.num_steps = steps_for(num_train_images, epochs,
-                                     PAPER_GLOBAL_BATCH)
+  config.train.num_steps = steps_for(num_train_images, epochs, PAPER_GLOBAL_BATCH)
   config.optim.warmup_steps = min(steps_per_epoch, config.train.num_steps // 10)
   config.train.log_every = 100
   config.train.checkpoint_every = steps_per_epoch
@@ -62,8 +70,7 @@ def paper_config(*, dataset: str, num_train_images: int, encoder: str,
     config.data.image_size = 64
     config.model.encoder = smoke.model.encoder
     config.model.encoder_size = smoke.model.encoder_size
-    config.model.update({k: smoke.model[k]
-                         for k in ('width', 'num_heads', 'num_blocks')})
+    config.model.update({k: smoke.model[k] for k in ('width', 'num_heads', 'num_blocks')})
     config.sampling.num_sampling_steps = smoke.sampling.num_sampling_steps
     config.train.update(smoke.train)
     config.optim.warmup_steps = smoke.optim.warmup_steps
@@ -71,14 +78,19 @@ def paper_config(*, dataset: str, num_train_images: int, encoder: str,
     config.eval.num_examples = 16
     config.eval.tta_angles = tuple(tta_angles)[:2]
   elif arg not in (None, ''):
-    raise ValueError(f'unknown variant {arg!r} of the {dataset} config '
-                     '(known: smoke)')
+    raise ValueError(f'unknown variant {arg!r} of the {dataset} config ' '(known: smoke)')
   return config
 
 
-def depth_finetune(config, *, base_workdir: str, epochs: float,
-                   num_train_images: int, smoke: bool = False,
-                   learning_rate: float = 1e-5):
+def depth_finetune(
+    config,
+    *,
+    base_workdir: str,
+    epochs: float,
+    num_train_images: int,
+    smoke: bool = False,
+    learning_rate: float = 1e-5,
+):
   """Turns a base config into the depth fine-tuning stage (paper, §3 / DESIGN §4).
 
   The base run's params (no depth branch) are loaded by `init_from`; the depth
@@ -89,8 +101,7 @@ def depth_finetune(config, *, base_workdir: str, epochs: float,
   config.model.use_depth = True  # the data carry depth maps too
   config.optim.learning_rate = learning_rate
   if not smoke:  # the smoke variant keeps its 4 steps
-    config.train.num_steps = steps_for(num_train_images, epochs,
-                                       config.train.global_batch_size)
+    config.train.num_steps = steps_for(num_train_images, epochs, config.train.global_batch_size)
     config.optim.warmup_steps = config.train.num_steps // 20
     config.train.eval_every = config.train.num_steps
   return config

@@ -8,6 +8,7 @@ MANO_LEFT.pkl must sit beside MANO_RIGHT.pkl (left hands). Files and protocol:
 docs/DATASETS.md. The input size is our choice (HandOccNet's 256 px; the paper's value was
 lost, and DESIGN §6 fixes 224 px only for FreiHAND and HO-3D).
 """
+
 from configs import common
 
 # Approximate size of the filtered S0 training split (not counted here: the data cannot be
@@ -19,5 +20,10 @@ NUM_TRAIN_IMAGES = 406_888
 
 def get_config(arg=None):
   return common.paper_config(
-      dataset='dexycb', num_train_images=NUM_TRAIN_IMAGES, encoder='hrnet',
-      encoder_size='w64', image_size=256, arg=arg)
+      dataset='dexycb',
+      num_train_images=NUM_TRAIN_IMAGES,
+      encoder='hrnet',
+      encoder_size='w64',
+      image_size=256,
+      arg=arg,
+  )

@@ -5,6 +5,7 @@ Usage:
       --workdir=runs/freihand
   python launch.py --config=configs/freihand.py:smoke --config.data.root=...  # wiring check
 """
+
 from configs import common
 
 # 32,560 annotations x 4 image versions (DESIGN §7).
@@ -13,6 +14,11 @@ NUM_TRAIN_IMAGES = 130_240
 
 def get_config(arg=None):
   return common.paper_config(
-      dataset='freihand', num_train_images=NUM_TRAIN_IMAGES, encoder='deit',
-      encoder_size='large', image_size=224, arg=arg,
-      tta_angles=common.FREIHAND_TTA_ANGLES)
+      dataset='freihand',
+      num_train_images=NUM_TRAIN_IMAGES,
+      encoder='deit',
+      encoder_size='large',
+      image_size=224,
+      arg=arg,
+      tta_angles=common.FREIHAND_TTA_ANGLES,
+  )

@@ -5,6 +5,7 @@ Usage:
   python launch.py --config=configs/synthetic.py:smoke      # tiny, seconds on one CPU core
   python launch.py --config=configs/synthetic.py --config.decoder=vanilla --config.diffusion=False
 """
+
 import ml_collections
 
 
@@ -15,56 +16,58 @@ def get_config(arg=None):
   config.init_from = ''  # workdir of a run whose params start this one (e.g. depth fine-tune)
 
   # ---- Hand model ----
-  config.mano_path = ''             # '' = procedural_hand(mano_seed); else MANO_RIGHT.pkl / .npz
+  config.mano_path = ''  # '' = procedural_hand(mano_seed); else MANO_RIGHT.pkl / .npz
   config.mano_seed = 0
   config.tip_vertex_ids = (744, 320, 443, 555, 672)  # thumb, index, middle, ring, pinky (FreiHAND)
-  config.vertex_scale = 0.1         # metres per unit of the diffusion variable
+  config.vertex_scale = 0.1  # metres per unit of the diffusion variable
 
   # ---- Ablation switches (paper Table 4) ----
   config.decoder = 'cross_modality'  # 'cross_modality' | 'vanilla'
-  config.diffusion = True            # False: direct regression from a zero input with t = 0
+  config.diffusion = True  # False: direct regression from a zero input with t = 0
 
   # ---- Data ----
   config.data = ml_collections.ConfigDict()
-  config.data.name = 'synthetic'     # 'synthetic' | 'freihand'
-  config.data.root = ''              # FreiHAND root (manual_dir) for name='freihand'
+  config.data.name = 'synthetic'  # 'synthetic' | 'freihand'
+  config.data.root = ''  # FreiHAND root (manual_dir) for name='freihand'
   config.data.tfds_data_dir = 'data/tfds'
-  config.data.num_train = 4096       # synthetic set sizes (examples; ~40/s to render at 128 px)
+  config.data.num_train = 4096  # synthetic set sizes (examples; ~40/s to render at 128 px)
   config.data.num_eval = 256
-  config.data.render_size = 128      # synthetic images are rendered at this size
-  config.data.image_size = 64        # network input (crop resized to this)
+  config.data.render_size = 128  # synthetic images are rendered at this size
+  config.data.image_size = 64  # network input (crop resized to this)
   config.data.shuffle_buffer = 2048
-  config.data.scale_jitter = 0.25    # relative crop size jitter
-  config.data.center_jitter = 0.1    # crop centre jitter, fraction of the crop size
-  config.data.rotation_deg = 30.0    # uniform in [-r, r]
+  config.data.scale_jitter = 0.25  # relative crop size jitter
+  config.data.center_jitter = 0.1  # crop centre jitter, fraction of the crop size
+  config.data.rotation_deg = 30.0  # uniform in [-r, r]
   config.data.color_jitter = 0.2
-  config.data.flip = False           # random horizontal flip (right<->left handled)
-  config.data.crop_margin = 1.4      # crop side = margin * extent of the 2D joints
-  config.data.orientation = 'held'   # 'held' (as hands are held up to a camera) | 'uniform'
-  config.data.eval_crop = 'joints'   # eval crop: 'joints' (GT 2D joints) | 'image' (no GT used)
+  config.data.flip = False  # random horizontal flip (right<->left handled)
+  config.data.crop_margin = 1.4  # crop side = margin * extent of the 2D joints
+  config.data.orientation = 'held'  # 'held' (as hands are held up to a camera) | 'uniform'
+  config.data.eval_crop = 'joints'  # eval crop: 'joints' (GT 2D joints) | 'image' (no GT used)
 
   # ---- Model ----
   config.model = ml_collections.ConfigDict()
   # The CPU default: a small GroupNorm ResNet trained from scratch (DESIGN §4). The paper's
   # setting is a pretrained 'deit' (configs/freihand.py).
-  config.model.encoder = 'resnet'     # 'resnet' | 'vit' | 'deit' | 'hrnet'
+  config.model.encoder = 'resnet'  # 'resnet' | 'vit' | 'deit' | 'hrnet'
   config.model.encoder_size = 'small'  # resnet: tiny | small | base; vit/deit: tiny | small |
   #                                     base | large; hrnet: w32 | w48 | w64
   config.model.patch_size = 16
-  config.model.distilled = False      # DeiT distillation token
-  config.model.pretrained_path = ''   # timm .safetensors/.pth or converted .msgpack (weights.py)
-  config.model.hrnet_norm = 'group'   # 'group' | 'frozen_bn' (needed for timm HRNet weights)
+  config.model.distilled = False  # DeiT distillation token
+  config.model.pretrained_path = ''  # timm .safetensors/.pth or converted .msgpack (weights.py)
+  config.model.hrnet_norm = 'group'  # 'group' | 'frozen_bn' (needed for timm HRNet weights)
   config.model.pretrained_image_size = 224
-  config.model.width = 64             # decoder channels C
+  config.model.width = 64  # decoder channels C
   config.model.num_heads = 4
-  config.model.num_blocks = 3         # cross-modality blocks
-  config.model.downsample_rate = 4    # r: levels N, N/r, N/r^2
-  config.model.num_levels = 2         # downsamplings in the U-shaped vertex block
+  config.model.num_blocks = 3  # cross-modality blocks
+  config.model.downsample_rate = 4  # r: levels N, N/r, N/r^2
+  config.model.num_levels = 2  # downsamplings in the U-shaped vertex block
   config.model.mlp_ratio = 4
-  config.model.use_depth = False       # depth-conditioned model; the data then carry depth maps
-  config.model.depth_zero_init = 'last'  # 'last' (DESIGN §4: only the last conv starts at 0) | 'all'
-  config.model.aux_head = True        # auxiliary joint head on the image embedding (L_aux)
-  config.model.dtype = 'float32'      # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+  config.model.use_depth = False  # depth-conditioned model; the data then carry depth maps
+  config.model.depth_zero_init = (
+      'last'  # 'last' (DESIGN §4: only the last conv starts at 0) | 'all'
+  )
+  config.model.aux_head = True  # auxiliary joint head on the image embedding (L_aux)
+  config.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
 
   # ---- Diffusion ----
   config.schedule = ml_collections.ConfigDict()
@@ -90,14 +93,14 @@ def get_config(arg=None):
   config.optim.warmup_steps = 50
   config.optim.weight_decay = 1e-4
   config.optim.grad_clip_norm = 1.0
-  config.optim.ema_decay = 0.0        # > 0: keep an EMA of params, used for evaluation
+  config.optim.ema_decay = 0.0  # > 0: keep an EMA of params, used for evaluation
 
   # ---- Training ----
   config.train = ml_collections.ConfigDict()
   config.train.global_batch_size = 32
-  config.train.num_steps = 500          # make demo (the shipped model: longer)
-  config.train.t_max_fraction = 0.5    # share of each batch trained at t = T - 1 (DESIGN §5)
-  config.train.parallelism = 'jit'     # 'jit' (NamedSharding over a 1-D data mesh) | 'pmap'
+  config.train.num_steps = 500  # make demo (the shipped model: longer)
+  config.train.t_max_fraction = 0.5  # share of each batch trained at t = T - 1 (DESIGN §5)
+  config.train.parallelism = 'jit'  # 'jit' (NamedSharding over a 1-D data mesh) | 'pmap'
   config.train.log_every = 25
   config.train.eval_every = 500
   config.train.checkpoint_every = 250
@@ -107,8 +110,8 @@ def get_config(arg=None):
   # ---- Evaluation ----
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 64
-  config.eval.tta_angles = ()          # degrees, e.g. (-10., 0., 10.)
-  config.eval.num_examples = -1        # -1 = the whole split
+  config.eval.tta_angles = ()  # degrees, e.g. (-10., 0., 10.)
+  config.eval.num_examples = -1  # -1 = the whole split
 
   # ---- Prediction on user images (--mode=predict) ----
   config.predict = ml_collections.ConfigDict()

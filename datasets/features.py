@@ -14,6 +14,7 @@ Every example is a dict with these keys (metres, camera frame; FreiHAND joint or
   is_right  bool
   id        int64: the example's index within its split
 """
+
 import tensorflow_datasets as tfds
 import tensorflow as tf
 
@@ -41,13 +42,19 @@ def hand_features(with_depth=False, image_encoding='png'):
       'id': tfds.features.Tensor(shape=(), dtype=tf.int64),
   }
   if with_depth:
-    spec['depth'] = tfds.features.Tensor(shape=(None, None, 1), dtype=tf.float32,
-                                         encoding=tfds.features.Encoding.ZLIB)
+    spec['depth'] = tfds.features.Tensor(
+        shape=(None, None, 1), dtype=tf.float32, encoding=tfds.features.Encoding.ZLIB
+    )
   return tfds.features.FeaturesDict(spec)
 
 
-TARGET_SHAPES = {'joints3d': (NUM_JOINTS, 3), 'joints2d': (NUM_JOINTS, 2),
-                 'verts': (NUM_VERTICES, 3), 'pose': (48,), 'betas': (10,)}
+TARGET_SHAPES = {
+    'joints3d': (NUM_JOINTS, 3),
+    'joints2d': (NUM_JOINTS, 2),
+    'verts': (NUM_VERTICES, 3),
+    'pose': (48,),
+    'betas': (10,),
+}
 
 
 def to_record(example, with_depth):
@@ -57,11 +64,14 @@ def to_record(example, with_depth):
   second lossy JPEG encoding).
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   image_shape = example['image'].shape
   record = {
       'image': example['image_path'],
       'mask': example.get('mask', np.zeros(image_shape[:2] + (1,), np.uint8)),
-      'K': example['K'], 'is_right': example['is_right'], 'id': example['id'],
+      'K': example['K'],
+      'is_right': example['is_right'],
+      'id': example['id'],
   }
   for name, shape in TARGET_SHAPES.items():
     record[name] = example.get(name, np.zeros(shape, np.float32))

@@ -9,6 +9,7 @@ checkpoint without the command line that made it.
 Evaluation, prediction and fine-tuning read parameters through `restore_params` and
 `load_params_into`: this module is where they meet training.
 """
+
 import contextlib
 import json
 import logging as py_logging
@@ -35,9 +36,9 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-def make_manager(workdir: str, *, keep: int = 3,
-                 best_metric: Optional[str] = None,
-                 read_only: bool = False) -> ocp.CheckpointManager:
+def make_manager(
+    workdir: str, *, keep: int = 3, best_metric: Optional[str] = None, read_only: bool = False
+) -> ocp.CheckpointManager:
   """A CheckpointManager keeping the last `keep` steps and the best one.
 
   Args:
@@ -53,28 +54,38 @@ def make_manager(workdir: str, *, keep: int = 3,
     raise ValueError(f'train.keep_checkpoints must be >= 1, got {keep}')
   policies = [checkpoint_managers.LatestN(n=keep)]
   if best_metric:
-    policies.append(checkpoint_managers.BestN(
-        get_metric_fn=lambda metrics: _finite_or_inf(metrics[best_metric]),
-        reverse=True,  # BestN keeps the tail of the sort: descending = lowest
-        n=1, keep_checkpoints_without_metrics=False))
+    policies.append(
+        checkpoint_managers.BestN(
+            get_metric_fn=lambda metrics: _finite_or_inf(metrics[best_metric]),
+            reverse=True,  # BestN keeps the tail of the sort: descending = lowest
+            n=1,
+            keep_checkpoints_without_metrics=False,
+        )
+    )
   options = ocp.CheckpointManagerOptions(
       preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-      enable_async_checkpointing=True, create=not read_only,
-      read_only=read_only, save_interval_steps=0 if read_only else 1)
+      enable_async_checkpointing=True,
+      create=not read_only,
+      read_only=read_only,
+      save_interval_steps=0 if read_only else 1,
+  )
   # Explicit handlers (not just item names): metadata can then be read
   # before a restore, which `restore_state(target=None)` needs.
   with _without_read_only_notice():
     return ocp.CheckpointManager(
-        checkpoint_dir(workdir), options=options,
-        item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                       CONFIG: ocp.JsonCheckpointHandler()})
+        checkpoint_dir(workdir),
+        options=options,
+        item_handlers={STATE: ocp.StandardCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()},
+    )
 
 
 @contextlib.contextmanager
 def _without_read_only_notice():
   """Drops orbax's "Given directory is read only" warning: reading is all eval asked for."""
+
   def keep(record):
     return not record.getMessage().startswith(_READ_ONLY_NOTICE)
+
   absl_logger = py_logging.getLogger('absl')
   absl_logger.addFilter(keep)
   try:
@@ -88,24 +99,29 @@ def _finite_or_inf(value) -> float:
   return value if math.isfinite(value) else math.inf
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         config: ml_collections.ConfigDict,
-         metrics: Optional[Mapping[str, float]] = None,
-         force: bool = True) -> bool:
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    config: ml_collections.ConfigDict,
+    metrics: Optional[Mapping[str, float]] = None,
+    force: bool = True,
+) -> bool:
   """Starts an async save of `state` (host or device arrays) at `step`."""
   return manager.save(
       step,
-      args=ocp.args.Composite(**{
-          STATE: ocp.args.StandardSave(state),
-          CONFIG: ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
-      }),
-      metrics=None if metrics is None else {k: float(v)
-                                           for k, v in metrics.items()},
-      force=force)
+      args=ocp.args.Composite(
+          **{
+              STATE: ocp.args.StandardSave(state),
+              CONFIG: ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+          }
+      ),
+      metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
+      force=force,
+  )
 
 
-def restore_state(manager: ocp.CheckpointManager, step: int,
-                  target: Any = None) -> Any:
+def restore_state(manager: ocp.CheckpointManager, step: int, target: Any = None) -> Any:
   """Restores the state saved at `step`.
 
   Args:
@@ -119,10 +135,11 @@ def restore_state(manager: ocp.CheckpointManager, step: int,
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     metadata = manager.item_metadata(step)[STATE]
     target = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                          sharding=device), metadata)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      **{STATE: ocp.args.StandardRestore(target)}))
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), metadata
+    )
+  restored = manager.restore(
+      step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)})
+  )
   return restored[STATE]
 
 
@@ -151,7 +168,8 @@ def restore_params(workdir: str, step: Optional[int] = None):
     if step is None:
       raise FileNotFoundError(
           f'no checkpoint under {checkpoint_dir(workdir)}: train first (--mode=train) or '
-          'point --workdir at a trained run')
+          'point --workdir at a trained run'
+      )
     raw = restore_state(manager, step)
   ema = raw.get('ema_params')
   return jax.device_get(ema if ema else raw['params'])
@@ -172,11 +190,17 @@ def load_params_into(params, workdir: str):
       missing.append('/'.join(path))
       continue
     if np.shape(loaded[path]) != np.shape(value):
-      raise ValueError(f'init_from {workdir}: parameter {"/".join(path)} has '
-                       f'shape {np.shape(loaded[path])}, the model wants '
-                       f'{np.shape(value)}')
+      raise ValueError(
+          f'init_from {workdir}: parameter {"/".join(path)} has '
+          f'shape {np.shape(loaded[path])}, the model wants '
+          f'{np.shape(value)}'
+      )
     flat[path] = jnp.asarray(loaded[path], dtype=value.dtype)
   if missing:
-    logging.info('init_from %s: %d parameters keep their init: %s', workdir,
-                 len(missing), ', '.join(missing[:10]))
+    logging.info(
+        'init_from %s: %d parameters keep their init: %s',
+        workdir,
+        len(missing),
+        ', '.join(missing[:10]),
+    )
   return flax.traverse_util.unflatten_dict(flat)

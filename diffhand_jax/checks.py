@@ -7,6 +7,7 @@
 It accepts numpy-convertible values and jax arrays, traced ones included (under jit only the
 shape and dtype are checked: a tracer has no values yet).
 """
+
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -22,8 +23,10 @@ def describe_shape(shape: Sequence[Any]) -> str:
 
   None is shown as '_' and Ellipsis as '...'.
   """
+
   def word(dim):
     return '_' if dim is None else '...' if dim is Ellipsis else str(dim)
+
   return '[' + ', '.join(word(dim) for dim in shape) + ']'
 
 
@@ -32,14 +35,21 @@ def _shape_matches(actual: tuple, pattern: tuple) -> bool:
     pattern = pattern[1:]
     if len(actual) < len(pattern):
       return False
-    actual = actual[len(actual) - len(pattern):]
+    actual = actual[len(actual) - len(pattern) :]
   elif len(actual) != len(pattern):
     return False
   return all(not isinstance(want, int) or want == got for got, want in zip(actual, pattern))
 
 
-def check_array(name: str, x: Any, shape: Optional[Sequence[Dim]] = None, *,
-                kind: Any = None, dtype: Any = None, finite: bool = True):
+def check_array(
+    name: str,
+    x: Any,
+    shape: Optional[Sequence[Dim]] = None,
+    *,
+    kind: Any = None,
+    dtype: Any = None,
+    finite: bool = True,
+):
   """Returns `x` as an array after checking its shape, dtype kind and values.
 
   Args:
@@ -69,4 +79,3 @@ def check_array(name: str, x: Any, shape: Optional[Sequence[Dim]] = None, *,
     if not np.all(np.isfinite(np.asarray(x))):
       raise ValueError(f'{name} contains NaN or infinite values')
   return x
-

@@ -8,6 +8,7 @@
    held-out images beside the ground truth), `meshes/*.obj` (predicted and true meshes),
    `training_curve.png`; and print where they are.
 """
+
 import json
 import os
 
@@ -26,8 +27,8 @@ from diffhand_jax import render
 from diffhand_jax import train
 
 UNSEEN_SEED_OFFSET = 1000
-NUM_SHOWN = 8    # examples in predictions.png
-NUM_MESHES = 4   # examples written as .obj
+NUM_SHOWN = 8  # examples in predictions.png
+NUM_MESHES = 4  # examples written as .obj
 OUTPUT_SUBDIR = 'demo'
 PRED_COLOR = (0.55, 0.7, 1.0)
 GT_COLOR = (0.5, 1.0, 0.55)
@@ -57,10 +58,12 @@ def prediction_grid(predictions: dict, faces, count: int = NUM_SHOWN) -> np.ndar
   rows = []
   for i in range(count):
     root = batch['root'][i]
-    predicted = render.overlay_mesh(images[i], out['vertices'][i] + root, faces, batch['K'][i],
-                                    color=PRED_COLOR)
-    truth = render.overlay_mesh(images[i], batch['verts'][i] + root, faces, batch['K'][i],
-                                color=GT_COLOR)
+    predicted = render.overlay_mesh(
+        images[i], out['vertices'][i] + root, faces, batch['K'][i], color=PRED_COLOR
+    )
+    truth = render.overlay_mesh(
+        images[i], batch['verts'][i] + root, faces, batch['K'][i], color=GT_COLOR
+    )
     rows.append(np.concatenate([images[i], predicted, truth], axis=1))
   return np.concatenate(rows, axis=0)
 
@@ -68,8 +71,10 @@ def prediction_grid(predictions: dict, faces, count: int = NUM_SHOWN) -> np.ndar
 def plot_training_curve(workdir: str, path: str):
   """training_curve.png: losses per step and the periodic evaluation's MPJPE."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')  # no display needed
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
   train_log = logging_utils.read_scalars(workdir, 'train')
   eval_log = logging_utils.read_scalars(workdir, 'eval')
   figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -81,8 +86,11 @@ def plot_training_curve(workdir: str, path: str):
   left.set_xlabel('step')
   left.set_title('training losses (diffusion units)')
   left.legend()
-  for key, label in (('mpjpe', 'MPJPE (DDIM)'), ('pa_mpjpe', 'PA-MPJPE (DDIM)'),
-                     ('mean_hand_mpjpe', 'mean-hand MPJPE')):
+  for key, label in (
+      ('mpjpe', 'MPJPE (DDIM)'),
+      ('pa_mpjpe', 'PA-MPJPE (DDIM)'),
+      ('mean_hand_mpjpe', 'mean-hand MPJPE'),
+  ):
     points = [(r['step'], r[key]) for r in eval_log if key in r]
     if points:
       right.plot(*zip(*points), marker='o', label=label)
@@ -102,13 +110,20 @@ def evaluate_unseen(config: ml_collections.ConfigDict, workdir: str):
     (scores: `evaluate.score_predictions`, predictions: `evaluate.predict_split` output).
   """
   unseen = unseen_seed_config(config)
-  print(f'Evaluating on {unseen.data.num_eval} hands of seed {unseen.seed} '
-        f'(training used seed {config.seed}).', flush=True)
+  print(
+      f'Evaluating on {unseen.data.num_eval} hands of seed {unseen.seed} '
+      f'(training used seed {config.seed}).',
+      flush=True,
+  )
   model = models.build_model(unseen)
   params = checkpointing.restore_params(workdir)
   predictions = evaluate_lib.predict_split(
-      unseen, params, model, input_pipeline.create_eval_iterator(unseen),
-      diagnostics_fn=evaluate_lib.make_diagnostics_fn(model))
+      unseen,
+      params,
+      model,
+      input_pipeline.create_eval_iterator(unseen),
+      diagnostics_fn=evaluate_lib.make_diagnostics_fn(model),
+  )
   scores = evaluate_lib.score_predictions(predictions)
   print(evaluate_lib.format_diagnostics(scores), flush=True)
   return scores, predictions
@@ -116,6 +131,7 @@ def evaluate_unseen(config: ml_collections.ConfigDict, workdir: str):
 
 def _save_image(path: str, image: np.ndarray):
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   Image.fromarray(image).save(path)
 
 
@@ -124,8 +140,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = checkpointing.latest_step(workdir)
   num_steps = int(config.train.num_steps)
   if step is not None and step >= num_steps:
-    print(f'Reusing the trained model in {workdir} (step {step}); '
-          'run with --overwrite (make demo RETRAIN=1) to train again.', flush=True)
+    print(
+        f'Reusing the trained model in {workdir} (step {step}); '
+        'run with --overwrite (make demo RETRAIN=1) to train again.',
+        flush=True,
+    )
   else:
     train.train_and_evaluate(config, workdir)
   if jax.process_index() != 0:
@@ -136,23 +155,37 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   out_dir = os.path.join(workdir, OUTPUT_SUBDIR)
   os.makedirs(os.path.join(out_dir, 'meshes'), exist_ok=True)
-  paths = {'metrics': os.path.join(out_dir, 'metrics.json'),
-           'predictions': os.path.join(out_dir, 'predictions.png'),
-           'meshes': os.path.join(out_dir, 'meshes'),
-           'training_curve': os.path.join(out_dir, 'training_curve.png')}
+  paths = {
+      'metrics': os.path.join(out_dir, 'metrics.json'),
+      'predictions': os.path.join(out_dir, 'predictions.png'),
+      'meshes': os.path.join(out_dir, 'meshes'),
+      'training_curve': os.path.join(out_dir, 'training_curve.png'),
+  }
   with open(paths['metrics'], 'w') as f:
-    json.dump(dict(scores, seed=unseen.seed, training_seed=int(config.seed),
-                   checkpoint_step=checkpointing.latest_step(workdir),
-                   frame='root-relative (wrist = 0), mm'), f, indent=2)
+    json.dump(
+        dict(
+            scores,
+            seed=unseen.seed,
+            training_seed=int(config.seed),
+            checkpoint_step=checkpointing.latest_step(workdir),
+            frame='root-relative (wrist = 0), mm',
+        ),
+        f,
+        indent=2,
+    )
   faces = procedural_mano.load_hand_model(config).faces
   _save_image(paths['predictions'], prediction_grid(predictions, faces))
   for i in range(min(NUM_MESHES, len(predictions['index']))):
     index = int(predictions['index'][i])
-    mesh.save_obj(os.path.join(paths['meshes'], f'{index:04d}_pred.obj'),
-                  predictions['verts'][i], faces)
-    mesh.save_obj(os.path.join(paths['meshes'], f'{index:04d}_true.obj'),
-                  predictions['gt_verts'][i], faces)
+    mesh.save_obj(
+        os.path.join(paths['meshes'], f'{index:04d}_pred.obj'), predictions['verts'][i], faces
+    )
+    mesh.save_obj(
+        os.path.join(paths['meshes'], f'{index:04d}_true.obj'), predictions['gt_verts'][i], faces
+    )
   plot_training_curve(workdir, paths['training_curve'])
-  print('Demo outputs:\n' + '\n'.join(f'  {name:15s} {path}' for name, path in paths.items()),
-        flush=True)
+  print(
+      'Demo outputs:\n' + '\n'.join(f'  {name:15s} {path}' for name, path in paths.items()),
+      flush=True,
+  )
   return scores

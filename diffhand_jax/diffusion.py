@@ -10,6 +10,7 @@ index, t = 0 included, adds some noise (alpha_bar < 1), and t = T-1 is (almost) 
 "alpha_bar[-1]" = 1 stands for the clean signal; the last DDIM step moves to it and so
 returns x0_hat exactly.
 """
+
 from typing import Callable, NamedTuple
 
 import jax
@@ -28,6 +29,7 @@ class Schedule(NamedTuple):
     betas: [T] float32 per-step noise variances.
     alphas_cumprod: [T] float32 alpha_bar[t], strictly decreasing in (0, 1).
   """
+
   betas: jax.Array
   alphas_cumprod: jax.Array
 
@@ -54,8 +56,9 @@ def cosine_schedule(num_timesteps: int, cosine_s: float = 0.008) -> Schedule:
   f = np.cos((steps + cosine_s) / (1 + cosine_s) * np.pi / 2) ** 2
   betas = np.minimum(1 - f[1:] / f[:-1], _MAX_BETA)
   alphas_cumprod = np.cumprod(1 - betas)
-  return Schedule(betas=jnp.asarray(betas, jnp.float32),
-                  alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32))
+  return Schedule(
+      betas=jnp.asarray(betas, jnp.float32), alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32)
+  )
 
 
 def schedule_from_config(config) -> Schedule:
@@ -70,8 +73,7 @@ def _alpha_bar(schedule: Schedule, t: jax.Array, ndim: int) -> jax.Array:
   return value.reshape(value.shape + (1,) * (ndim - value.ndim))
 
 
-def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array,
-             noise: jax.Array) -> jax.Array:
+def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
   """Forward process: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise.
 
   Args:
@@ -104,14 +106,22 @@ def ddim_timesteps(num_timesteps: int, num_sampling_steps: int) -> np.ndarray:
     [S] int32, descending, distinct.
   """
   if not 1 <= num_sampling_steps <= num_timesteps:
-    raise ValueError(f'num_sampling_steps must be in [1, {num_timesteps}], '
-                     f'got {num_sampling_steps}')
+    raise ValueError(
+        f'num_sampling_steps must be in [1, {num_timesteps}], ' f'got {num_sampling_steps}'
+    )
   k = np.arange(num_sampling_steps)
   return (num_timesteps - 1 - (k * num_timesteps) // num_sampling_steps).astype(np.int32)
 
 
-def ddim_step(schedule: Schedule, x_t: jax.Array, x0_hat: jax.Array, t: jax.Array,
-              t_next: jax.Array, eta: float, noise: jax.Array) -> jax.Array:
+def ddim_step(
+    schedule: Schedule,
+    x_t: jax.Array,
+    x0_hat: jax.Array,
+    t: jax.Array,
+    t_next: jax.Array,
+    eta: float,
+    noise: jax.Array,
+) -> jax.Array:
   """One DDIM update x_t -> x_{t_next} (t_next < t; t_next = -1 means the clean signal).
 
   eps_hat = (x_t - sqrt(a) x0_hat) / sqrt(1 - a);
@@ -140,9 +150,14 @@ def ddim_step(schedule: Schedule, x_t: jax.Array, x0_hat: jax.Array, t: jax.Arra
   return jnp.sqrt(alpha_next) * x0_hat + direction * eps_hat + sigma * noise
 
 
-def ddim_sample(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array],
-                schedule: Schedule, x_T: jax.Array, timesteps, eta: float,
-                rng: jax.Array) -> jax.Array:
+def ddim_sample(
+    denoise_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    schedule: Schedule,
+    x_T: jax.Array,
+    timesteps,
+    eta: float,
+    rng: jax.Array,
+) -> jax.Array:
   """DDIM reverse process as one `lax.scan` over the steps; returns x0_hat of the last step.
 
   Args:

@@ -23,6 +23,7 @@ Choices, written down:
   replicated over it, whatever topology trained them (`--mode=eval` restores
   them to the host first: `checkpointing.restore_params`).
 """
+
 import functools
 import json
 import os
@@ -50,17 +51,22 @@ NUM_OVERLAYS = 4  # example images drawn for TensorBoard per evaluation
 
 def make_sample_fn(model, config: ml_collections.ConfigDict):
   """jitted (params, images, rng, depth, intrinsics) -> sampler outputs."""
-  options = dict(num_sampling_steps=int(config.sampling.num_sampling_steps),
-                 num_hypotheses=int(config.sampling.num_hypotheses),
-                 aggregate=config.sampling.aggregate,
-                 eta=float(config.sampling.eta))
+  options = dict(
+      num_sampling_steps=int(config.sampling.num_sampling_steps),
+      num_hypotheses=int(config.sampling.num_hypotheses),
+      aggregate=config.sampling.aggregate,
+      eta=float(config.sampling.eta),
+  )
   angles = tuple(float(a) for a in config.eval.tta_angles)
   if angles:
     fn = functools.partial(sampling.tta_sample, model, angles=angles, **options)
   else:
     fn = functools.partial(sampling.sample, model, **options)
-  return jax.jit(lambda params, images, rng, depth, intrinsics: fn(
-      params, images, rng, depth=depth, intrinsics=intrinsics))
+  return jax.jit(
+      lambda params, images, rng, depth, intrinsics: fn(
+          params, images, rng, depth=depth, intrinsics=intrinsics
+      )
+  )
 
 
 def make_diagnostics_fn(model):
@@ -87,9 +93,11 @@ def make_diagnostics_fn(model):
     x0 = model.apply(variables, x_t, t, tokens, embedding, method='denoise')
     out = {'onestep_joints': jnp.einsum('jn,bnd->bjd', regressor, x0) * model.vertex_scale}
     if model.aux_head is not None:
-      out['aux_joints'] = model.apply(variables, embedding,
-                                      method='aux_joints') * model.vertex_scale
+      out['aux_joints'] = (
+          model.apply(variables, embedding, method='aux_joints') * model.vertex_scale
+      )
     return out
+
   return jax.jit(diagnostics)
 
 
@@ -111,8 +119,8 @@ def diagnostic_scores(predictions: dict) -> dict:
 def score_predictions(predictions: dict) -> dict:
   """FreiHAND metrics of `predict_split` output, 'num_examples' and `diagnostic_scores`."""
   scores = metrics_lib.freihand_metrics(
-      predictions['joints'], predictions['verts'], predictions['gt_joints'],
-      predictions['gt_verts'])
+      predictions['joints'], predictions['verts'], predictions['gt_joints'], predictions['gt_verts']
+  )
   scores['num_examples'] = int(len(predictions['index']))
   scores.update(diagnostic_scores(predictions))
   return scores
@@ -125,8 +133,14 @@ def _to_host(tree):
   return jax.device_get(tree)
 
 
-def predict_split(config: ml_collections.ConfigDict, params: Any, model,
-                  batches, sample_fn=None, diagnostics_fn=None) -> dict:
+def predict_split(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    model,
+    batches,
+    sample_fn=None,
+    diagnostics_fn=None,
+) -> dict:
   """Runs the sampler over `batches`; returns the valid rows, sorted by index.
 
   `sample_fn` (from make_sample_fn) may be passed to reuse its compilation;
@@ -149,18 +163,23 @@ def predict_split(config: ml_collections.ConfigDict, params: Any, model,
   rows, overlay_batch, root_from = [], None, 'camera'
   for batch_number, local in enumerate(batches):
     parallel.check_batch_divisible(
-        len(local['image']) * jax.process_count(), mesh.size,
-        'config.eval.batch_size')
+        len(local['image']) * jax.process_count(), mesh.size, 'config.eval.batch_size'
+    )
     batch = parallel.global_batch(local, mesh)
     batch_rng = jax.random.fold_in(base_rng, batch_number)
-    out = sample_fn(params, batch['image'], batch_rng, batch.get('depth'),
-                    batch.get('K'))
+    out = sample_fn(params, batch['image'], batch_rng, batch.get('depth'), batch.get('K'))
     if diagnostics_fn is not None:
-      out = dict(out, **diagnostics_fn(params, batch['image'], batch_rng,
-                                       batch.get('depth')))
-    host = _to_host({'out': out, 'batch': {
-        k: batch[k] for k in ('index', 'valid', 'verts', 'joints3d', 'root',
-                              'is_right', 'image', 'K') if k in batch}})
+      out = dict(out, **diagnostics_fn(params, batch['image'], batch_rng, batch.get('depth')))
+    host = _to_host(
+        {
+            'out': out,
+            'batch': {
+                k: batch[k]
+                for k in ('index', 'valid', 'verts', 'joints3d', 'root', 'is_right', 'image', 'K')
+                if k in batch
+            },
+        }
+    )
     out, gt = host['out'], host['batch']
     if overlay_batch is None:
       overlay_batch = host
@@ -172,23 +191,31 @@ def predict_split(config: ml_collections.ConfigDict, params: Any, model,
       joints_cam = out['joints'] + gt['root'][:, None]
     if 'is_right' in gt:
       mirror = np.where(gt['is_right'][:, None, None] == 0, -1.0, 1.0)
-      unmirror = np.concatenate([mirror, np.ones_like(mirror),
-                                 np.ones_like(mirror)], axis=-1)
+      unmirror = np.concatenate([mirror, np.ones_like(mirror), np.ones_like(mirror)], axis=-1)
       verts_cam, joints_cam = verts_cam * unmirror, joints_cam * unmirror
     keep = np.asarray(gt['valid']) > 0
-    rows.append({
-        'index': gt['index'][keep], 'verts': out['vertices'][keep],
-        'joints': out['joints'][keep], 'verts_camera': verts_cam[keep],
-        'joints_camera': joints_cam[keep], 'vertex_std': out['vertex_std'][keep],
-        'gt_verts': gt['verts'][keep], 'gt_joints': gt['joints3d'][keep],
-        **{k: out[k][keep] for k in ('onestep_joints', 'aux_joints') if k in out}})
+    rows.append(
+        {
+            'index': gt['index'][keep],
+            'verts': out['vertices'][keep],
+            'joints': out['joints'][keep],
+            'verts_camera': verts_cam[keep],
+            'joints_camera': joints_cam[keep],
+            'vertex_std': out['vertex_std'][keep],
+            'gt_verts': gt['verts'][keep],
+            'gt_joints': gt['joints3d'][keep],
+            **{k: out[k][keep] for k in ('onestep_joints', 'aux_joints') if k in out},
+        }
+    )
   if not rows or not sum(len(r['index']) for r in rows):
     raise ValueError('the evaluation split yielded no valid examples')
   merged = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
   order = np.argsort(merged['index'], kind='stable')
   if len(np.unique(merged['index'])) != len(order):
-    raise ValueError('evaluation examples repeat an index: the eval iterator '
-                     'must cover the split exactly once')
+    raise ValueError(
+        'evaluation examples repeat an index: the eval iterator '
+        'must cover the split exactly once'
+    )
   merged = {k: v[order] for k, v in merged.items()}
   merged['root_from'] = root_from
   merged['overlay_batch'] = overlay_batch
@@ -201,19 +228,29 @@ def overlays(predictions: dict, faces, count: int = NUM_OVERLAYS) -> np.ndarray:
   out, batch = first['out'], first['batch']
   if 'vertices_camera' not in out:
     return np.zeros((0, 1, 1, 3), np.uint8)
-  images = np.clip(input_pipeline.denormalize_image(batch['image']), 0, 255
-                  ).astype(np.uint8)
+  images = np.clip(input_pipeline.denormalize_image(batch['image']), 0, 255).astype(np.uint8)
   count = min(count, int(np.sum(batch['valid'] > 0)))
-  return np.stack([render.overlay_mesh(images[i], out['vertices_camera'][i],
-                                       faces, batch['K'][i])
-                   for i in range(count)])
+  return np.stack(
+      [
+          render.overlay_mesh(images[i], out['vertices_camera'][i], faces, batch['K'][i])
+          for i in range(count)
+      ]
+  )
 
 
-def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
-             workdir: Optional[str] = None, step: Optional[int] = None,
-             write_predictions: Optional[bool] = None, writer=None,
-             sample_fn=None, diagnostics_fn=None,
-             checkpoint_step: Optional[int] = None) -> dict:
+def evaluate(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    *,
+    model=None,
+    workdir: Optional[str] = None,
+    step: Optional[int] = None,
+    write_predictions: Optional[bool] = None,
+    writer=None,
+    sample_fn=None,
+    diagnostics_fn=None,
+    checkpoint_step: Optional[int] = None,
+) -> dict:
   """Scores `params` on the eval split; writes files under workdir/eval.
 
   Args:
@@ -240,55 +277,78 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
   model = model if model is not None else models.build_model(config)
   batches = input_pipeline.create_eval_iterator(config)
   diagnostics_fn = diagnostics_fn or make_diagnostics_fn(model)
-  predictions = predict_split(config, params, model, batches, sample_fn,
-                              diagnostics_fn)
+  predictions = predict_split(config, params, model, batches, sample_fn, diagnostics_fn)
   num_examples = int(len(predictions['index']))
   scored = batches.has_targets
   scores = score_predictions(predictions) if scored else {}
   if scored and config.data.name == 'dexycb':
     # The DexYCB protocol written out: wrist-aligned MPJPE / MPVPE and Procrustes-aligned
     # errors (datasets/dexycb/evaluation.py); predictions and targets are root-relative.
-    scores.update({f'dexycb_{k}': v for k, v in dexycb_evaluation.dexycb_metrics(
-        predictions['joints'], predictions['verts'], predictions['gt_joints'],
-        predictions['gt_verts']).items()})
+    scores.update(
+        {
+            f'dexycb_{k}': v
+            for k, v in dexycb_evaluation.dexycb_metrics(
+                predictions['joints'],
+                predictions['verts'],
+                predictions['gt_joints'],
+                predictions['gt_verts'],
+            ).items()
+        }
+    )
   is_writer = jax.process_index() == 0
   pred_json = None
   if workdir is not None and is_writer:
     if write_predictions is None:
       write_predictions = step is None or not scored
-    out_dir = os.path.join(workdir, 'eval', '' if step is None
-                           else f'step_{step}')
+    out_dir = os.path.join(workdir, 'eval', '' if step is None else f'step_{step}')
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-      json.dump(dict(scores, num_examples=num_examples, scored=scored,
-                     step=step if step is not None else checkpoint_step,
-                     frame='root-relative (wrist = 0)',
-                     pred_json_root=predictions['root_from'],
-                     tta_angles=list(config.eval.tta_angles),
-                     num_sampling_steps=int(config.sampling.num_sampling_steps)),
-                f, indent=2)
+      json.dump(
+          dict(
+              scores,
+              num_examples=num_examples,
+              scored=scored,
+              step=step if step is not None else checkpoint_step,
+              frame='root-relative (wrist = 0)',
+              pred_json_root=predictions['root_from'],
+              tta_angles=list(config.eval.tta_angles),
+              num_sampling_steps=int(config.sampling.num_sampling_steps),
+          ),
+          f,
+          indent=2,
+      )
     if scored:
       metrics_lib.write_scores_txt(os.path.join(out_dir, 'scores.txt'), scores)
     if write_predictions:
       pred_json = os.path.join(out_dir, 'pred.json')
-      metrics_lib.write_pred_json(pred_json, predictions['joints_camera'],
-                                  predictions['verts_camera'])
+      metrics_lib.write_pred_json(
+          pred_json, predictions['joints_camera'], predictions['verts_camera']
+      )
       if config.data.name == 'ho3d':
         # The online server's format: HO-3D joint order, OpenGL frame, zipped pred.json.
-        ho3d_reader.write_submission(os.path.join(out_dir, 'pred_ho3d.zip'),
-                                     predictions['joints_camera'],
-                                     predictions['verts_camera'])
+        ho3d_reader.write_submission(
+            os.path.join(out_dir, 'pred_ho3d.zip'),
+            predictions['joints_camera'],
+            predictions['verts_camera'],
+        )
   if is_writer:
     at_step = '' if step is None else f' at step {step}'
     if scored:
-      print(f'Evaluation{at_step} on {num_examples} examples:\n'
-            + metrics_lib.format_table(scores) + '\n' + format_diagnostics(scores),
-            flush=True)
+      print(
+          f'Evaluation{at_step} on {num_examples} examples:\n'
+          + metrics_lib.format_table(scores)
+          + '\n'
+          + format_diagnostics(scores),
+          flush=True,
+      )
     else:
       where = f'; predictions written to {pred_json}' if pred_json else ''
-      print(f'Evaluation{at_step}: the evaluation split has no ground truth '
-            f'(no annotation files), so its {num_examples} predictions are not '
-            f'scored{where}.', flush=True)
+      print(
+          f'Evaluation{at_step}: the evaluation split has no ground truth '
+          f'(no annotation files), so its {num_examples} predictions are not '
+          f'scored{where}.',
+          flush=True,
+      )
   if writer is not None and step is not None:
     if scores:
       writer.scalars(step, scores)
@@ -300,21 +360,25 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, *, model=None,
 
 def format_diagnostics(scores: dict) -> str:
   """Lines comparing the model with the mean-hand baseline (MPJPE / PA-MPJPE, mm)."""
-  rows = [('model (DDIM)', ''), ('one-step x0 at t=T-1', 'onestep_'),
-          ('auxiliary head', 'aux_'), ('mean-hand baseline', 'mean_hand_')]
+  rows = [
+      ('model (DDIM)', ''),
+      ('one-step x0 at t=T-1', 'onestep_'),
+      ('auxiliary head', 'aux_'),
+      ('mean-hand baseline', 'mean_hand_'),
+  ]
   base = scores['mean_hand_mpjpe'], scores['mean_hand_pa_mpjpe']
   lines = [f'{"":22s} {"MPJPE":>8s} {"PA-MPJPE":>9s}   ratio to the mean hand']
   for label, prefix in rows:
     if f'{prefix}mpjpe' not in scores:
       continue
     mpjpe, pa = scores[f'{prefix}mpjpe'], scores[f'{prefix}pa_mpjpe']
-    lines.append(f'{label:22s} {mpjpe:8.2f} {pa:9.2f}   {mpjpe / base[0]:.2f} / '
-                 f'{pa / base[1]:.2f}')
+    lines.append(
+        f'{label:22s} {mpjpe:8.2f} {pa:9.2f}   {mpjpe / base[0]:.2f} / ' f'{pa / base[1]:.2f}'
+    )
   return '\n'.join(lines)
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str
-                       ) -> dict:
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`--mode=eval`: the latest checkpoint of `workdir` (EMA params if kept)."""
   input_pipeline.check_dataset_available(config)
   step = checkpointing.latest_step(workdir)

@@ -18,6 +18,7 @@ The training stream is a deterministic function of (config.seed, start_step): pe
 seeded by (seed, epoch), augmentation drawn with stateless ops from (seed, epoch, example id),
 resume by skipping whole epochs arithmetically and then examples inside the epoch.
 """
+
 import math
 import os
 
@@ -35,8 +36,18 @@ from diffhand_jax import checks
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Source keys the pipeline reads (the rest of the features, e.g. mask and pose, are dropped).
-_SOURCE_KEYS = ('image', 'depth', 'K', 'joints3d', 'joints2d', 'verts', 'is_right', 'id',
-                'has_targets', 'bbox')
+_SOURCE_KEYS = (
+    'image',
+    'depth',
+    'K',
+    'joints3d',
+    'joints2d',
+    'verts',
+    'is_right',
+    'id',
+    'has_targets',
+    'bbox',
+)
 _NUM_DRAWS = 8  # angle, scale, centre x/y, flip, 3 colour gains
 
 
@@ -53,6 +64,7 @@ _hide_gpus_from_tf()
 
 # ---- Geometry (tf, float32) ----
 
+
 def normalize_image(image):
   """ImageNet normalisation. Args: image: [..., 3] uint8 or float in [0, 255]. Returns float32."""
   image = tf.cast(image, tf.float32) / 255.0
@@ -61,8 +73,9 @@ def normalize_image(image):
 
 def denormalize_image(image):
   """Inverse of `normalize_image`: float32 [..., 3] -> float32 in [0, 255] (numpy or tf)."""
-  return (np.asarray(image) * np.array(IMAGENET_STD, np.float32)
-          + np.array(IMAGENET_MEAN, np.float32)) * 255.0
+  return (
+      np.asarray(image) * np.array(IMAGENET_STD, np.float32) + np.array(IMAGENET_MEAN, np.float32)
+  ) * 255.0
 
 
 def crop_transform(center, side, size):
@@ -70,17 +83,22 @@ def crop_transform(center, side, size):
   center = tf.cast(center, tf.float32)
   scale = tf.cast(size, tf.float32) / tf.cast(side, tf.float32)
   offset = (size - 1) / 2.0 - scale * center
-  return tf.stack([tf.stack([scale, 0.0, offset[0]]),
-                   tf.stack([0.0, scale, offset[1]]),
-                   tf.constant([0.0, 0.0, 1.0])])
+  return tf.stack(
+      [
+          tf.stack([scale, 0.0, offset[0]]),
+          tf.stack([0.0, scale, offset[1]]),
+          tf.constant([0.0, 0.0, 1.0]),
+      ]
+  )
 
 
 def camera_motion(angle, mirror):
   """The 3D motion M [3,3] = R_z(angle) @ diag(-1 if mirror else 1, 1, 1)."""
   cos, sin = tf.cos(angle), tf.sin(angle)
   sign = tf.where(mirror, -1.0, 1.0)
-  rotation = tf.stack([tf.stack([cos, -sin, 0.0]), tf.stack([sin, cos, 0.0]),
-                       tf.constant([0.0, 0.0, 1.0])])
+  rotation = tf.stack(
+      [tf.stack([cos, -sin, 0.0]), tf.stack([sin, cos, 0.0]), tf.constant([0.0, 0.0, 1.0])]
+  )
   return rotation * tf.stack([sign, 1.0, 1.0])[None, :]
 
 
@@ -99,9 +117,13 @@ def warp_image(image, transform, size, interpolation='BILINEAR'):
   inverse = tf.linalg.inv(transform)
   inverse = inverse / inverse[2, 2]
   warped = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=tf.reshape(inverse, [9])[None, :8],
-      output_shape=tf.constant([size, size], tf.int32), fill_value=tf.constant(0.0),
-      interpolation=interpolation, fill_mode='CONSTANT')
+      images=image[None],
+      transforms=tf.reshape(inverse, [9])[None, :8],
+      output_shape=tf.constant([size, size], tf.int32),
+      fill_value=tf.constant(0.0),
+      interpolation=interpolation,
+      fill_mode='CONSTANT',
+  )
   return tf.ensure_shape(warped[0], [size, size, image.shape[-1]])
 
 
@@ -115,8 +137,10 @@ def _decode(image):
 def _assert_finite(example):
   """Fails the pipeline on NaN/inf labels, naming the key and the example id."""
   for key in ('K', 'joints3d', 'joints2d', 'verts'):
-    tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(example[key])),
-                        [f'non-finite {key} in the hand example with id', example['id']])
+    tf.debugging.Assert(
+        tf.reduce_all(tf.math.is_finite(example[key])),
+        [f'non-finite {key} in the hand example with id', example['id']],
+    )
 
 
 def _camera_motion_of(example, data_config, draws):
@@ -188,8 +212,9 @@ def transform_example(example, config, draws=None, whole_image=False):
   motion, shown_right = _camera_motion_of(example, data_config, draws)
   pixel_motion = K @ motion @ tf.linalg.inv(K)
   moved_joints2d = apply_affine(pixel_motion, tf.cast(example['joints2d'], tf.float32))
-  center, side = _crop_box(example, image, moved_joints2d, pixel_motion, data_config.crop_margin,
-                           whole_image)
+  center, side = _crop_box(
+      example, image, moved_joints2d, pixel_motion, data_config.crop_margin, whole_image
+  )
   if augment:
     side *= 1.0 + data_config.scale_jitter * draws[1]
     center += data_config.center_jitter * side * draws[2:4]
@@ -256,10 +281,12 @@ def preprocess_image(image, image_size, box=None, K=None):
 
 # ---- Datasets from a source of examples ----
 
+
 def _example_seed(seed, epoch, example_id):
   """A stateless [2] seed from (seed, epoch, example id)."""
   epoch_seed = tf.random.experimental.stateless_fold_in(
-      tf.constant([seed, 0], tf.int64), tf.cast(epoch, tf.int64))
+      tf.constant([seed, 0], tf.int64), tf.cast(epoch, tf.int64)
+  )
   return tf.random.experimental.stateless_fold_in(epoch_seed, tf.cast(example_id, tf.int64))
 
 
@@ -267,8 +294,9 @@ def _select(example):
   return {k: v for k, v in example.items() if k in _SOURCE_KEYS}
 
 
-def train_dataset_from(source, num_examples, config, *, batch_size, start_step=0,
-                       deterministic=True):
+def train_dataset_from(
+    source, num_examples, config, *, batch_size, start_step=0, deterministic=True
+):
   """The infinite, augmented, batched training stream of one process.
 
   Each epoch is a fresh shuffle of `source` (seeded by (config.seed, epoch)) cut into
@@ -296,8 +324,9 @@ def train_dataset_from(source, num_examples, config, *, batch_size, start_step=0
   source = source.map(_select)
 
   def augment(example, epoch):
-    draws = tf.random.stateless_uniform([_NUM_DRAWS], _example_seed(seed, epoch, example['id']),
-                                        minval=-1.0, maxval=1.0)
+    draws = tf.random.stateless_uniform(
+        [_NUM_DRAWS], _example_seed(seed, epoch, example['id']), minval=-1.0, maxval=1.0
+    )
     return transform_example(example, config, draws)
 
   def epoch_dataset(epoch):
@@ -305,9 +334,13 @@ def train_dataset_from(source, num_examples, config, *, batch_size, start_step=0
     examples = source.shuffle(buffer_size, seed=shuffle_seed, reshuffle_each_iteration=False)
     # Skipping raw examples (before the decode/augment map) makes resume cheap.
     examples = examples.skip(
-        tf.where(epoch == start_epoch, tf.constant(skip_batches * batch_size, tf.int64), 0))
-    examples = examples.map(lambda example: augment(example, epoch),
-                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        tf.where(epoch == start_epoch, tf.constant(skip_batches * batch_size, tf.int64), 0)
+    )
+    examples = examples.map(
+        lambda example: augment(example, epoch),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=deterministic,
+    )
     return examples.batch(batch_size, drop_remainder=True)
 
   epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
@@ -339,16 +372,20 @@ def eval_dataset_from(source, num_examples, config, *, batch_size, num_batches):
   """
   num_padding = num_batches * batch_size - num_examples
   if num_examples <= 0 or num_padding < 0:
-    raise ValueError(f'{num_examples} examples do not fit {num_batches} batches of '
-                     f'{batch_size} (or none at all)')
+    raise ValueError(
+        f'{num_examples} examples do not fit {num_batches} batches of '
+        f'{batch_size} (or none at all)'
+    )
   eval_crop = config.data.eval_crop
   if eval_crop not in ('joints', 'image'):
     raise ValueError(f"config.data.eval_crop must be 'joints' or 'image', got {eval_crop!r}")
   examples = source.map(_select).map(
       lambda example: transform_example(example, config, whole_image=eval_crop == 'image'),
-      num_parallel_calls=tf.data.AUTOTUNE)
-  padding = examples.take(1).map(lambda e: {**e, 'valid': tf.constant(0.0),
-                                            'index': tf.constant(-1, tf.int32)})
+      num_parallel_calls=tf.data.AUTOTUNE,
+  )
+  padding = examples.take(1).map(
+      lambda e: {**e, 'valid': tf.constant(0.0), 'index': tf.constant(-1, tf.int32)}
+  )
   examples = examples.concatenate(padding.repeat(num_padding))
   return examples.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
@@ -365,9 +402,10 @@ def check_dataset_available(config):
   name = config.data.name
   if name in PLANNED_DATASETS:
     raise NotImplementedError(
-        f"config.data.name={name!r}: the {PLANNED_DATASETS[name]} reader is not "
+        f'config.data.name={name!r}: the {PLANNED_DATASETS[name]} reader is not '
         'implemented yet (planned issue); the config records the paper setting. '
-        "Available: 'synthetic', 'freihand', 'dexycb', 'ho3d'.")
+        "Available: 'synthetic', 'freihand', 'dexycb', 'ho3d'."
+    )
 
 
 def get_builder(config, need_train=True):
@@ -388,39 +426,48 @@ def get_builder(config, need_train=True):
   elif name in ('dexycb', 'ho3d'):
     # Their vertices come from the MANO parameters: the real MANO files are needed.
     if not config.mano_path:
-      raise ValueError(f'config.data.name={name!r} needs config.mano_path = the real '
-                       'MANO_RIGHT.pkl (MANO_LEFT.pkl beside it for DexYCB)')
+      raise ValueError(
+          f'config.data.name={name!r} needs config.mano_path = the real '
+          'MANO_RIGHT.pkl (MANO_LEFT.pkl beside it for DexYCB)'
+      )
     mano_dir = os.path.dirname(os.path.abspath(config.mano_path))
     if name == 'dexycb':
       builder = dexycb.Dexycb(config=variant, data_dir=data_dir, mano_dir=mano_dir)
     else:
       builder = ho3d.Ho3d(config=variant, data_dir=data_dir, mano_dir=mano_dir)
   else:
-    raise ValueError(f"unknown config.data.name {name!r} (known: 'synthetic', 'freihand', "
-                     "'dexycb', 'ho3d')")
+    raise ValueError(
+        f"unknown config.data.name {name!r} (known: 'synthetic', 'freihand', " "'dexycb', 'ho3d')"
+    )
   if not builder.is_prepared():
     if not config.data.root:
-      raise ValueError(f'config.data.root must point to the {name} files (manual_dir) to '
-                       f'prepare the {name} data set in {data_dir}')
+      raise ValueError(
+          f'config.data.root must point to the {name} files (manual_dir) to '
+          f'prepare the {name} data set in {data_dir}'
+      )
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=config.data.root))
+        download_config=tfds.download.DownloadConfig(manual_dir=config.data.root)
+    )
   return builder
 
 
 def read_split(builder, split, *, process_index=None, process_count=None):
   """This process' even share of `split`: (tf.data.Dataset of undecoded examples, size)."""
   process_split = tfds.split_for_jax_process(
-      split, process_index=process_index, process_count=process_count)
-  skipped = {key: tfds.decode.SkipDecoding() for key in ('image', 'mask')
-             if key in builder.info.features}
+      split, process_index=process_index, process_count=process_count
+  )
+  skipped = {
+      key: tfds.decode.SkipDecoding() for key in ('image', 'mask') if key in builder.info.features
+  }
   dataset = builder.as_dataset(split=process_split, decoders=skipped, shuffle_files=False)
   return dataset, builder.info.splits[process_split].num_examples
 
 
 def _per_process(global_batch_size, what):
   if global_batch_size % jax.process_count():
-    raise ValueError(f'{what} {global_batch_size} is not divisible by the '
-                     f'{jax.process_count()} processes')
+    raise ValueError(
+        f'{what} {global_batch_size} is not divisible by the ' f'{jax.process_count()} processes'
+    )
   return global_batch_size // jax.process_count()
 
 
@@ -428,8 +475,14 @@ def create_train_iterator(config, *, start_step=0, deterministic=True):
   """Iterator of numpy training batches of global_batch_size // process_count examples."""
   batch_size = _per_process(config.train.global_batch_size, 'config.train.global_batch_size')
   source, num_examples = read_split(get_builder(config), 'train')
-  dataset = train_dataset_from(source, num_examples, config, batch_size=batch_size,
-                               start_step=start_step, deterministic=deterministic)
+  dataset = train_dataset_from(
+      source,
+      num_examples,
+      config,
+      batch_size=batch_size,
+      start_step=start_step,
+      deterministic=deterministic,
+  )
   return dataset.as_numpy_iterator()
 
 
@@ -466,11 +519,14 @@ def create_eval_iterator(config, split='evaluation'):
     split = f'{split}[:{total}]'
   num_batches = eval_num_batches(total, jax.process_count(), batch_size)
   source, num_examples = read_split(builder, split)
-  dataset = eval_dataset_from(source, num_examples, config, batch_size=batch_size,
-                              num_batches=num_batches)
+  dataset = eval_dataset_from(
+      source, num_examples, config, batch_size=batch_size, num_batches=num_batches
+  )
   has_targets = True
   if 'has_targets' in builder.info.features:  # one flag per split: read it off one example
-    first = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding(),
-                                                      'mask': tfds.decode.SkipDecoding()})
+    first = builder.as_dataset(
+        split=split,
+        decoders={'image': tfds.decode.SkipDecoding(), 'mask': tfds.decode.SkipDecoding()},
+    )
     has_targets = bool(next(iter(first.take(1)))['has_targets'])
   return EvalBatches(dataset, num_batches, total, has_targets)

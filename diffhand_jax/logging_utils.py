@@ -1,4 +1,5 @@
 """Console progress lines and TensorBoard scalars/images; only process 0 writes."""
+
 import json
 import logging as py_logging
 import os
@@ -37,8 +38,7 @@ class MetricWriter:
     self._jsonl = scalars_path(workdir, name)
     if jax.process_index() == 0:
       tf.config.set_visible_devices([], 'GPU')  # keep TF off the accelerators
-      self._writer = tf.summary.create_file_writer(
-          os.path.join(workdir, 'tensorboard', name))
+      self._writer = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard', name))
 
   def scalars(self, step: int, scalars: Mapping[str, float]):
     if self._writer is None:
@@ -82,10 +82,12 @@ class ProgressLogger:
     steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
     self._last_step, self._last_time = step, now
     eta = (self._num_steps - step) / max(steps_per_sec, 1e-9)
-    parts = [f'step {step}/{self._num_steps}', f'{steps_per_sec:.3g} steps/s',
-             f'ETA {_format_duration(eta)}']
-    ordered = ['loss', 'lr'] + sorted(k for k in metrics if k not in
-                                      ('loss', 'lr'))
+    parts = [
+        f'step {step}/{self._num_steps}',
+        f'{steps_per_sec:.3g} steps/s',
+        f'ETA {_format_duration(eta)}',
+    ]
+    ordered = ['loss', 'lr'] + sorted(k for k in metrics if k not in ('loss', 'lr'))
     parts += [f'{k} {float(metrics[k]):.4g}' for k in ordered if k in metrics]
     line = ' | '.join(parts)
     if jax.process_index() == 0:
@@ -97,8 +99,7 @@ def _format_duration(seconds: float) -> str:
   seconds = int(round(seconds))
   hours, rest = divmod(seconds, 3600)
   minutes, seconds = divmod(rest, 60)
-  return f'{hours}:{minutes:02d}:{seconds:02d}' if hours else (
-      f'{minutes}:{seconds:02d}')
+  return f'{hours}:{minutes:02d}:{seconds:02d}' if hours else (f'{minutes}:{seconds:02d}')
 
 
 def quiet_library_logs(packages=('orbax', 'jax/_src', 'tensorflow_datasets')):
@@ -107,6 +108,6 @@ def quiet_library_logs(packages=('orbax', 'jax/_src', 'tensorflow_datasets')):
   markers = tuple(f'/{p}/' for p in packages)
 
   def keep(record):
-    return record.levelno >= py_logging.WARNING or not any(
-        m in record.pathname for m in markers)
+    return record.levelno >= py_logging.WARNING or not any(m in record.pathname for m in markers)
+
   absl_logging.get_absl_handler().addFilter(keep)

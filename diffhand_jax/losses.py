@@ -22,6 +22,7 @@ regressor) and J = joints3d / vertex_scale:
           + normal_weight L_n + aux_weight L_aux.
 The direct-regression ablation (diffusion=False) uses the same terms (DESIGN §3).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +37,8 @@ _EDGE_EPS_SQ = 1e-24
 def _check_shape(name, x, shape):
   """Raises ValueError unless x.shape matches `shape` (None = any size)."""
   if len(x.shape) != len(shape) or any(
-      want is not None and got != want for got, want in zip(x.shape, shape)):
+      want is not None and got != want for got, want in zip(x.shape, shape)
+  ):
     want = tuple('?' if s is None else s for s in shape)
     raise ValueError(f'{name} must have shape {want}, got {tuple(x.shape)}')
 
@@ -92,7 +94,8 @@ def reprojection_loss(joints, camera, joints2d, valid):
 def _unit(vectors):
   """Unit vectors along the last axis; the floor keeps zero-length ones (and grads) finite."""
   return vectors * jax.lax.rsqrt(
-      jnp.maximum(jnp.sum(jnp.square(vectors), axis=-1, keepdims=True), _EDGE_EPS_SQ))
+      jnp.maximum(jnp.sum(jnp.square(vectors), axis=-1, keepdims=True), _EDGE_EPS_SQ)
+  )
 
 
 def normal_consistency_loss(pred_verts, gt_verts, faces, valid):
@@ -115,8 +118,7 @@ def normal_consistency_loss(pred_verts, gt_verts, faces, valid):
   return _weighted_batch_mean(jnp.mean(cosines, axis=(1, 2)), valid)
 
 
-LOSS_WEIGHTS = ('x0_weight', 'joints_weight', 'reprojection_weight', 'normal_weight',
-                'aux_weight')
+LOSS_WEIGHTS = ('x0_weight', 'joints_weight', 'reprojection_weight', 'normal_weight', 'aux_weight')
 
 
 def _weight(weights, name):
@@ -124,8 +126,7 @@ def _weight(weights, name):
   try:
     return float(weights[name])
   except KeyError:
-    raise ValueError(f'loss weights lack {name!r} (expected {", ".join(LOSS_WEIGHTS)})'
-                     ) from None
+    raise ValueError(f'loss weights lack {name!r} (expected {", ".join(LOSS_WEIGHTS)})') from None
 
 
 def per_example_squared_error(pred, target):
@@ -158,9 +159,11 @@ def compute_losses(outputs, batch, *, regressor, faces, vertex_scale, weights):
   _check_shape('x0', pred_x0, (batch_size, num_points, 3))
   _check_shape('camera', camera, (batch_size, 3))
   _check_shape('regressor', regressor, (num_joints, num_points))
-  for key, shape in (('verts', (batch_size, num_points, 3)),
-                     ('joints3d', (batch_size, num_joints, 3)),
-                     ('joints2d', (batch_size, num_joints, 2))):
+  for key, shape in (
+      ('verts', (batch_size, num_points, 3)),
+      ('joints3d', (batch_size, num_joints, 3)),
+      ('joints2d', (batch_size, num_joints, 2)),
+  ):
     if key not in batch:
       raise ValueError(f'batch lacks {key!r}')
     _check_shape(f'batch[{key!r}]', batch[key], shape)
@@ -178,18 +181,19 @@ def compute_losses(outputs, batch, *, regressor, faces, vertex_scale, weights):
   terms = {
       'loss_x0': mean_squared_error(pred_x0, x0_target, valid),
       'loss_joints': mean_squared_error(pred_joints, joints_target, valid),
-      'loss_2d': reprojection_loss(pred_joints * vertex_scale, camera, batch['joints2d'],
-                                   valid),
+      'loss_2d': reprojection_loss(pred_joints * vertex_scale, camera, batch['joints2d'], valid),
       'loss_normal': normal_consistency_loss(pred_x0, x0_target, faces, valid),
   }
   if 'aux_joints' in outputs:
     aux = outputs['aux_joints'].astype(jnp.float32)
     _check_shape('aux_joints', aux, (batch_size, num_joints, 3))
     terms['loss_aux'] = mean_squared_error(aux, joints_target, valid)
-  total = (weight['x0_weight'] * terms['loss_x0']
-           + weight['joints_weight'] * terms['loss_joints']
-           + weight['reprojection_weight'] * terms['loss_2d']
-           + weight['normal_weight'] * terms['loss_normal'])
+  total = (
+      weight['x0_weight'] * terms['loss_x0']
+      + weight['joints_weight'] * terms['loss_joints']
+      + weight['reprojection_weight'] * terms['loss_2d']
+      + weight['normal_weight'] * terms['loss_normal']
+  )
   if 'loss_aux' in terms:
     total = total + weight['aux_weight'] * terms['loss_aux']
   return total, terms

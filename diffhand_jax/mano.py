@@ -11,6 +11,7 @@ scipy sparse matrix. `load_mano` uses a restricted unpickler: only an allow-list
 scipy.sparse reconstruction globals and inert stand-ins for chumpy classes can be resolved;
 anything else (os.system, builtins.eval, ...) raises ValueError before it can run.
 """
+
 import codecs
 import dataclasses
 import os
@@ -32,8 +33,24 @@ NUM_POSE = 48
 # Fingertip vertices used by FreiHAND: thumb, index, middle, ring, pinky.
 TIP_VERTEX_IDS = (744, 320, 443, 555, 672)
 # MANO joint id -> FreiHAND joint id (FreiHAND's utils/mano_utils.py).
-MANO_TO_FREIHAND = {0: 0, 1: 5, 2: 6, 3: 7, 4: 9, 5: 10, 6: 11, 7: 17, 8: 18, 9: 19,
-                    10: 13, 11: 14, 12: 15, 13: 1, 14: 2, 15: 3}
+MANO_TO_FREIHAND = {
+    0: 0,
+    1: 5,
+    2: 6,
+    3: 7,
+    4: 9,
+    5: 10,
+    6: 11,
+    7: 17,
+    8: 18,
+    9: 19,
+    10: 13,
+    11: 14,
+    12: 15,
+    13: 1,
+    14: 2,
+    15: 3,
+}
 # FreiHAND ids of the fingertips, in TIP_VERTEX_IDS order (thumb, index, middle, ring, pinky).
 FREIHAND_TIP_IDS = (4, 8, 12, 16, 20)
 # MANO's kinematic tree: wrist; index, middle, pinky, ring, thumb (3 joints each).
@@ -72,6 +89,7 @@ class ManoModel:
     hands_mean: [45] mean hand pose (axis-angle of joints 1..15).
     hands_components: [45, 45] PCA basis of hand poses (rows are components).
   """
+
   v_template: np.ndarray
   shapedirs: np.ndarray
   posedirs: np.ndarray
@@ -109,10 +127,12 @@ def make_model(arrays):
   fields = {}
   for name, shape in _ARRAY_SHAPES.items():
     if name not in arrays:
-      raise ValueError(f'MANO model is missing {name!r} (expected shape '
-                       f'{checks.describe_shape(shape)})')
-    fields[name] = checks.check_array(f'MANO {name!r}', arrays[name], shape, kind=np.number,
-                                      dtype=np.float32)
+      raise ValueError(
+          f'MANO model is missing {name!r} (expected shape ' f'{checks.describe_shape(shape)})'
+      )
+    fields[name] = checks.check_array(
+        f'MANO {name!r}', arrays[name], shape, kind=np.number, dtype=np.float32
+    )
   fields['faces'] = _faces_from(arrays)
   fields['parents'] = _parents_from(arrays)
   for value in fields.values():
@@ -131,11 +151,11 @@ def _faces_from(arrays):
 def _parents_from(arrays):
   """Parents [16] from `parents` or the official `kintree_table` [2, 16]."""
   if 'parents' in arrays:
-    parents = checks.check_array("MANO 'parents'", arrays['parents'], (NUM_JOINTS,),
-                                 dtype=np.int64)
+    parents = checks.check_array("MANO 'parents'", arrays['parents'], (NUM_JOINTS,), dtype=np.int64)
   elif 'kintree_table' in arrays:
-    table = checks.check_array("MANO 'kintree_table'", arrays['kintree_table'], (2, NUM_JOINTS),
-                               dtype=np.int64)
+    table = checks.check_array(
+        "MANO 'kintree_table'", arrays['kintree_table'], (2, NUM_JOINTS), dtype=np.int64
+    )
     if sorted(table[1].tolist()) != list(range(NUM_JOINTS)):
       raise ValueError("MANO 'kintree_table' row 1 must list the joint ids 0..15")
     parents = np.empty(NUM_JOINTS, np.int64)
@@ -143,10 +163,11 @@ def _parents_from(arrays):
   else:
     raise ValueError("MANO model is missing 'kintree_table' (expected shape [2, 16])")
   parents = np.where((parents == _UINT32_ROOT) | (parents < 0), -1, parents)
-  if parents[0] != -1 or np.any(parents[1:] < 0) or np.any(
-      parents[1:] >= np.arange(1, NUM_JOINTS)):
-    raise ValueError(f'MANO kinematic tree must have root 0 and parents before children, '
-                     f'got parents {parents.tolist()}')
+  if parents[0] != -1 or np.any(parents[1:] < 0) or np.any(parents[1:] >= np.arange(1, NUM_JOINTS)):
+    raise ValueError(
+        f'MANO kinematic tree must have root 0 and parents before children, '
+        f'got parents {parents.tolist()}'
+    )
   return parents.astype(np.int32)
 
 
@@ -171,8 +192,7 @@ class _ChumpyStandIn:
       values = np.asarray(_to_array(state['a'], key)).ravel()[np.asarray(state['idxs'])]
       shape = state.get('preferred_shape')
       return values.reshape(shape) if shape is not None else values
-    raise ValueError(f'MANO {key!r}: unsupported chumpy object (state keys '
-                     f'{sorted(state)})')
+    raise ValueError(f'MANO {key!r}: unsupported chumpy object (state keys ' f'{sorted(state)})')
 
 
 class _SparseStandIn:
@@ -268,8 +288,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
       return self._ALLOWED[(module, name)]
     if module == 'chumpy' or module.startswith('chumpy.'):
       return _ChumpyStandIn
-    raise ValueError(f'refusing to load global {module}.{name} from a MANO pickle '
-                     '(not on the allow-list; the file may be malicious)')
+    raise ValueError(
+        f'refusing to load global {module}.{name} from a MANO pickle '
+        '(not on the allow-list; the file may be malicious)'
+    )
 
   def persistent_load(self, pid):
     raise ValueError(f'refusing persistent id {pid!r} in a MANO pickle')
@@ -359,23 +381,26 @@ def save_mano(model, path):
   path = os.fspath(path)
   arrays = {name: np.asarray(getattr(model, name)) for name in _FLOAT_FIELDS}
   parents = np.asarray(model.parents).astype(np.int64)
-  kintree = np.stack([np.where(parents < 0, _UINT32_ROOT, parents),
-                      np.arange(NUM_JOINTS)]).astype(np.uint32)
+  kintree = np.stack([np.where(parents < 0, _UINT32_ROOT, parents), np.arange(NUM_JOINTS)]).astype(
+      np.uint32
+  )
   faces = np.asarray(model.faces).astype(np.uint32)
   v_shaped_joints = arrays['J_regressor'] @ arrays['v_template']
   if path.endswith('.npz'):
     np.savez(path, kintree_table=kintree, f=faces, J=v_shaped_joints, **arrays)
     return
   official = dict(arrays)
-  official.update({
-      'J_regressor': scipy.sparse.csc_matrix(arrays['J_regressor'].astype(np.float64)),
-      'kintree_table': kintree,
-      'f': faces,
-      'J': v_shaped_joints,
-      'bs_type': 'lrotmin',
-      'bs_style': 'lbs',
-      'hands_coeffs': np.zeros((1, arrays['hands_mean'].shape[0]), np.float32),
-  })
+  official.update(
+      {
+          'J_regressor': scipy.sparse.csc_matrix(arrays['J_regressor'].astype(np.float64)),
+          'kintree_table': kintree,
+          'f': faces,
+          'J': v_shaped_joints,
+          'bs_type': 'lrotmin',
+          'bs_style': 'lbs',
+          'hands_coeffs': np.zeros((1, arrays['hands_mean'].shape[0]), np.float32),
+      }
+  )
   with open(path, 'wb') as f:
     pickle.dump(official, f, protocol=2)
 
@@ -399,7 +424,7 @@ def rodrigues(axis_angle):
   theta = jnp.sqrt(jnp.where(small, 1.0, theta_sq))
   half = 0.5 * theta
   a = jnp.where(small, 1.0 - theta_sq / 6.0, jnp.sin(theta) / theta)
-  b = jnp.where(small, 0.5 - theta_sq / 24.0, 0.5 * (jnp.sin(half) / half)**2)
+  b = jnp.where(small, 0.5 - theta_sq / 24.0, 0.5 * (jnp.sin(half) / half) ** 2)
   rx, ry, rz = axis_angle[..., 0], axis_angle[..., 1], axis_angle[..., 2]
   zero = jnp.zeros_like(rx)
   skew = jnp.stack([zero, -rz, ry, rz, zero, -rx, -ry, rx, zero], -1)
@@ -459,8 +484,9 @@ def _depth_levels(parents):
   depth = []
   for parent in parents:
     depth.append(0 if parent < 0 else depth[parent] + 1)
-  return tuple(tuple(k for k, d in enumerate(depth) if d == level)
-               for level in range(max(depth) + 1))
+  return tuple(
+      tuple(k for k, d in enumerate(depth) if d == level) for level in range(max(depth) + 1)
+  )
 
 
 def _rigid_transforms(rotations, joints, parents):
@@ -498,8 +524,7 @@ def _rigid_transforms(rotations, joints, parents):
   return world_rot, trans
 
 
-def mano_forward(model, pose, betas, transl=None, *, flat_hand_mean=False,
-                 tip_ids=TIP_VERTEX_IDS):
+def mano_forward(model, pose, betas, transl=None, *, flat_hand_mean=False, tip_ids=TIP_VERTEX_IDS):
   """MANO linear blend skinning.
 
   Args:
@@ -515,14 +540,17 @@ def mano_forward(model, pose, betas, transl=None, *, flat_hand_mean=False,
     vertices [B, 778, 3] and joints [B, 21, 3] (FreiHAND order), metres, float32.
   """
   # Shapes only: the forward pass runs under jit and grad, values are not inspected.
-  pose = checks.check_array('pose', jnp.asarray(pose, jnp.float32), ('batch', NUM_POSE),
-                            finite=False)
+  pose = checks.check_array(
+      'pose', jnp.asarray(pose, jnp.float32), ('batch', NUM_POSE), finite=False
+  )
   batch = pose.shape[0]
-  betas = checks.check_array('betas', jnp.asarray(betas, jnp.float32), (batch, NUM_BETAS),
-                             finite=False)
+  betas = checks.check_array(
+      'betas', jnp.asarray(betas, jnp.float32), (batch, NUM_BETAS), finite=False
+  )
   if transl is not None:
-    transl = checks.check_array('transl', jnp.asarray(transl, jnp.float32), (batch, 3),
-                                finite=False)
+    transl = checks.check_array(
+        'transl', jnp.asarray(transl, jnp.float32), (batch, 3), finite=False
+    )
   parents = tuple(int(p) for p in np.asarray(model.parents))
   tips = _check_tip_ids(tip_ids)
 

@@ -3,6 +3,7 @@
 The normal functions take the array module from their input, so the same code serves the
 numpy data generator and the JAX losses (`face_normals(jnp_vertices, faces)` is jittable).
 """
+
 import collections
 import os
 
@@ -96,8 +97,9 @@ def boundary_loops(faces):
   Returns:
     list of loops, each a list of vertex ids in order around the hole.
   """
-  directed = [(int(u), int(v)) for face in np.asarray(faces) for u, v in
-              zip(face, np.roll(face, -1))]
+  directed = [
+      (int(u), int(v)) for face in np.asarray(faces) for u, v in zip(face, np.roll(face, -1))
+  ]
   uses = collections.Counter((min(edge), max(edge)) for edge in directed)
   # On a boundary edge u -> v of a face, the hole lies on the other side: walk v -> u.
   step = {v: u for u, v in directed if uses[(min(u, v), max(u, v))] == 1}
@@ -141,9 +143,17 @@ def save_ply(path, vertices, faces):
     faces: [F, 3] 0-based vertex ids.
   """
   vertices, faces = _checked_numpy(vertices, faces)
-  header = ['ply', 'format ascii 1.0', f'element vertex {len(vertices)}', 'property float x',
-            'property float y', 'property float z', f'element face {len(faces)}',
-            'property list uchar int vertex_indices', 'end_header']
+  header = [
+      'ply',
+      'format ascii 1.0',
+      f'element vertex {len(vertices)}',
+      'property float x',
+      'property float y',
+      'property float z',
+      f'element face {len(faces)}',
+      'property list uchar int vertex_indices',
+      'end_header',
+  ]
   with open(os.fspath(path), 'w') as f:
     f.write('\n'.join(header) + '\n')
     f.writelines(f'{x:.9g} {y:.9g} {z:.9g}\n' for x, y, z in vertices)

@@ -24,6 +24,7 @@ Inputs are metres; `freihand_metrics` reports millimetres (errors) and fractions
 Everything runs in float64; the alignment is a batched SVD, the nearest neighbours use one small
 exact k-d tree per sample (memory stays bounded; 3,960 samples take seconds).
 """
+
 import json
 import os
 
@@ -40,8 +41,20 @@ F_THRESHOLDS_M = (0.005, 0.015)
 _ALIGN_EPS = 1e-8  # added to the Frobenius norms, as in the official align_w_scale
 _M_TO_MM = 1000.0
 
-METRIC_KEYS = ('mpjpe', 'pa_mpjpe', 'mpvpe', 'pa_mpvpe', 'auc_joints', 'pa_auc_joints',
-               'auc_verts', 'pa_auc_verts', 'f5', 'f15', 'pa_f5', 'pa_f15')
+METRIC_KEYS = (
+    'mpjpe',
+    'pa_mpjpe',
+    'mpvpe',
+    'pa_mpvpe',
+    'auc_joints',
+    'pa_auc_joints',
+    'auc_verts',
+    'pa_auc_verts',
+    'f5',
+    'f15',
+    'pa_f5',
+    'pa_f15',
+)
 # (scores.txt name, our key, factor from our units): errors mm -> cm, the rest unchanged; the
 # order is the order the official eval.py writes.
 _SCORES_TXT = (
@@ -111,7 +124,8 @@ def _mean_and_auc(errors):
   # PCK(th) = fraction of distances <= th; searchsorted(side='right') counts exactly those.
   pck = np.searchsorted(flat, PCK_THRESHOLDS_M, side='right') / flat.size
   auc = np.trapezoid(pck, PCK_THRESHOLDS_M) / np.trapezoid(
-      np.ones_like(PCK_THRESHOLDS_M), PCK_THRESHOLDS_M)
+      np.ones_like(PCK_THRESHOLDS_M), PCK_THRESHOLDS_M
+  )
   return float(errors.mean()), float(auc)
 
 
@@ -190,7 +204,8 @@ def freihand_metrics(pred_joints, pred_verts, gt_joints, gt_verts):
       ('mpjpe', 'auc_joints', gt_joints, pred_joints),
       ('pa_mpjpe', 'pa_auc_joints', gt_joints, aligned_joints),
       ('mpvpe', 'auc_verts', gt_verts, pred_verts),
-      ('pa_mpvpe', 'pa_auc_verts', gt_verts, aligned_verts)):
+      ('pa_mpvpe', 'pa_auc_verts', gt_verts, aligned_verts),
+  ):
     mean_error, auc = _mean_and_auc(_point_errors(gt, pred))
     metrics[name] = mean_error * _M_TO_MM
     metrics[auc_name] = auc
@@ -214,8 +229,10 @@ def joint_errors(pred_joints, gt_joints):
   pred_joints = _check_points('pred_joints', pred_joints, NUM_JOINTS)
   gt_joints = _check_points('gt_joints', gt_joints, NUM_JOINTS, pred_joints.shape[0])
   aligned = align_w_scale(gt_joints, pred_joints)
-  return {'mpjpe': float(_point_errors(gt_joints, pred_joints).mean()) * _M_TO_MM,
-          'pa_mpjpe': float(_point_errors(gt_joints, aligned).mean()) * _M_TO_MM}
+  return {
+      'mpjpe': float(_point_errors(gt_joints, pred_joints).mean()) * _M_TO_MM,
+      'pa_mpjpe': float(_point_errors(gt_joints, aligned).mean()) * _M_TO_MM,
+  }
 
 
 def mean_hand_baseline(gt_joints):
@@ -276,18 +293,28 @@ def format_table(metrics):
     A multi-line string.
   """
   rows = [('', 'joints', 'PA joints', 'verts', 'PA verts')]
-  rows.append(('error (mm)',) + tuple(
-      _fmt(metrics.get(k), 2) for k in ('mpjpe', 'pa_mpjpe', 'mpvpe', 'pa_mpvpe')))
-  rows.append(('AUC 0-50 mm',) + tuple(
-      _fmt(metrics.get(k), 3)
-      for k in ('auc_joints', 'pa_auc_joints', 'auc_verts', 'pa_auc_verts')))
+  rows.append(
+      ('error (mm)',)
+      + tuple(_fmt(metrics.get(k), 2) for k in ('mpjpe', 'pa_mpjpe', 'mpvpe', 'pa_mpvpe'))
+  )
+  rows.append(
+      ('AUC 0-50 mm',)
+      + tuple(
+          _fmt(metrics.get(k), 3)
+          for k in ('auc_joints', 'pa_auc_joints', 'auc_verts', 'pa_auc_verts')
+      )
+  )
   rows.append(('F@5 mm', '', '', _fmt(metrics.get('f5'), 3), _fmt(metrics.get('pa_f5'), 3)))
   rows.append(('F@15 mm', '', '', _fmt(metrics.get('f15'), 3), _fmt(metrics.get('pa_f15'), 3)))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  lines = ['  '.join(cell.rjust(width) if i else cell.ljust(width)
-                     for i, (cell, width) in enumerate(zip(row, widths))) for row in rows]
-  lines += [f'{key}: {_fmt(value, 4)}' for key, value in metrics.items()
-            if key not in METRIC_KEYS]
+  lines = [
+      '  '.join(
+          cell.rjust(width) if i else cell.ljust(width)
+          for i, (cell, width) in enumerate(zip(row, widths))
+      )
+      for row in rows
+  ]
+  lines += [f'{key}: {_fmt(value, 4)}' for key, value in metrics.items() if key not in METRIC_KEYS]
   return '\n'.join(lines)
 
 

@@ -1,4 +1,5 @@
 """Optimiser: AdamW with linear warmup + cosine decay, gradient clipping, parameter EMA."""
+
 import math
 
 import jax
@@ -7,8 +8,9 @@ import ml_collections
 import optax
 
 
-def learning_rate_schedule(optim_config: ml_collections.ConfigDict,
-                           num_steps: int) -> optax.Schedule:
+def learning_rate_schedule(
+    optim_config: ml_collections.ConfigDict, num_steps: int
+) -> optax.Schedule:
   """Linear warmup from 0 to the peak, then cosine decay to 0 at `num_steps`.
 
   lr(s) = peak * s / W                                   for s < W
@@ -23,11 +25,10 @@ def learning_rate_schedule(optim_config: ml_collections.ConfigDict,
   if num_steps <= 0:
     raise ValueError(f'num_steps must be positive, got {num_steps}')
   if not 0 <= warmup < num_steps:
-    raise ValueError(
-        f'optim.warmup_steps={warmup} must be in [0, num_steps={num_steps})')
+    raise ValueError(f'optim.warmup_steps={warmup} must be in [0, num_steps={num_steps})')
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup,
-      decay_steps=num_steps, end_value=0.0)
+      init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=num_steps, end_value=0.0
+  )
 
 
 def _decay_mask(params):
@@ -36,8 +37,9 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(optim_config: ml_collections.ConfigDict,
-                   num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+    optim_config: ml_collections.ConfigDict, num_steps: int
+) -> optax.GradientTransformation:
   """Clip by global norm (if grad_clip_norm > 0), then AdamW on the schedule.
 
   Args:
@@ -46,11 +48,9 @@ def make_optimizer(optim_config: ml_collections.ConfigDict,
     num_steps: total training steps (the end of the cosine decay).
   """
   schedule = learning_rate_schedule(optim_config, num_steps)
-  adamw = optax.adamw(schedule, weight_decay=float(optim_config.weight_decay),
-                      mask=_decay_mask)
+  adamw = optax.adamw(schedule, weight_decay=float(optim_config.weight_decay), mask=_decay_mask)
   if optim_config.grad_clip_norm and optim_config.grad_clip_norm > 0:
-    return optax.chain(
-        optax.clip_by_global_norm(float(optim_config.grad_clip_norm)), adamw)
+    return optax.chain(optax.clip_by_global_norm(float(optim_config.grad_clip_norm)), adamw)
   return adamw
 
 

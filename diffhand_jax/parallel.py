@@ -7,6 +7,7 @@ Two equivalent paths (config.train.parallelism):
           [local_devices, per_device, ...] and parameters carry a leading
           device axis.
 """
+
 import functools
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -19,8 +20,7 @@ DATA_AXIS = 'data'
 PARALLELISMS = ('jit', 'pmap')
 
 
-def make_data_mesh(devices: Optional[Sequence[jax.Device]] = None
-                  ) -> jax.sharding.Mesh:
+def make_data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
   """A 1-D mesh named 'data' over `devices` (default: all global devices).
 
   Auto axis types: with the (default) Explicit types every reshape/reduction of
@@ -28,9 +28,9 @@ def make_data_mesh(devices: Optional[Sequence[jax.Device]] = None
   none of that.
   """
   devices = list(jax.devices() if devices is None else devices)
-  return jax.make_mesh((len(devices),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
+  return jax.make_mesh(
+      (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+  )
 
 
 def replicated_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -44,8 +44,10 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def check_batch_divisible(batch_size: int, num_shards: int, what: str):
   if batch_size % num_shards:
-    raise ValueError(f'{what}={batch_size} is not divisible by the number of '
-                     f'devices/processes ({num_shards})')
+    raise ValueError(
+        f'{what}={batch_size} is not divisible by the number of '
+        f'devices/processes ({num_shards})'
+    )
 
 
 def global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
@@ -59,18 +61,19 @@ def global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
   """
   sharding = batch_sharding(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-      local_batch)
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+  )
 
 
-def pmap_batch(local_batch: dict, num_local_devices: Optional[int] = None
-              ) -> dict:
+def pmap_batch(local_batch: dict, num_local_devices: Optional[int] = None) -> dict:
   """[B, ...] -> [local_devices, B / local_devices, ...] for pmap."""
   n = num_local_devices or jax.local_device_count()
+
   def split(x):
     x = np.asarray(x)
     check_batch_divisible(x.shape[0], n, 'per-process batch')
     return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
   return jax.tree.map(split, local_batch)
 
 
@@ -84,20 +87,19 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   return jax.device_put(jax.tree.map(jnp.copy, tree), replicated_sharding(mesh))
 
 
-def pmap_replicate(tree: Any, devices: Optional[Sequence[jax.Device]] = None
-                  ) -> Any:
+def pmap_replicate(tree: Any, devices: Optional[Sequence[jax.Device]] = None) -> Any:
   """Adds a leading device axis; copy i lives on local device i (pmap path).
 
   (`jax.device_put_replicated` is gone in jax 0.10: a NamedSharding over a mesh
   of the local devices places one slice per device.)
   """
   devices = list(jax.local_devices() if devices is None else devices)
-  sharding = NamedSharding(jax.sharding.Mesh(np.array(devices), (DATA_AXIS,)),
-                           P(DATA_AXIS))
+  sharding = NamedSharding(jax.sharding.Mesh(np.array(devices), (DATA_AXIS,)), P(DATA_AXIS))
+
   def put(x):
     x = np.asarray(x)
-    return jax.device_put(np.broadcast_to(x[None], (len(devices),) + x.shape),
-                          sharding)
+    return jax.device_put(np.broadcast_to(x[None], (len(devices),) + x.shape), sharding)
+
   return jax.tree.map(put, tree)
 
 
@@ -116,6 +118,7 @@ class DataParallel(NamedTuple):
   get_state: placed state -> single-copy state (to save or evaluate).
   num_devices: the global number of devices the batch is split over.
   """
+
   step: Callable[[Any, Any], Tuple[Any, Any]]
   put_state: Callable[[Any], Any]
   put_batch: Callable[[dict], Any]
@@ -123,9 +126,11 @@ class DataParallel(NamedTuple):
   num_devices: int
 
 
-def data_parallel(step_fn: Callable[..., Tuple[Any, Any]], parallelism: str,
-                  devices: Optional[Sequence[jax.Device]] = None
-                 ) -> DataParallel:
+def data_parallel(
+    step_fn: Callable[..., Tuple[Any, Any]],
+    parallelism: str,
+    devices: Optional[Sequence[jax.Device]] = None,
+) -> DataParallel:
   """Compiles `step_fn(state, batch, axis_name=...)` for 'jit' or 'pmap'.
 
   `step_fn` averages its gradients and metrics over `axis_name` when it is not
@@ -143,29 +148,39 @@ def data_parallel(step_fn: Callable[..., Tuple[Any, Any]], parallelism: str,
         functools.partial(step_fn, axis_name=None),
         in_shardings=(replicated_sharding(mesh), batch_sharding(mesh)),
         out_shardings=(replicated_sharding(mesh), replicated_sharding(mesh)),
-        donate_argnums=(0,))
+        donate_argnums=(0,),
+    )
     return DataParallel(
         step=step,
         put_state=lambda state: replicate(state, mesh),
         put_batch=lambda batch: global_batch(batch, mesh),
         get_state=lambda state: state,
-        num_devices=mesh.size)
+        num_devices=mesh.size,
+    )
   if parallelism == 'pmap':
     local = list(jax.local_devices() if devices is None else devices)
     # devices=None lets pmap span every process's devices (multi-host).
-    pstep = jax.pmap(functools.partial(step_fn, axis_name=DATA_AXIS),
-                     axis_name=DATA_AXIS, devices=devices, donate_argnums=(0,))
+    pstep = jax.pmap(
+        functools.partial(step_fn, axis_name=DATA_AXIS),
+        axis_name=DATA_AXIS,
+        devices=devices,
+        donate_argnums=(0,),
+    )
+
     def step(state, batch):
       state, metrics = pstep(state, batch)
       return state, unreplicate(metrics)
+
     return DataParallel(
         step=step,
         put_state=lambda state: pmap_replicate(state, local),
         put_batch=lambda batch: pmap_batch(batch, len(local)),
         get_state=unreplicate,
-        num_devices=len(local) * jax.process_count())
-  raise ValueError(f'config.train.parallelism must be one of {PARALLELISMS}, '
-                   f'got {parallelism!r}')
+        num_devices=len(local) * jax.process_count(),
+    )
+  raise ValueError(
+      f'config.train.parallelism must be one of {PARALLELISMS}, ' f'got {parallelism!r}'
+  )
 
 
 def launched_by_cluster(environ: Mapping[str, str]) -> bool:
@@ -176,11 +191,13 @@ def launched_by_cluster(environ: Mapping[str, str]) -> bool:
   Recognised: an explicit JAX_COORDINATOR_ADDRESS, a SLURM step with several
   tasks, Open MPI with several ranks, and multi-host Cloud TPU slices.
   """
+
   def count(key):
     try:
       return int(environ.get(key, '1'))
     except ValueError:
       return 1
+
   if environ.get('JAX_COORDINATOR_ADDRESS'):
     return True
   if 'SLURM_STEP_ID' in environ and count('SLURM_NTASKS') > 1:

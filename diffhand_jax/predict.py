@@ -25,6 +25,7 @@ Choices, written down:
   Nothing already written is replaced unless `overwrite=True`: all output paths are checked
   before any work starts.
 """
+
 import json
 import os
 from typing import Any, Optional
@@ -59,7 +60,7 @@ JSON_KEYS = {
     'joints_camera': '[21, 3] camera-frame joints, metres',
     'vertices_camera': '[V, 3] camera-frame vertices, metres (the .obj)',
     'joints2d': '[21, 2] joints projected into the input image, pixels (null when the mesh '
-                'is not in front of the camera)',
+    'is not in front of the camera)',
     'vertex_std': '[V] per-vertex uncertainty, metres (RMS over the hypotheses)',
     'num_hypotheses': 'int, samples per image',
     'num_sampling_steps': 'int, DDIM steps',
@@ -76,9 +77,12 @@ def list_images(input_path: str) -> list[str]:
   if not os.path.exists(input_path):
     raise FileNotFoundError(f'predict input {input_path!r} does not exist')
   if os.path.isdir(input_path):
-    paths = sorted(os.path.join(input_path, name) for name in os.listdir(input_path)
-                   if name.lower().endswith(IMAGE_EXTENSIONS)
-                   and os.path.isfile(os.path.join(input_path, name)))
+    paths = sorted(
+        os.path.join(input_path, name)
+        for name in os.listdir(input_path)
+        if name.lower().endswith(IMAGE_EXTENSIONS)
+        and os.path.isfile(os.path.join(input_path, name))
+    )
     if not paths:
       raise ValueError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) in {input_path!r}')
     return paths
@@ -90,9 +94,11 @@ def list_images(input_path: str) -> list[str]:
 def output_paths(output_dir: str, image_path: str) -> dict:
   """{'obj', 'overlay', 'json'} output files of one image."""
   stem = os.path.splitext(os.path.basename(image_path))[0]
-  return {'obj': os.path.join(output_dir, f'{stem}.obj'),
-          'overlay': os.path.join(output_dir, f'{stem}_overlay.png'),
-          'json': os.path.join(output_dir, f'{stem}.json')}
+  return {
+      'obj': os.path.join(output_dir, f'{stem}.obj'),
+      'overlay': os.path.join(output_dir, f'{stem}_overlay.png'),
+      'json': os.path.join(output_dir, f'{stem}.json'),
+  }
 
 
 def read_image(path: str) -> np.ndarray:
@@ -114,9 +120,10 @@ def read_image(path: str) -> np.ndarray:
 def assumed_intrinsics(height: int, width: int, focal_length_224: float) -> np.ndarray:
   """[3, 3] K of an image without calibration (see the module docstring)."""
   focal = focal_length_224 * min(height, width) / 224.0
-  return np.array([[focal, 0.0, (width - 1) / 2.0],
-                   [0.0, focal, (height - 1) / 2.0],
-                   [0.0, 0.0, 1.0]], np.float32)
+  return np.array(
+      [[focal, 0.0, (width - 1) / 2.0], [0.0, focal, (height - 1) / 2.0], [0.0, 0.0, 1.0]],
+      np.float32,
+  )
 
 
 def _focal_length_224(config):
@@ -135,7 +142,8 @@ def _check_outputs_free(jobs, overwrite):
       if os.path.exists(path):
         raise FileExistsError(
             f'{path} exists; pass overwrite=True (--overwrite) to replace it, or choose '
-            'another output folder')
+            'another output folder'
+        )
 
 
 def _drawing(image, K, vertices_camera, joints_camera, faces):
@@ -149,20 +157,26 @@ def _drawing(image, K, vertices_camera, joints_camera, faces):
 
 def _write_result(paths, record, image, faces):
   """Writes the .obj, the overlay PNG and the JSON of one image."""
-  overlay, joints2d = _drawing(image, record['intrinsics'], record['vertices_camera'],
-                               record['joints_camera'], faces)
+  overlay, joints2d = _drawing(
+      image, record['intrinsics'], record['vertices_camera'], record['joints_camera'], faces
+  )
   record['joints2d'] = joints2d
   mesh.save_obj(paths['obj'], record['vertices_camera'], faces)
   Image.fromarray(overlay).save(paths['overlay'])
-  serialisable = {k: (v.tolist() if isinstance(v, np.ndarray) else v)
-                  for k, v in record.items()}
+  serialisable = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in record.items()}
   with open(paths['json'], 'w') as f:
     json.dump(serialisable, f)
 
 
-def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str, *,
-            overwrite: bool = False, params: Optional[Any] = None,
-            output_dir: Optional[str] = None) -> dict:
+def predict(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    input_path: str,
+    *,
+    overwrite: bool = False,
+    params: Optional[Any] = None,
+    output_dir: Optional[str] = None,
+) -> dict:
   """Reconstructs a hand mesh for each image of `input_path` and writes the results.
 
   Args:
@@ -183,15 +197,19 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str, *,
     ValueError: no images, or a config this mode cannot serve (depth-conditioned models).
   """
   if config.model.use_depth:
-    raise ValueError('--mode=predict does not support depth-conditioned models '
-                     '(config.model.use_depth=True): user images come without depth maps')
+    raise ValueError(
+        '--mode=predict does not support depth-conditioned models '
+        '(config.model.use_depth=True): user images come without depth maps'
+    )
   image_paths = list_images(input_path)
   output_dir = output_dir or os.path.join(workdir, OUTPUT_SUBDIR)
   jobs = [(path, output_paths(output_dir, path)) for path in image_paths]
   stems = [os.path.basename(paths['json']) for _, paths in jobs]
   if len(set(stems)) != len(stems):
-    raise ValueError(f'images in {input_path!r} share a file stem (e.g. a.jpg and a.png): '
-                     'their outputs would collide')
+    raise ValueError(
+        f'images in {input_path!r} share a file stem (e.g. a.jpg and a.png): '
+        'their outputs would collide'
+    )
   _check_outputs_free(jobs, overwrite)
   focal_length_224 = _focal_length_224(config)
   if params is None:
@@ -217,9 +235,15 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str, *,
     pad = batch_size - len(pending)
     crops = np.concatenate([crops, np.repeat(crops[-1:], pad, axis=0)])
     crop_K = np.concatenate([crop_K, np.repeat(crop_K[-1:], pad, axis=0)])
-    out = jax.device_get(sample_fn(params, jnp.asarray(crops),
-                                   jax.random.fold_in(base_rng, batch_number), None,
-                                   jnp.asarray(crop_K)))
+    out = jax.device_get(
+        sample_fn(
+            params,
+            jnp.asarray(crops),
+            jax.random.fold_in(base_rng, batch_number),
+            None,
+            jnp.asarray(crop_K),
+        )
+    )
     for row, item in enumerate(pending):
       joints_camera = np.asarray(out['joints_camera'][row], np.float64)
       record = {
@@ -240,8 +264,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str, *,
       _write_result(item['paths'], record, item['image'], faces)
       written.append(item['paths']['json'])
       note = '' if record['joints2d'] is not None else ' (mesh behind the camera: not drawn)'
-      print(f'[{item["number"]}/{total}] {item["path"]} -> {item["paths"]["json"]}{note}',
-            flush=True)
+      print(
+          f'[{item["number"]}/{total}] {item["path"]} -> {item["paths"]["json"]}{note}', flush=True
+      )
 
   pending, batch_number = [], 0
   for number, (path, paths) in enumerate(jobs, start=1):
@@ -253,13 +278,25 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str, *,
       continue
     K = assumed_intrinsics(image.shape[0], image.shape[1], focal_length_224)
     crop, crop_K = input_pipeline.preprocess_image(image, image_size, K=K)
-    pending.append({'path': path, 'paths': paths, 'image': image, 'K': K, 'crop': crop,
-                    'crop_K': crop_K, 'number': number})
+    pending.append(
+        {
+            'path': path,
+            'paths': paths,
+            'image': image,
+            'K': K,
+            'crop': crop,
+            'crop_K': crop_K,
+            'number': number,
+        }
+    )
     if len(pending) == batch_size:
       flush(pending, batch_number)
       pending, batch_number = [], batch_number + 1
   if pending:
     flush(pending, batch_number)
-  print(f'Predicted {len(written)} image(s) into {output_dir}; skipped {len(skipped)} '
-        'unreadable file(s)' + ''.join(f'\n  {reason}' for _, reason in skipped), flush=True)
+  print(
+      f'Predicted {len(written)} image(s) into {output_dir}; skipped {len(skipped)} '
+      'unreadable file(s)' + ''.join(f'\n  {reason}' for _, reason in skipped),
+      flush=True,
+  )
   return {'output_dir': output_dir, 'written': written, 'skipped': skipped}

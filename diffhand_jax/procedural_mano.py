@@ -23,6 +23,7 @@ or a MANO file through `mano.load_mano`).
 CLI: `python -m diffhand_jax.procedural_mano OUT.pkl [--seed N]` writes the procedural hand as a
 MANO file (`.pkl` in the official layout, or `.npz`).
 """
+
 import argparse
 import dataclasses
 import functools
@@ -35,20 +36,24 @@ from diffhand_jax import mano
 from diffhand_jax import mesh
 
 # Finger chains in palm order (+z to -z): name, MANO joint ids (base, middle, end).
-_FINGERS = (('index', (1, 2, 3)), ('middle', (4, 5, 6)), ('ring', (10, 11, 12)),
-            ('pinky', (7, 8, 9)))
+_FINGERS = (
+    ('index', (1, 2, 3)),
+    ('middle', (4, 5, 6)),
+    ('ring', (10, 11, 12)),
+    ('pinky', (7, 8, 9)),
+)
 _THUMB_JOINTS = (13, 14, 15)
 # Target vertex ids of the tips (FreiHAND's choice).
 _TIP_TARGETS = {'thumb': 744, 'index': 320, 'middle': 443, 'ring': 555, 'pinky': 672}
-_FINGER_RING = 10   # vertices around a finger
+_FINGER_RING = 10  # vertices around a finger
 _FINGER_RINGS = 10  # rings beyond the base ring, per finger
-_THUMB_RINGS = 11   # rings beyond the thumb's base ring
+_THUMB_RINGS = 11  # rings beyond the thumb's base ring
 # Palm rings: (x of the ring centre, number of vertices). Ring 3 is split into the thumb
 # base (_FINGER_RING vertices) and the rest of the palm.
 _LOWER_PALM = ((0.0, 16), (0.006, 24), (0.012, 32))
 _SPLIT_X, _SPLIT_PALM = 0.032, 30
 _UPPER_PALM = ((0.048, 33), (0.059, 38), (0.069, 40))
-_SPLIT_GAP = 0.12   # fraction of the split ring's angle given to the thumb base
+_SPLIT_GAP = 0.12  # fraction of the split ring's angle given to the thumb base
 # Direction of the thumb at rest (CMC to tip) and the side its pad faces.
 THUMB_DIRECTION = (0.88, 0.30, 0.46)
 _THUMB_PALMAR = (0.0, 0.6, -0.8)
@@ -73,6 +78,7 @@ class _Chain:
     start: arc length of the digit's first ring (the thumb's tube leaves the palm a little
       beyond its CMC joint, which sits inside the palm).
   """
+
   name: str
   joints: tuple
   base: np.ndarray
@@ -108,8 +114,10 @@ def flexion_axes():
 
 def _skeleton(rng):
   """The five chains; `rng` adds a small per-seed variation of sizes."""
+
   def jitter(scale=0.03):
     return 1.0 + scale * rng.standard_normal()
+
   chains = []
   # name, MCP (x, z), spread angle (deg, + towards the thumb), length, PIP and DIP arc
   # length fractions, radius at the MCP and at the tip.
@@ -124,25 +132,40 @@ def _skeleton(rng):
     length *= jitter()
     angle = np.deg2rad(angle)
     x *= jitter(0.01)
-    chains.append(_Chain(
-        name=name, joints=joints, base=np.array([x, 0.0, z]),
-        frame=_frame([np.cos(angle), 0.0, np.sin(angle)]),
-        joint_s=np.array([0.0, pip * length, dip * length]), length=length,
-        radius=tuple(np.array([1.0, 0.92, 0.86, radius[1] / radius[0]]) * radius[0] *
-                     jitter(0.02)), flatten=0.88,
-        # All finger base rings start on one plane, x = _WEB_X, so the web quads between
-        # neighbours lie flat instead of bridging knuckles at different heights.
-        start=(_WEB_X - x) / np.cos(angle)))
+    chains.append(
+        _Chain(
+            name=name,
+            joints=joints,
+            base=np.array([x, 0.0, z]),
+            frame=_frame([np.cos(angle), 0.0, np.sin(angle)]),
+            joint_s=np.array([0.0, pip * length, dip * length]),
+            length=length,
+            radius=tuple(
+                np.array([1.0, 0.92, 0.86, radius[1] / radius[0]]) * radius[0] * jitter(0.02)
+            ),
+            flatten=0.88,
+            # All finger base rings start on one plane, x = _WEB_X, so the web quads between
+            # neighbours lie flat instead of bridging knuckles at different heights.
+            start=(_WEB_X - x) / np.cos(angle),
+        )
+    )
   thumb_length = 0.095 * jitter()
-  chains.append(_Chain(
-      name='thumb', joints=_THUMB_JOINTS, base=np.array([0.018, 0.002, 0.040]),
-      # The tube's cross-section frame keeps e_y on the palm's side (+y), so the base ring's
-      # vertex 0 and last vertex face the palm's radial wall; the pad direction
-      # (_THUMB_PALMAR) only sets the flexion axis.
-      frame=_frame(THUMB_DIRECTION),
-      joint_s=np.array([0.0, 0.40, 0.70]) * thumb_length, length=thumb_length,
-      radius=tuple(np.array([0.0165, 0.0112, 0.0098, 0.0088]) * jitter(0.02)),
-      flatten=0.85, start=_THUMB_START))
+  chains.append(
+      _Chain(
+          name='thumb',
+          joints=_THUMB_JOINTS,
+          base=np.array([0.018, 0.002, 0.040]),
+          # The tube's cross-section frame keeps e_y on the palm's side (+y), so the base ring's
+          # vertex 0 and last vertex face the palm's radial wall; the pad direction
+          # (_THUMB_PALMAR) only sets the flexion axis.
+          frame=_frame(THUMB_DIRECTION),
+          joint_s=np.array([0.0, 0.40, 0.70]) * thumb_length,
+          length=thumb_length,
+          radius=tuple(np.array([0.0165, 0.0112, 0.0098, 0.0088]) * jitter(0.02)),
+          flatten=0.85,
+          start=_THUMB_START,
+      )
+  )
   return chains
 
 
@@ -155,8 +178,8 @@ def _superellipse_ring(center, e_y, e_z, half_z, half_y, u, power=0.7):
   """
   psi = np.pi + 2.0 * np.pi * np.asarray(u)
   cos, sin = np.cos(psi), np.sin(psi)
-  along_z = -half_z * np.sign(cos) * np.abs(cos)**power
-  along_y = half_y * np.sign(sin) * np.abs(sin)**power
+  along_z = -half_z * np.sign(cos) * np.abs(cos) ** power
+  along_y = half_y * np.sign(sin) * np.abs(sin) ** power
   return center + along_z[:, None] * e_z + along_y[:, None] * e_y
 
 
@@ -170,10 +193,12 @@ def _zip_rings(lower, lower_u, upper, upper_u):
   Both rings run counter-clockwise around the axis pointing from lower to upper; a ring of
   one vertex (pole or tip) gives a fan. Gives len(lower) + len(upper) triangles (a fan: n).
   """
+
   def rotate(ids, u):
     u = np.mod(np.asarray(u, np.float64), 1.0)
     start = int(np.argmin(u))
     return list(np.roll(ids, -start)), np.append(np.roll(u, -start), u.min() + 1.0)
+
   lower, lu = rotate(lower, lower_u)
   upper, uu = rotate(upper, upper_u)
   a, b = len(lower), len(upper)
@@ -212,9 +237,10 @@ def _digit_ring(chain, s, n, u):
   cap_start = chain.length - r_tip
   radius = np.interp(s, [*chain.joint_s, cap_start], chain.radius)
   if s > cap_start:  # hemisphere of radius r_tip ending at the tip
-    radius = r_tip * np.sqrt(max(0.0, 1.0 - ((s - cap_start) / r_tip)**2))
-  return _superellipse_ring(chain.point(s), chain.frame[1], chain.frame[2], radius,
-                            chain.flatten * radius, u, power=1.0)
+    radius = r_tip * np.sqrt(max(0.0, 1.0 - ((s - cap_start) / r_tip) ** 2))
+  return _superellipse_ring(
+      chain.point(s), chain.frame[1], chain.frame[2], radius, chain.flatten * radius, u, power=1.0
+  )
 
 
 def _digit_stations(chain, num_rings):
@@ -248,8 +274,14 @@ def _palm_shape(x):
 
 def _palm_ring(x, u):
   center_z, half_width, half_thickness = _palm_shape(x)
-  return _superellipse_ring(np.array([x, 0.0, center_z]), np.array([0.0, 1.0, 0.0]),
-                            np.array([0.0, 0.0, 1.0]), half_width, half_thickness, u)
+  return _superellipse_ring(
+      np.array([x, 0.0, center_z]),
+      np.array([0.0, 1.0, 0.0]),
+      np.array([0.0, 0.0, 1.0]),
+      half_width,
+      half_thickness,
+      u,
+  )
 
 
 def _build_surface(chains):
@@ -269,10 +301,10 @@ def _build_surface(chains):
   palm_u = _SPLIT_GAP + (1.0 - 2 * _SPLIT_GAP) * _uniform_u(_SPLIT_PALM)
   palm_ids = builder.add(_palm_ring(_SPLIT_X, palm_u))
   digit_u = _uniform_u(_FINGER_RING, offset=0.5)  # vertex 0 faces the palm, palmar side
-  thumb_ids = builder.add(_digit_ring(thumb, thumb.start, _FINGER_RING, digit_u), thumb_id,
-                          thumb.start)
-  split_u = np.concatenate([palm_u, 1.0 - _SPLIT_GAP + 2 * _SPLIT_GAP *
-                            _uniform_u(_FINGER_RING)])
+  thumb_ids = builder.add(
+      _digit_ring(thumb, thumb.start, _FINGER_RING, digit_u), thumb_id, thumb.start
+  )
+  split_u = np.concatenate([palm_u, 1.0 - _SPLIT_GAP + 2 * _SPLIT_GAP * _uniform_u(_FINGER_RING)])
   builder.faces += _zip_rings(previous, previous_u, palm_ids + thumb_ids, split_u)
   builder.faces += _quad(thumb_ids[-1], palm_ids[0], palm_ids[-1], thumb_ids[0])
   tips = {'thumb': _build_tube(builder, thumb_id, thumb, thumb_ids, _THUMB_RINGS, digit_u)}
@@ -289,10 +321,13 @@ def _build_surface(chains):
   # first, left to right, then the palmar halves right to left.
   half = _FINGER_RING // 2
   finger_u = _uniform_u(_FINGER_RING)
-  bases = [builder.add(_digit_ring(chain, chain.start, _FINGER_RING, finger_u), k,
-                       chain.start) for k, chain in enumerate(chains[:-1])]
+  bases = [
+      builder.add(_digit_ring(chain, chain.start, _FINGER_RING, finger_u), k, chain.start)
+      for k, chain in enumerate(chains[:-1])
+  ]
   top = [i for ids in bases for i in ids[:half]] + [
-      i for ids in reversed(bases) for i in ids[half:]]
+      i for ids in reversed(bases) for i in ids[half:]
+  ]
   builder.faces += _zip_rings(previous, previous_u, top, _uniform_u(len(top)))
   for left, right in zip(bases[:-1], bases[1:]):
     builder.faces += _quad(left[half - 1], right[0], right[-1], left[half])
@@ -300,8 +335,14 @@ def _build_surface(chains):
     tips[chain.name] = _build_tube(builder, k, chain, bases[k], _FINGER_RINGS, finger_u)
 
   points = np.concatenate(builder.points)
-  return (points, np.asarray(builder.faces, np.int64), np.asarray(builder.chain),
-          np.asarray(builder.arc), pole[0], tips)
+  return (
+      points,
+      np.asarray(builder.faces, np.int64),
+      np.asarray(builder.chain),
+      np.asarray(builder.arc),
+      pole[0],
+      tips,
+  )
 
 
 def _quad(a, b, c, d):
@@ -318,8 +359,7 @@ def _drop_pole_and_order(points, faces, pole, tips):
   keep = [i for i in range(len(points)) if i != pole]
   targets = {_TIP_TARGETS[name]: old for name, old in tips.items()}
   rest = iter(i for i in keep if i not in targets.values())
-  old_from_new = np.array([targets[n] if n in targets else next(rest)
-                           for n in range(len(keep))])
+  old_from_new = np.array([targets[n] if n in targets else next(rest) for n in range(len(keep))])
   new_from_old = -np.ones(len(points), np.int64)
   new_from_old[old_from_new] = np.arange(len(old_from_new))
   return new_from_old, old_from_new
@@ -390,8 +430,9 @@ def _joint_regressor(points, joints, wrist_ring, num_nearest=24):
     near = np.argsort(np.linalg.norm(points - joints[j], axis=1))[:num_nearest]
     prior = np.full(num_nearest, 1.0 / num_nearest)
     # Rows: position in mm, sum to one, a weak pull towards uniform weights.
-    system = np.concatenate([1e3 * points[near].T, 10.0 * np.ones((1, num_nearest)),
-                             1e-2 * np.eye(num_nearest)])
+    system = np.concatenate(
+        [1e3 * points[near].T, 10.0 * np.ones((1, num_nearest)), 1e-2 * np.eye(num_nearest)]
+    )
     target = np.concatenate([1e3 * joints[j], [10.0], 1e-2 * prior])
     weights, _ = scipy.optimize.nnls(system, target)
     regressor[j, near] = weights / weights.sum()
@@ -404,8 +445,9 @@ def _shape_directions(points, chain_ids, arcs, chains):
   along = np.stack([chains[c].frame[0] for c in chain_ids])
   # Each digit vertex pulled back to its base plane: palm-wide fields evaluated there move
   # the digit rigidly with its base, so the fields stay continuous at the knuckles.
-  spine_shift = np.stack([chains[c].point(max(a, 0.0)) - chains[c].base
-                          for c, a in zip(chain_ids, arcs)])
+  spine_shift = np.stack(
+      [chains[c].point(max(a, 0.0)) - chains[c].base for c, a in zip(chain_ids, arcs)]
+  )
   base_points = points - spine_shift
   digit = np.clip(arcs, 0.0, None)
   radial = points - np.stack([chains[c].point(max(a, 0.0)) for c, a in zip(chain_ids, arcs)])
@@ -421,16 +463,16 @@ def _shape_directions(points, chain_ids, arcs, chains):
     return field
 
   directions = [
-      0.06 * points,                                                 # overall size
-      0.10 * digit[:, None] * along * (1.0 - is_thumb),                     # finger length
-      axis_field(0.12 * base_points[:, 2], 2),                       # palm width
-      axis_field(0.07 * np.clip(base_points[:, 0], 0.0, None), 0),   # palm length
-      0.15 * radial * on_digit,                                      # digit thickness
-      0.10 * digit[:, None] * along * is_thumb,                      # thumb length
+      0.06 * points,  # overall size
+      0.10 * digit[:, None] * along * (1.0 - is_thumb),  # finger length
+      axis_field(0.12 * base_points[:, 2], 2),  # palm width
+      axis_field(0.07 * np.clip(base_points[:, 0], 0.0, None), 0),  # palm length
+      0.15 * radial * on_digit,  # digit thickness
+      0.10 * digit[:, None] * along * is_thumb,  # thumb length
       0.10 * digit[:, None] * along * (finger_of('index') - finger_of('ring')),
-      0.12 * digit[:, None] * along * finger_of('pinky'),            # pinky length
-      axis_field(0.20 * points[:, 1] * (1.0 - on_digit[:, 0]), 1),   # palm thickness
-      axis_field(2.5 * digit * (base_points[:, 2] - middle_z), 2),   # finger spread
+      0.12 * digit[:, None] * along * finger_of('pinky'),  # pinky length
+      axis_field(0.20 * points[:, 1] * (1.0 - on_digit[:, 0]), 1),  # palm thickness
+      axis_field(2.5 * digit * (base_points[:, 2] - middle_z), 2),  # finger spread
   ]
   flat = np.stack([d.reshape(-1) for d in directions], axis=1)
   norms = np.linalg.norm(flat, axis=0)
@@ -453,7 +495,7 @@ def _pose_directions(points, faces, weights, parents, rng):
     posedirs[:, :, column + 0] -= 0.5 * bulge
     posedirs[:, :, column + 4] -= 0.5 * bulge
     noise = 2e-4 * rng.standard_normal(9)
-    posedirs[:, :, column:column + 9] += (region[:, None] * normals)[:, :, None] * noise
+    posedirs[:, :, column : column + 9] += (region[:, None] * normals)[:, :, None] * noise
   return posedirs
 
 
@@ -498,17 +540,19 @@ def build_procedural_hand(seed=0):
   parents = np.asarray(mano.MANO_PARENTS)
   weights = _skinning_weights(chain_ids, arcs, chains, faces, len(points))
   regressor = _joint_regressor(points, joints, boundary[0])
-  return mano.make_model({
-      'v_template': points,
-      'shapedirs': _shape_directions(points, chain_ids, arcs, chains),
-      'posedirs': _pose_directions(points, faces, weights, parents, rng),
-      'J_regressor': regressor,
-      'weights': weights,
-      'parents': parents,
-      'faces': faces,
-      'hands_mean': _hands_mean(rng),
-      'hands_components': np.linalg.qr(rng.standard_normal((45, 45)))[0].T,
-  })
+  return mano.make_model(
+      {
+          'v_template': points,
+          'shapedirs': _shape_directions(points, chain_ids, arcs, chains),
+          'posedirs': _pose_directions(points, faces, weights, parents, rng),
+          'J_regressor': regressor,
+          'weights': weights,
+          'parents': parents,
+          'faces': faces,
+          'hands_mean': _hands_mean(rng),
+          'hands_components': np.linalg.qr(rng.standard_normal((45, 45)))[0].T,
+      }
+  )
 
 
 @functools.lru_cache(maxsize=4)
@@ -528,7 +572,8 @@ def load_hand_model(config):
 def main(argv=None):
   parser = argparse.ArgumentParser(
       prog='python -m diffhand_jax.procedural_mano',
-      description='Writes the procedural hand as a MANO file.')
+      description='Writes the procedural hand as a MANO file.',
+  )
   parser.add_argument('out', help='output path (.pkl official layout, or .npz)')
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ Conventions (shared by every function here):
 - Triangles are rendered two-sided; a triangle with a vertex at z <= `near` is skipped (there is
   no near-plane clipping: the meshes we draw lie well in front of the camera).
 """
+
 from typing import NamedTuple
 
 import numpy as np
@@ -18,14 +19,36 @@ from diffhand_jax import checks
 from diffhand_jax import mesh
 
 # FreiHAND skeleton: wrist -> each finger's base -> ... -> tip (joint order of datasets/features).
-HAND_BONES = ((0, 1), (1, 2), (2, 3), (3, 4),
-              (0, 5), (5, 6), (6, 7), (7, 8),
-              (0, 9), (9, 10), (10, 11), (11, 12),
-              (0, 13), (13, 14), (14, 15), (15, 16),
-              (0, 17), (17, 18), (18, 19), (19, 20))
+HAND_BONES = (
+    (0, 1),
+    (1, 2),
+    (2, 3),
+    (3, 4),
+    (0, 5),
+    (5, 6),
+    (6, 7),
+    (7, 8),
+    (0, 9),
+    (9, 10),
+    (10, 11),
+    (11, 12),
+    (0, 13),
+    (13, 14),
+    (14, 15),
+    (15, 16),
+    (0, 17),
+    (17, 18),
+    (18, 19),
+    (19, 20),
+)
 # One colour per finger (thumb, index, middle, ring, pinky), used for bones and joints.
-FINGER_COLORS = ((0.95, 0.25, 0.2), (0.95, 0.75, 0.1), (0.2, 0.8, 0.25),
-                 (0.15, 0.6, 0.95), (0.75, 0.3, 0.9))
+FINGER_COLORS = (
+    (0.95, 0.25, 0.2),
+    (0.95, 0.75, 0.1),
+    (0.2, 0.8, 0.25),
+    (0.15, 0.6, 0.95),
+    (0.75, 0.3, 0.9),
+)
 DEFAULT_SKIN = (0.85, 0.64, 0.52)
 # The light comes from the camera's side, slightly from above (-y) and the left (-x).
 DEFAULT_LIGHT = (-0.3, -0.4, -1.0)
@@ -43,12 +66,14 @@ class Rasterization(NamedTuple):
     barycentric: [H, W, 3] float32, perspective-correct barycentric coordinates of the visible
       point in its face (sum to 1; zeros where empty).
   """
+
   depth: np.ndarray
   face_index: np.ndarray
   barycentric: np.ndarray
 
 
 # ---- Input checks ----
+
 
 def _check_vertices(vertices, name='vertices'):
   return checks.check_array(name, vertices, ('V', 3), dtype=np.float64)
@@ -74,6 +99,7 @@ def _check_image(image):
 
 # ---- Geometry ----
 
+
 def project_points(points, K):
   """Pinhole projection.
 
@@ -91,6 +117,7 @@ def project_points(points, K):
 
 
 # ---- Rasterisation ----
+
 
 def _face_chunks(counts, max_candidates):
   """Splits faces into runs whose bounding boxes hold about max_candidates pixels or fewer.
@@ -131,10 +158,11 @@ def rasterize(vertices, faces, K, height, width, *, near=1e-4, max_candidates=1 
   z = vertices[:, 2]
   safe_z = np.where(z > near, z, 1.0)
   uv = (vertices @ K.T)[:, :2] / safe_z[:, None]
-  tri_u, tri_v = uv[faces, 0], uv[faces, 1]                # [F, 3] each
-  tri_inv_z = 1.0 / safe_z[faces]                           # [F, 3]
-  area2 = ((tri_u[:, 1] - tri_u[:, 0]) * (tri_v[:, 2] - tri_v[:, 0])
-           - (tri_u[:, 2] - tri_u[:, 0]) * (tri_v[:, 1] - tri_v[:, 0]))
+  tri_u, tri_v = uv[faces, 0], uv[faces, 1]  # [F, 3] each
+  tri_inv_z = 1.0 / safe_z[faces]  # [F, 3]
+  area2 = (tri_u[:, 1] - tri_u[:, 0]) * (tri_v[:, 2] - tri_v[:, 0]) - (
+      tri_u[:, 2] - tri_u[:, 0]
+  ) * (tri_v[:, 1] - tri_v[:, 0])
   usable = np.all(z[faces] > near, axis=1) & (np.abs(area2) > 1e-12)
   area2 = np.where(usable, area2, 1.0)
 
@@ -145,10 +173,20 @@ def rasterize(vertices, faces, K, height, width, *, near=1e-4, max_candidates=1 
   coef_a = (tri_v[:, nxt] - tri_v[:, prv]) / area2[:, None]
   coef_b = (tri_u[:, prv] - tri_u[:, nxt]) / area2[:, None]
   coef_c = (tri_u[:, nxt] * tri_v[:, prv] - tri_u[:, prv] * tri_v[:, nxt]) / area2[:, None]
-  table = np.stack([coef_a[:, 0], coef_b[:, 0], coef_c[:, 0],
-                    coef_a[:, 1], coef_b[:, 1], coef_c[:, 1],
-                    np.sum(coef_a * tri_inv_z, 1), np.sum(coef_b * tri_inv_z, 1),
-                    np.sum(coef_c * tri_inv_z, 1)], axis=1)
+  table = np.stack(
+      [
+          coef_a[:, 0],
+          coef_b[:, 0],
+          coef_c[:, 0],
+          coef_a[:, 1],
+          coef_b[:, 1],
+          coef_c[:, 1],
+          np.sum(coef_a * tri_inv_z, 1),
+          np.sum(coef_b * tri_inv_z, 1),
+          np.sum(coef_c * tri_inv_z, 1),
+      ],
+      axis=1,
+  )
 
   x_lo = np.clip(np.ceil(tri_u.min(axis=1)), 0, width).astype(np.int64)
   x_hi = np.clip(np.floor(tri_u.max(axis=1)), -1, width - 1).astype(np.int64)
@@ -158,7 +196,7 @@ def rasterize(vertices, faces, K, height, width, *, near=1e-4, max_candidates=1 
   box_h = np.maximum(y_hi - y_lo + 1, 0)
   counts = np.where(usable, box_w * box_h, 0)
 
-  best_inv_z = np.zeros(height * width)            # 1/depth of the nearest hit so far
+  best_inv_z = np.zeros(height * width)  # 1/depth of the nearest hit so far
   face_buf = np.full(height * width, -1, dtype=np.int64)
   bary_buf = np.zeros((height * width, 3))
   for start, stop in _face_chunks(counts, max_candidates):
@@ -174,8 +212,9 @@ def rasterize(vertices, faces, K, height, width, *, near=1e-4, max_candidates=1 
     coef = table[face]
     w0 = coef[:, 0] * px + coef[:, 1] * py + coef[:, 2]
     w1 = coef[:, 3] * px + coef[:, 4] * py + coef[:, 5]
-    inside = np.flatnonzero((w0 >= -_INSIDE_EPS) & (w1 >= -_INSIDE_EPS)
-                            & (w0 + w1 <= 1.0 + _INSIDE_EPS))
+    inside = np.flatnonzero(
+        (w0 >= -_INSIDE_EPS) & (w1 >= -_INSIDE_EPS) & (w0 + w1 <= 1.0 + _INSIDE_EPS)
+    )
     face, w0, w1, coef = face[inside], w0[inside], w1[inside], coef[inside]
     px, py = px[inside], py[inside]
     inv_z = coef[:, 6] * px + coef[:, 7] * py + coef[:, 8]
@@ -196,13 +235,23 @@ def rasterize(vertices, faces, K, height, width, *, near=1e-4, max_candidates=1 
   return Rasterization(
       depth=depth.reshape(height, width).astype(np.float32),
       face_index=face_buf.reshape(height, width).astype(np.int32),
-      barycentric=bary_buf.reshape(height, width, 3).astype(np.float32))
+      barycentric=bary_buf.reshape(height, width, 3).astype(np.float32),
+  )
 
 
 # ---- Shading ----
 
-def shade(raster, vertices, faces, *, color=DEFAULT_SKIN, light_dir=DEFAULT_LIGHT,
-          ambient=0.35, background=None):
+
+def shade(
+    raster,
+    vertices,
+    faces,
+    *,
+    color=DEFAULT_SKIN,
+    light_dir=DEFAULT_LIGHT,
+    ambient=0.35,
+    background=None,
+):
   """Lambert + ambient shading of a rasterised mesh with smooth (interpolated) normals.
 
   The normal is flipped towards the camera on back faces (two-sided lighting), so the
@@ -225,8 +274,7 @@ def shade(raster, vertices, faces, *, color=DEFAULT_SKIN, light_dir=DEFAULT_LIGH
   faces = mesh.check_faces(faces, len(vertices))
   per_vertex = np.ndim(color) == 2
   if per_vertex:
-    color = checks.check_array('per-vertex color', color, (len(vertices), 3),
-                               dtype=np.float64)
+    color = checks.check_array('per-vertex color', color, (len(vertices), 3), dtype=np.float64)
   else:
     color = _check_color(color)
   light = checks.check_array('light_dir', light_dir, (3,), dtype=np.float64)
@@ -243,7 +291,7 @@ def shade(raster, vertices, faces, *, color=DEFAULT_SKIN, light_dir=DEFAULT_LIGH
 
   mask = raster.face_index >= 0
   face = raster.face_index[mask]
-  corner_normals = mesh.vertex_normals(vertices, faces)[faces[face]]       # [P, 3, 3]
+  corner_normals = mesh.vertex_normals(vertices, faces)[faces[face]]  # [P, 3, 3]
   normal = np.einsum('pk,pkc->pc', raster.barycentric[mask], corner_normals)
   normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-30)
   centroid = vertices[faces].mean(axis=1)
@@ -268,8 +316,18 @@ def to_uint8(image):
   return np.clip(np.round(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
 
 
-def render(vertices, faces, K, height, width, *, color=DEFAULT_SKIN, light_dir=DEFAULT_LIGHT,
-           ambient=0.35, background=None):
+def render(
+    vertices,
+    faces,
+    K,
+    height,
+    width,
+    *,
+    color=DEFAULT_SKIN,
+    light_dir=DEFAULT_LIGHT,
+    ambient=0.35,
+    background=None,
+):
   """Renders a mesh: shaded RGB, exact depth and mask.
 
   Args:
@@ -285,16 +343,36 @@ def render(vertices, faces, K, height, width, *, color=DEFAULT_SKIN, light_dir=D
     'mask' bool [H, W] (= depth > 0), 'face_index' int32 [H, W] (-1 = background).
   """
   raster = rasterize(vertices, faces, K, height, width)
-  image = shade(raster, vertices, faces, color=color, light_dir=light_dir, ambient=ambient,
-                background=background)
-  return {'image': to_uint8(image), 'depth': raster.depth, 'mask': raster.face_index >= 0,
-          'face_index': raster.face_index}
+  image = shade(
+      raster,
+      vertices,
+      faces,
+      color=color,
+      light_dir=light_dir,
+      ambient=ambient,
+      background=background,
+  )
+  return {
+      'image': to_uint8(image),
+      'depth': raster.depth,
+      'mask': raster.face_index >= 0,
+      'face_index': raster.face_index,
+  }
 
 
 # ---- Drawing on images (visualisation) ----
 
-def overlay_mesh(image, vertices, faces, K, color=(0.55, 0.7, 1.0), alpha=0.6,
-                 light_dir=DEFAULT_LIGHT, ambient=0.35):
+
+def overlay_mesh(
+    image,
+    vertices,
+    faces,
+    K,
+    color=(0.55, 0.7, 1.0),
+    alpha=0.6,
+    light_dir=DEFAULT_LIGHT,
+    ambient=0.35,
+):
   """Blends a shaded mesh over an image (e.g. a prediction over its input).
 
   Args:
@@ -327,7 +405,7 @@ def _stamp_disks(image, centers, colors, radius):
   reach = int(np.ceil(radius))
   offsets = np.arange(-reach, reach + 1)
   du, dv = np.meshgrid(offsets, offsets)
-  disk = (du ** 2 + dv ** 2) <= radius ** 2 + 1e-9
+  disk = (du**2 + dv**2) <= radius**2 + 1e-9
   du, dv = du[disk], dv[disk]
   # Far-away points would overflow the integer conversion; they draw nothing anyway.
   near = np.all(np.abs(centers) < 1e7, axis=1)
@@ -349,8 +427,9 @@ def _per_point_colors(color, count):
   if color.shape == (3,):
     color = np.broadcast_to(color, (count, 3))
   if color.shape != (count, 3):
-    raise ValueError(f'color must be one RGB triple or one per point ({count}, 3), '
-                     f'got {color.shape}')
+    raise ValueError(
+        f'color must be one RGB triple or one per point ({count}, 3), ' f'got {color.shape}'
+    )
   return color
 
 
@@ -396,8 +475,7 @@ def draw_lines(image, starts, ends, color=(1.0, 1.0, 1.0), thickness=1.0):
   # Two samples per pixel of length leave no gaps.
   num_samples = np.minimum(np.ceil(2.0 * length).astype(np.int64) + 1, 4 * sum(image.shape))
   segment = np.repeat(np.arange(len(starts)), num_samples)
-  step = np.arange(num_samples.sum()) - np.repeat(np.cumsum(num_samples) - num_samples,
-                                                  num_samples)
+  step = np.arange(num_samples.sum()) - np.repeat(np.cumsum(num_samples) - num_samples, num_samples)
   fraction = (step / np.maximum(num_samples[segment] - 1, 1))[:, None]
   points = starts[segment] + fraction * (ends[segment] - starts[segment])
   _stamp_disks(image, points, colors[segment], max(thickness / 2.0, 0.5))
@@ -421,8 +499,13 @@ def draw_skeleton(image, joints2d, bones=HAND_BONES, thickness=2.0, joint_radius
   bones = np.asarray(bones, dtype=np.int64)
   finger_of_joint = np.concatenate([[0], np.repeat(np.arange(5), 4)])
   palette = np.asarray(FINGER_COLORS)
-  image = draw_lines(image, joints2d[bones[:, 0]], joints2d[bones[:, 1]],
-                     palette[finger_of_joint[bones[:, 1]]], thickness)
+  image = draw_lines(
+      image,
+      joints2d[bones[:, 0]],
+      joints2d[bones[:, 1]],
+      palette[finger_of_joint[bones[:, 1]]],
+      thickness,
+  )
   joint_colors = palette[finger_of_joint]
   joint_colors[0] = (1.0, 1.0, 1.0)
   return draw_points(image, joints2d, joint_colors, joint_radius)

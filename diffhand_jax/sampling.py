@@ -8,6 +8,7 @@ wrapped in `jax.jit` (model and the integer / string options static) and `jax.vm
       'model', 'num_sampling_steps', 'num_hypotheses', 'aggregate'))
   out = sample_fn(model, params, images, rng, num_sampling_steps=10)
 """
+
 from typing import Optional, Sequence
 
 import jax
@@ -32,8 +33,10 @@ def _check_options(model, images, depth, intrinsics, num_sampling_steps, num_hyp
   if not isinstance(num_sampling_steps, (int, np.integer)) or num_sampling_steps < 1:
     raise ValueError(f'num_sampling_steps must be an integer >= 1, got {num_sampling_steps!r}')
   if num_sampling_steps > model.num_timesteps:
-    raise ValueError(f'num_sampling_steps={num_sampling_steps} exceeds the '
-                     f'{model.num_timesteps} training timesteps')
+    raise ValueError(
+        f'num_sampling_steps={num_sampling_steps} exceeds the '
+        f'{model.num_timesteps} training timesteps'
+    )
   if not isinstance(num_hypotheses, (int, np.integer)) or num_hypotheses < 1:
     raise ValueError(f'num_hypotheses must be an integer >= 1, got {num_hypotheses!r}')
   if aggregate not in AGGREGATES:
@@ -54,8 +57,14 @@ def _hypotheses(model, params, images, rng, num_sampling_steps, num_hypotheses, 
   camera = model.apply(variables, embedding, method='camera')
   if not model.diffusion:
     # The direct regressor: one pass from x_t = 0, t = 0; all hypotheses are that pass.
-    x0 = model.apply(variables, jnp.zeros((batch, n, 3), jnp.float32),
-                     jnp.zeros((batch,), jnp.int32), tokens, embedding, method='denoise')
+    x0 = model.apply(
+        variables,
+        jnp.zeros((batch, n, 3), jnp.float32),
+        jnp.zeros((batch,), jnp.int32),
+        tokens,
+        embedding,
+        method='denoise',
+    )
     x0 = jnp.broadcast_to(x0[:, None], (batch, k, n, 3))
     return x0 * model.vertex_scale, camera
 
@@ -66,8 +75,9 @@ def _hypotheses(model, params, images, rng, num_sampling_steps, num_hypotheses, 
   x_T = jax.random.normal(noise_key, (batch * k, n, 3), jnp.float32)
   schedule = diffusion.cosine_schedule(model.num_timesteps, model.cosine_s)
   timesteps = diffusion.ddim_timesteps(model.num_timesteps, num_sampling_steps)
-  denoise_fn = lambda x_t, t: model.apply(variables, x_t, t, tokens_k, embedding_k,
-                                          method='denoise')
+  denoise_fn = lambda x_t, t: model.apply(
+      variables, x_t, t, tokens_k, embedding_k, method='denoise'
+  )
   x0 = diffusion.ddim_sample(denoise_fn, schedule, x_T, timesteps, eta, ddim_key)
   return x0.reshape(batch, k, n, 3) * model.vertex_scale, camera
 
@@ -103,20 +113,23 @@ def _summarise(model, hypotheses, camera, aggregate, intrinsics, image_size):
   hypotheses = hypotheses - root[:, :, None, :]
   mean = jnp.mean(hypotheses, axis=1)
   # RMS distance to the mean over K per vertex (exactly 0 for K = 1).
-  vertex_std = jnp.sqrt(jnp.mean(jnp.sum((hypotheses - mean[:, None])**2, -1), axis=1))
+  vertex_std = jnp.sqrt(jnp.mean(jnp.sum((hypotheses - mean[:, None]) ** 2, -1), axis=1))
   if aggregate == 'mean':
     vertices = mean
   else:
     # Medoid: the hypothesis with the smallest summed mean-vertex distance to the others.
-    pairwise = jnp.mean(jnp.linalg.norm(
-        hypotheses[:, :, None] - hypotheses[:, None, :], axis=-1), axis=-1)  # [B, K, K]
+    pairwise = jnp.mean(
+        jnp.linalg.norm(hypotheses[:, :, None] - hypotheses[:, None, :], axis=-1), axis=-1
+    )  # [B, K, K]
     best = jnp.argmin(jnp.sum(pairwise, axis=-1), axis=-1)
     vertices = jnp.take_along_axis(hypotheses, best[:, None, None, None], axis=1)[:, 0]
-  out = {'vertices': vertices,
-         'joints': jnp.einsum('jn,bnd->bjd', regressor, vertices),
-         'hypotheses': hypotheses,
-         'vertex_std': vertex_std,
-         'camera': camera}
+  out = {
+      'vertices': vertices,
+      'joints': jnp.einsum('jn,bnd->bjd', regressor, vertices),
+      'hypotheses': hypotheses,
+      'vertex_std': vertex_std,
+      'camera': camera,
+  }
   if intrinsics is not None:
     root = place_root(camera, intrinsics, image_size)
     out['vertices_camera'] = vertices + root[:, None]
@@ -124,10 +137,19 @@ def _summarise(model, hypotheses, camera, aggregate, intrinsics, image_size):
   return out
 
 
-def sample(model, params, images: jax.Array, rng: jax.Array, *, num_sampling_steps: int = 10,
-           num_hypotheses: int = 1, depth: Optional[jax.Array] = None,
-           aggregate: str = 'mean', eta: float = 0.0,
-           intrinsics: Optional[jax.Array] = None) -> dict:
+def sample(
+    model,
+    params,
+    images: jax.Array,
+    rng: jax.Array,
+    *,
+    num_sampling_steps: int = 10,
+    num_hypotheses: int = 1,
+    depth: Optional[jax.Array] = None,
+    aggregate: str = 'mean',
+    eta: float = 0.0,
+    intrinsics: Optional[jax.Array] = None,
+) -> dict:
   """Reconstructs hand meshes: encoder once, DDIM with `num_sampling_steps` decoder steps.
 
   Args:
@@ -149,12 +171,14 @@ def sample(model, params, images: jax.Array, rng: jax.Array, *, num_sampling_ste
     [B, N, 3] and 'joints_camera' [B, 21, 3] (metres, camera frame).
   """
   _check_options(model, images, depth, intrinsics, num_sampling_steps, num_hypotheses, aggregate)
-  hypotheses, camera = _hypotheses(model, params, images, rng, num_sampling_steps, num_hypotheses,
-                                   depth, eta)
+  hypotheses, camera = _hypotheses(
+      model, params, images, rng, num_sampling_steps, num_hypotheses, depth, eta
+  )
   return _summarise(model, hypotheses, camera, aggregate, intrinsics, images.shape[1])
 
 
 # ---- Test-time augmentation ----
+
 
 def rotation_2d(angle_deg) -> jax.Array:
   """[2, 2] R(theta) = [[cos, -sin], [sin, cos]]."""
@@ -179,8 +203,9 @@ def rotate_images(images: jax.Array, angle_deg: float) -> jax.Array:
     [B, H, W, C].
   """
   _, height, width, _ = images.shape
-  rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
-                            jnp.arange(width, dtype=jnp.float32), indexing='ij')
+  rows, cols = jnp.meshgrid(
+      jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing='ij'
+  )
   centre = jnp.array([(width - 1) / 2, (height - 1) / 2], jnp.float32)
   offsets = jnp.stack([cols, rows], axis=-1) - centre  # [H, W, 2] as (u, v)
   # Each output pixel q reads the input at R(-theta) q.
@@ -188,17 +213,26 @@ def rotate_images(images: jax.Array, angle_deg: float) -> jax.Array:
   coords = [source[..., 1], source[..., 0]]
 
   def one_channel(channel):  # [H, W]
-    return jax.scipy.ndimage.map_coordinates(channel, coords, order=1, mode='constant',
-                                             cval=0.0)
+    return jax.scipy.ndimage.map_coordinates(channel, coords, order=1, mode='constant', cval=0.0)
+
   per_image = jax.vmap(one_channel, in_axes=-1, out_axes=-1)
   return jax.vmap(per_image)(images)
 
 
-def tta_sample(model, params, images: jax.Array, rng: jax.Array, *,
-               angles: Sequence[float] = (-10.0, 0.0, 10.0), num_sampling_steps: int = 10,
-               num_hypotheses: int = 1, depth: Optional[jax.Array] = None,
-               aggregate: str = 'mean', eta: float = 0.0,
-               intrinsics: Optional[jax.Array] = None) -> dict:
+def tta_sample(
+    model,
+    params,
+    images: jax.Array,
+    rng: jax.Array,
+    *,
+    angles: Sequence[float] = (-10.0, 0.0, 10.0),
+    num_sampling_steps: int = 10,
+    num_hypotheses: int = 1,
+    depth: Optional[jax.Array] = None,
+    aggregate: str = 'mean',
+    eta: float = 0.0,
+    intrinsics: Optional[jax.Array] = None,
+) -> dict:
   """`sample` with test-time rotation augmentation.
 
   Every angle's rotated copy of the batch is sampled in one batched pass (one encoder call
@@ -223,14 +257,16 @@ def tta_sample(model, params, images: jax.Array, rng: jax.Array, *,
   rotated_depth = None
   if depth is not None:
     rotated_depth = jnp.concatenate([rotate_images(depth, a) for a in angles])
-  hypotheses, camera = _hypotheses(model, params, rotated, rng, num_sampling_steps, num_hypotheses,
-                                   rotated_depth, eta)
+  hypotheses, camera = _hypotheses(
+      model, params, rotated, rng, num_sampling_steps, num_hypotheses, rotated_depth, eta
+  )
   undo = jnp.stack([rotation_2d(-a) for a in angles])  # [A, 2, 2]
   hypotheses = hypotheses.reshape((len(angles), batch) + hypotheses.shape[1:])
   xy = jnp.einsum('aij,abknj->abkni', undo, hypotheses[..., :2])
   hypotheses = jnp.concatenate([xy, hypotheses[..., 2:]], axis=-1)
   hypotheses = jnp.moveaxis(hypotheses, 0, 1).reshape(
-      (batch, -1) + hypotheses.shape[3:])  # [B, A*K, N, 3]
+      (batch, -1) + hypotheses.shape[3:]
+  )  # [B, A*K, N, 3]
   camera = camera.reshape(len(angles), batch, 3)
   translation = jnp.einsum('aij,abj->abi', undo, camera[..., 1:])
   camera = jnp.mean(jnp.concatenate([camera[..., :1], translation], axis=-1), axis=0)

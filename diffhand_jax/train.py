@@ -6,6 +6,7 @@ tested with a tiny stand-in; `train_and_evaluate` builds the DiffHand task.
 There is no separate eval step here: the periodic evaluation is the sampler of
 evaluate.py (`Task.evaluate`), the same code as `--mode=eval`.
 """
+
 import functools
 import signal
 import threading
@@ -33,8 +34,9 @@ from diffhand_jax import procedural_mano
 from diffhand_jax import weights
 
 # loss_fn(params, batch, example_keys [B] keys) -> (loss scalar, aux scalars)
-LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array],
-                  tuple[jax.Array, Mapping[str, jax.Array]]]
+LossFn = Callable[
+    [Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]
+]
 
 
 @flax.struct.dataclass
@@ -47,6 +49,7 @@ class TrainState:
   ema_params: EMA of params (config.optim.ema_decay > 0), else None.
   rng: uint32 [2], fixed for the run; step keys are fold_in(rng, step).
   """
+
   step: jax.Array
   params: Any
   opt_state: Any
@@ -64,21 +67,25 @@ class Task(NamedTuple):
   evaluate: (params, step) -> dict of metrics (lower-is-better
     config.train.best_metric among them), or None to skip evaluation.
   """
+
   init_params: Callable[[jax.Array], Any]
   loss_fn: LossFn
   train_iterator: Callable[[int], Iterator[Mapping[str, np.ndarray]]]
   evaluate: Optional[Callable[[Any, int], Mapping[str, float]]] = None
 
 
-def create_train_state(params, optimizer: optax.GradientTransformation,
-                       rng: jax.Array, ema_decay: float) -> TrainState:
+def create_train_state(
+    params, optimizer: optax.GradientTransformation, rng: jax.Array, ema_decay: float
+) -> TrainState:
   """Step 0: `params`, a fresh optimizer state, the EMA (a copy of `params`
   when ema_decay > 0) and the run's key `rng`."""
   return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
+      step=jnp.zeros((), jnp.int32),
+      params=params,
       opt_state=optimizer.init(params),
       ema_params=jax.tree.map(jnp.array, params) if ema_decay > 0 else None,
-      rng=rng)
+      rng=rng,
+  )
 
 
 def eval_params(state: TrainState):
@@ -87,8 +94,7 @@ def eval_params(state: TrainState):
 
 
 # ---- The train step ----
-def example_keys(step_key: jax.Array, first_index, batch_size: int
-                ) -> jax.Array:
+def example_keys(step_key: jax.Array, first_index, batch_size: int) -> jax.Array:
   """One key per example, from its index in the global batch.
 
   Keying by the global example index (not by device) makes the noise a
@@ -102,10 +108,16 @@ def example_keys(step_key: jax.Array, first_index, batch_size: int
   return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, indices)
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
-               loss_fn: LossFn, optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule, ema_decay: float,
-               axis_name: Optional[str] = None):
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    *,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    ema_decay: float,
+    axis_name: Optional[str] = None,
+):
   """One optimiser update.
 
   Args:
@@ -116,12 +128,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
     (new state, metrics: loss, aux losses, grad_norm, lr — global averages).
   """
   batch_size = jax.tree.leaves(batch)[0].shape[0]
-  first = 0 if axis_name is None else (
-      jax.lax.axis_index(axis_name) * batch_size)
-  keys = example_keys(jax.random.fold_in(state.rng, state.step), first,
-                      batch_size)
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, batch, keys)
+  first = 0 if axis_name is None else (jax.lax.axis_index(axis_name) * batch_size)
+  keys = example_keys(jax.random.fold_in(state.rng, state.step), first, batch_size)
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, keys)
   if axis_name is not None:
     # Equal per-device batches without padding (training batches are all
     # valid): the mean of the device means is the global mean.
@@ -133,10 +142,14 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
     ema = optim.update_ema(ema, params, ema_decay, state.step + 1)
   # param_norm is finite iff the new params are: the NaN guard checks it so a
   # diverged state (finite loss, overflowing update) is never saved.
-  metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads),
-                 param_norm=optax.global_norm(params), lr=schedule(state.step))
-  new_state = state.replace(step=state.step + 1, params=params,
-                            opt_state=opt_state, ema_params=ema)
+  metrics = dict(
+      aux,
+      loss=loss,
+      grad_norm=optax.global_norm(grads),
+      param_norm=optax.global_norm(params),
+      lr=schedule(state.step),
+  )
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
   return new_state, metrics
 
 
@@ -154,8 +167,7 @@ class PreemptionFlag:
     follows is collective, so all processes must take the branch together)."""
     if jax.process_count() == 1:
       return self._requested
-    return bool(np.any(multihost_utils.process_allgather(
-        np.array(self._requested))))
+    return bool(np.any(multihost_utils.process_allgather(np.array(self._requested))))
 
   def handler(self, signum, frame):  # pylint: disable=unused-argument
     self._requested = True
@@ -185,12 +197,14 @@ def check_finite(step: int, metrics: Mapping[str, Any], last_good: Any):
       raise FloatingPointError(
           f'non-finite {name} ({value}) in train step {step} (the update from '
           f'state step {step} to {step + 1}); training stopped without saving '
-          f'it. Last good checkpoint: step {last_good}.')
+          f'it. Last good checkpoint: step {last_good}.'
+      )
 
 
 # ---- The loop ----
-def run_training(config: ml_collections.ConfigDict, workdir: str, task: Task,
-                 devices=None) -> TrainState:
+def run_training(
+    config: ml_collections.ConfigDict, workdir: str, task: Task, devices=None
+) -> TrainState:
   """Trains `task` to config.train.num_steps, resuming from workdir if possible.
 
   Returns the final (single-copy) TrainState; on SIGTERM saves and returns the
@@ -206,30 +220,36 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, task: Task,
   optimizer = optim.make_optimizer(config.optim, num_steps)
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
-  state = create_train_state(task.init_params(init_rng), optimizer, state_rng,
-                             ema_decay)
+  state = create_train_state(task.init_params(init_rng), optimizer, state_rng, ema_decay)
 
   # ---- Checkpoints: resume ----
   manager = checkpointing.make_manager(
-      workdir, keep=int(train_config.keep_checkpoints),
-      best_metric=train_config.best_metric or None)
+      workdir, keep=int(train_config.keep_checkpoints), best_metric=train_config.best_metric or None
+  )
   start_step = manager.latest_step() or 0
   if start_step:
     state = checkpointing.restore_state(manager, start_step, target=state)
     logging.info('Resumed from %s at step %d', manager.directory, start_step)
   elif config.init_from:
-    state = state.replace(params=checkpointing.load_params_into(
-        state.params, config.init_from))
+    state = state.replace(params=checkpointing.load_params_into(state.params, config.init_from))
     if state.ema_params is not None:
       state = state.replace(ema_params=jax.tree.map(jnp.array, state.params))
 
   # ---- Parallelism ----
   runner = parallel.data_parallel(
-      functools.partial(train_step, loss_fn=task.loss_fn, optimizer=optimizer,
-                        schedule=schedule, ema_decay=ema_decay),
-      train_config.parallelism, devices)
-  parallel.check_batch_divisible(int(train_config.global_batch_size),
-                                 runner.num_devices, 'train.global_batch_size')
+      functools.partial(
+          train_step,
+          loss_fn=task.loss_fn,
+          optimizer=optimizer,
+          schedule=schedule,
+          ema_decay=ema_decay,
+      ),
+      train_config.parallelism,
+      devices,
+  )
+  parallel.check_batch_divisible(
+      int(train_config.global_batch_size), runner.num_devices, 'train.global_batch_size'
+  )
   placed = runner.put_state(state)
   del state
 
@@ -245,8 +265,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, task: Task,
 
   def save(step, metrics=None):
     nonlocal last_saved
-    checkpointing.save(manager, step, runner.get_state(placed), config,
-                       metrics=metrics)
+    checkpointing.save(manager, step, runner.get_state(placed), config, metrics=metrics)
     last_saved = step
 
   # An error (e.g. a non-finite loss) must not lose the async saves in flight.
@@ -260,8 +279,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, task: Task,
         done = step + 1
         is_last = done == num_steps
         log_now = done % train_config.log_every == 0 or is_last
-        eval_now = task.evaluate is not None and (
-            done % train_config.eval_every == 0 or is_last)
+        eval_now = task.evaluate is not None and (done % train_config.eval_every == 0 or is_last)
         save_now = done % train_config.checkpoint_every == 0 or is_last
         preempted = preemption.requested
         if not (log_now or eval_now or save_now or preempted):
@@ -274,18 +292,22 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, task: Task,
           writer.scalars(done, host_metrics)
         eval_metrics = None
         if eval_now:  # the task writes its own eval summaries
-          eval_metrics = task.evaluate(eval_params(runner.get_state(placed)),
-                                       done)
+          eval_metrics = task.evaluate(eval_params(runner.get_state(placed)), done)
           best = train_config.best_metric
           if eval_metrics and best and best not in eval_metrics:
-            raise ValueError(f'config.train.best_metric={best!r} is not an '
-                             f'eval metric (have: {sorted(eval_metrics)})')
+            raise ValueError(
+                f'config.train.best_metric={best!r} is not an '
+                f'eval metric (have: {sorted(eval_metrics)})'
+            )
         if save_now or eval_metrics or preempted:
           save(done, _scalar_metrics(eval_metrics))
         if preempted:
           if is_writer:
-            print(f'SIGTERM: saved a checkpoint at step {done}; re-run the '
-                  'same command to resume.', flush=True)
+            print(
+                f'SIGTERM: saved a checkpoint at step {done}; re-run the '
+                'same command to resume.',
+                flush=True,
+            )
           break
       if pending is not None:
         check_finite(pending[0], jax.device_get(pending[1]), last_saved)
@@ -308,8 +330,9 @@ def _scalar_metrics(metrics):
 T_BUCKET_EDGES = (0, 250, 500, 750)
 
 
-def noisy_input(schedule, x0: jax.Array, keys: jax.Array, diffusion: bool,
-                t_max_fraction: float = 0.0):
+def noisy_input(
+    schedule, x0: jax.Array, keys: jax.Array, diffusion: bool, t_max_fraction: float = 0.0
+):
   """x_t and t for the training forward pass (DESIGN §2, §5).
 
   Each example's t is T - 1 with probability `t_max_fraction`, else uniform in [0, T): with
@@ -330,11 +353,13 @@ def noisy_input(schedule, x0: jax.Array, keys: jax.Array, diffusion: bool,
   if not diffusion:
     return jnp.zeros_like(x0), jnp.zeros((x0.shape[0],), jnp.int32)
   last = schedule.num_timesteps - 1
+
   def draw(key):
     t_key, max_key, noise_key = jax.random.split(key, 3)
     t = jax.random.randint(t_key, (), 0, schedule.num_timesteps)
     t = jnp.where(jax.random.uniform(max_key) < t_max_fraction, last, t)
     return t, jax.random.normal(noise_key, x0.shape[1:], x0.dtype)
+
   t, noise = jax.vmap(draw)(keys)
   return diffusion_lib.q_sample(schedule, x0, t, noise), t.astype(jnp.int32)
 
@@ -352,12 +377,12 @@ def x0_loss_by_timestep(per_example: jax.Array, t: jax.Array, num_timesteps: int
   """
   last = num_timesteps - 1
   highs = T_BUCKET_EDGES[1:] + (last,)
-  buckets = {f'loss_x0_t{low}': (t >= low) & (t < high)
-             for low, high in zip(T_BUCKET_EDGES, highs)}
+  buckets = {f'loss_x0_t{low}': (t >= low) & (t < high) for low, high in zip(T_BUCKET_EDGES, highs)}
   buckets['loss_x0_tmax'] = t == last
-  return {name: jnp.sum(jnp.where(inside, per_example, 0.0))
-                / jnp.maximum(jnp.sum(inside), 1)
-          for name, inside in buckets.items()}
+  return {
+      name: jnp.sum(jnp.where(inside, per_example, 0.0)) / jnp.maximum(jnp.sum(inside), 1)
+      for name, inside in buckets.items()
+  }
 
 
 def make_loss_fn(model, config: ml_collections.ConfigDict, faces) -> LossFn:
@@ -378,16 +403,23 @@ def make_loss_fn(model, config: ml_collections.ConfigDict, faces) -> LossFn:
   def loss_fn(params, batch, keys):
     x0 = batch['verts'] / model.vertex_scale
     x_t, t = noisy_input(schedule, x0, keys, model.diffusion, t_max_fraction)
-    out = model.apply({'params': params}, batch['image'], x_t, t,
-                      depth=batch.get('depth'))
+    out = model.apply({'params': params}, batch['image'], x_t, t, depth=batch.get('depth'))
     loss, terms = losses.compute_losses(
-        out, batch, regressor=regressor, faces=faces,
-        vertex_scale=model.vertex_scale, weights=config.loss)
+        out,
+        batch,
+        regressor=regressor,
+        faces=faces,
+        vertex_scale=model.vertex_scale,
+        weights=config.loss,
+    )
     if model.diffusion:
-      terms.update(x0_loss_by_timestep(
-          losses.per_example_squared_error(out['x0'], x0), t,
-          model.num_timesteps))
+      terms.update(
+          x0_loss_by_timestep(
+              losses.per_example_squared_error(out['x0'], x0), t, model.num_timesteps
+          )
+      )
     return loss, terms
+
   return loss_fn
 
 
@@ -399,14 +431,12 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
   faces = procedural_mano.load_hand_model(config).faces
   size = int(config.data.image_size)
   images = jnp.zeros((1, size, size, 3), jnp.float32)
-  depth = (jnp.zeros((1, size, size, 1), jnp.float32)
-           if config.model.use_depth else None)
+  depth = jnp.zeros((1, size, size, 1), jnp.float32) if config.model.use_depth else None
 
   def init(rng):
     # config.model.pretrained_path (a timm checkpoint or its converted .msgpack) replaces
     # the encoder's initial values; '' keeps them. init_from, if set, is applied after this.
-    return weights.load_pretrained_encoder(
-        models.init_params(model, rng, images, depth), config)
+    return weights.load_pretrained_encoder(models.init_params(model, rng, images, depth), config)
 
   # ---- Evaluation ----
   eval_writer = logging_utils.MetricWriter(workdir, 'eval')
@@ -414,20 +444,27 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
   diagnostics_fn = evaluate_lib.make_diagnostics_fn(model)
 
   def evaluate(params, step):
-    return evaluate_lib.evaluate(config, params, model=model, workdir=workdir,
-                                 step=step, writer=eval_writer,
-                                 sample_fn=sample_fn,
-                                 diagnostics_fn=diagnostics_fn)
+    return evaluate_lib.evaluate(
+        config,
+        params,
+        model=model,
+        workdir=workdir,
+        step=step,
+        writer=eval_writer,
+        sample_fn=sample_fn,
+        diagnostics_fn=diagnostics_fn,
+    )
 
   return Task(
       init_params=init,
       loss_fn=make_loss_fn(model, config, faces),
-      train_iterator=lambda start: iter(input_pipeline.create_train_iterator(
-          config, start_step=start)),
-      evaluate=evaluate)
+      train_iterator=lambda start: iter(
+          input_pipeline.create_train_iterator(config, start_step=start)
+      ),
+      evaluate=evaluate,
+  )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
-                      ) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """`--mode=train`: trains DiffHand per `config` in `workdir` (resuming)."""
   return run_training(config, workdir, build_task(config, workdir))

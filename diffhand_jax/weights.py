@@ -35,6 +35,7 @@ CLI (convert once; training then needs neither torch nor safetensors' torch side
 Then set `--config.model.pretrained_path=deit_tiny.msgpack` (a `.safetensors` file works
 there directly too).
 """
+
 import math
 import os
 import pathlib
@@ -60,8 +61,13 @@ BATCH_NORM_EPS = 1e-5
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
 # State-dict keys dropped by design (see the module docstring), per encoder family.
 _VIT_UNUSED = (r'head\.(weight|bias)', r'head_dist\.(weight|bias)')
-_HRNET_UNUSED = (r'incre_modules\..*', r'downsamp_modules\..*', r'final_layer\..*',
-                 r'classifier\.(weight|bias)', r'.*\.num_batches_tracked')
+_HRNET_UNUSED = (
+    r'incre_modules\..*',
+    r'downsamp_modules\..*',
+    r'final_layer\..*',
+    r'classifier\.(weight|bias)',
+    r'.*\.num_batches_tracked',
+)
 
 
 # ---- Reading checkpoint files ----
@@ -81,15 +87,18 @@ def read_state_dict(path: str) -> StateDict:
     raise FileNotFoundError(f'pretrained checkpoint not found: {path}')
   if path.suffix == '.safetensors':
     from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+
     raw = safetensors_numpy.load_file(os.fspath(path))
   elif path.suffix in TORCH_SUFFIXES:
     raw = _read_torch_state_dict(path)
   else:
-    raise ValueError(f'{path}: unknown checkpoint format {path.suffix!r}; expected '
-                     f'.safetensors, {", ".join(TORCH_SUFFIXES)} or a converted .msgpack')
+    raise ValueError(
+        f'{path}: unknown checkpoint format {path.suffix!r}; expected '
+        f'.safetensors, {", ".join(TORCH_SUFFIXES)} or a converted .msgpack'
+    )
   state_dict = {}
   for key, value in raw.items():
-    key = key[len('module.'):] if key.startswith('module.') else key
+    key = key[len('module.') :] if key.startswith('module.') else key
     state_dict[key] = np.asarray(value, dtype=np.float32)
   return state_dict
 
@@ -100,7 +109,8 @@ def _read_torch_state_dict(path: pathlib.Path) -> Dict[str, np.ndarray]:
   except ImportError as e:
     raise ImportError(
         f'{path}: reading a PyTorch checkpoint needs torch (make venv-torch, or convert the '
-        'file to .safetensors elsewhere: safetensors.torch.save_file(state_dict, ...))') from e
+        'file to .safetensors elsewhere: safetensors.torch.save_file(state_dict, ...))'
+    ) from e
   # weights_only=True: tensors and plain containers only, no arbitrary code from the file.
   raw = torch.load(path, map_location='cpu', weights_only=True)
   for wrapper in ('state_dict', 'model'):
@@ -120,8 +130,7 @@ def expected_shapes(model_config) -> Dict[Path, Tuple[int, ...]]:
   else:
     size = model_config.pretrained_image_size
   images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  depth = (jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32)
-           if model_config.use_depth else None)
+  depth = jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32) if model_config.use_depth else None
   variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), images, depth)
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables['params']))
   return {path: tuple(leaf.shape) for path, leaf in flat.items()}
@@ -154,25 +163,34 @@ class _Converter:
 
   def take(self, key: str, path: Path) -> np.ndarray:
     if key not in self.state_dict:
-      raise KeyError(f'{self.source}: key {key!r} (for our parameter {"/".join(path)}) is '
-                     'not in the checkpoint: is it the architecture that config.model names?')
+      raise KeyError(
+          f'{self.source}: key {key!r} (for our parameter {"/".join(path)}) is '
+          'not in the checkpoint: is it the architecture that config.model names?'
+      )
     self.used.add(key)
     return self.state_dict[key]
 
   def check(self, key: str, path: Path, value: np.ndarray, shape: Tuple[int, ...]):
     if tuple(value.shape) != tuple(shape):
-      raise ValueError(f'{self.source}: key {key!r} converts to shape {tuple(value.shape)} but '
-                       f'our parameter {"/".join(path)} has shape {tuple(shape)}')
+      raise ValueError(
+          f'{self.source}: key {key!r} converts to shape {tuple(value.shape)} but '
+          f'our parameter {"/".join(path)} has shape {tuple(shape)}'
+      )
     return value
 
   def leftover(self, unused_patterns: Iterable[str]):
     patterns = [re.compile(p) for p in unused_patterns]
-    left = sorted(k for k in self.state_dict if k not in self.used
-                  and not any(p.fullmatch(k) for p in patterns))
+    left = sorted(
+        k
+        for k in self.state_dict
+        if k not in self.used and not any(p.fullmatch(k) for p in patterns)
+    )
     if left:
       shown = ', '.join(left[:12]) + (f' ... ({len(left)} in all)' if len(left) > 12 else '')
-      raise ValueError(f'{self.source}: checkpoint keys with no counterpart in our encoder '
-                       f'(not implemented, refusing to ignore them): {shown}')
+      raise ValueError(
+          f'{self.source}: checkpoint keys with no counterpart in our encoder '
+          f'(not implemented, refusing to ignore them): {shown}'
+      )
 
 
 def _vit_leaf(path: Path) -> Tuple[str, Callable]:
@@ -180,7 +198,8 @@ def _vit_leaf(path: Path) -> Tuple[str, Callable]:
   *modules, leaf = path
   if modules == ['patch_embed']:
     return f'patch_embed.proj.{"weight" if leaf == "kernel" else "bias"}', (
-        _conv if leaf == 'kernel' else _identity)
+        _conv if leaf == 'kernel' else _identity
+    )
   if not modules:  # cls_token, dist_token, pos_embed (resampled separately)
     return leaf, _identity
   prefix = list(modules)
@@ -209,24 +228,27 @@ def _convert_vit(converter: _Converter, shapes, model_config) -> Params:
   return flat
 
 
-def _resample_pos_embed(source: str, pos_embed: np.ndarray, shape: Tuple[int, ...],
-                        num_prefix: int) -> np.ndarray:
+def _resample_pos_embed(
+    source: str, pos_embed: np.ndarray, shape: Tuple[int, ...], num_prefix: int
+) -> np.ndarray:
   """Resamples a checkpoint's [1, prefix + g*g, D] table to the grid of `shape`."""
+
   def grid_side(num_tokens, what):
     side = math.isqrt(max(num_tokens - num_prefix, 0))
     if side * side != num_tokens - num_prefix:
-      raise ValueError(f'{source}: key \'pos_embed\' ({what}) has {num_tokens} tokens: not '
-                       f'{num_prefix} prefix token(s) + a square grid (distilled setting?)')
+      raise ValueError(
+          f"{source}: key 'pos_embed' ({what}) has {num_tokens} tokens: not "
+          f'{num_prefix} prefix token(s) + a square grid (distilled setting?)'
+      )
     return side
+
   if pos_embed.ndim != 3 or pos_embed.shape[-1] != shape[-1]:
     return pos_embed  # the shape check names the key
   old, new = grid_side(pos_embed.shape[1], 'checkpoint'), grid_side(shape[1], 'model')
   if old == new:
     return pos_embed
-  logging.info('%s: resampling pos_embed from a %dx%d to a %dx%d grid', source, old, old,
-               new, new)
-  resampled = vit.resample_pos_embed(jnp.asarray(pos_embed), (old, old), (new, new),
-                                     num_prefix)
+  logging.info('%s: resampling pos_embed from a %dx%d to a %dx%d grid', source, old, old, new, new)
+  resampled = vit.resample_pos_embed(jnp.asarray(pos_embed), (old, old), (new, new), num_prefix)
   return np.asarray(resampled, np.float32)
 
 
@@ -235,11 +257,13 @@ def _hrnet_prefixes(modules: Path) -> Tuple[str, str]:
   top, rest = modules[0], list(modules[1:])
   if top in ('conv1', 'conv2') and not rest:
     return top, f'bn{top[-1]}'
+
   def block_layer(base, name):
     # Inside a residual block: convK + bnK, or downsample.0 + downsample.1.
     if name == 'downsample':
       return f'{base}.downsample.0', f'{base}.downsample.1'
     return f'{base}.{name}', f'{base}.bn{name[len("conv"):]}'
+
   match = re.fullmatch(r'layer1_block(\d+)', top)
   if match and len(rest) == 1:
     return block_layer(f'layer1.{match.group(1)}', rest[0])
@@ -262,8 +286,9 @@ def _hrnet_prefixes(modules: Path) -> Tuple[str, str]:
       if sub.group(3) is not None:
         fuse = f'{fuse}.{sub.group(3)}'
       return f'{fuse}.0', f'{fuse}.1'
-  raise ValueError(f'HRNet import: our module {"/".join(modules)} has no timm counterpart '
-                   '(not implemented)')
+  raise ValueError(
+      f'HRNet import: our module {"/".join(modules)} has no timm counterpart ' '(not implemented)'
+  )
 
 
 def _convert_hrnet(converter: _Converter, shapes, model_config) -> Params:
@@ -271,7 +296,8 @@ def _convert_hrnet(converter: _Converter, shapes, model_config) -> Params:
     raise ValueError(
         'timm HRNet checkpoints carry BatchNorm layers, which only the frozen-BatchNorm form '
         'of our HRNet can hold: set config.model.hrnet_norm="frozen_bn" (the GroupNorm form, '
-        'the default for training from scratch, cannot take them)')
+        'the default for training from scratch, cannot take them)'
+    )
   flat = {}
   for path, shape in shapes.items():
     if _is_depth_branch(path):
@@ -291,8 +317,9 @@ def _convert_hrnet(converter: _Converter, shapes, model_config) -> Params:
       value = scale if leaf == 'scale' else beta - mean * scale
       value = value.astype(gamma.dtype)
     else:
-      raise ValueError(f'HRNet import: parameter {"/".join(path)} has no timm counterpart '
-                       '(not implemented)')
+      raise ValueError(
+          f'HRNet import: parameter {"/".join(path)} has no timm counterpart ' '(not implemented)'
+      )
     flat[path] = converter.check(key, path, value, shape)
   # timm's last stage-4 module also fuses into the three coarser branches (for its
   # classification head); our encoder keeps only the high-resolution output.
@@ -302,8 +329,7 @@ def _convert_hrnet(converter: _Converter, shapes, model_config) -> Params:
   return flat
 
 
-def convert_state_dict(state_dict: StateDict, model_config, source: str = 'checkpoint'
-                       ) -> Params:
+def convert_state_dict(state_dict: StateDict, model_config, source: str = 'checkpoint') -> Params:
   """Converts a timm state dict to the params of `build_encoder(model_config)`.
 
   Args:
@@ -346,16 +372,18 @@ def _read_msgpack(path, model_config) -> Params:
   shapes = {p: s for p, s in expected_shapes(model_config).items() if not _is_depth_branch(p)}
   for p, shape in shapes.items():
     if p not in flat:
-      raise KeyError(f'{path}: parameter {"/".join(p)} is missing (converted for another '
-                     'config.model?)')
+      raise KeyError(
+          f'{path}: parameter {"/".join(p)} is missing (converted for another ' 'config.model?)'
+      )
     if tuple(np.shape(flat[p])) != shape:
-      raise ValueError(f'{path}: parameter {"/".join(p)} has shape {np.shape(flat[p])}, the '
-                       f'model wants {shape}')
+      raise ValueError(
+          f'{path}: parameter {"/".join(p)} has shape {np.shape(flat[p])}, the '
+          f'model wants {shape}'
+      )
   extra = sorted('/'.join(p) for p in flat if p not in shapes)
   if extra:
     raise ValueError(f'{path}: parameters with no place in the encoder: {", ".join(extra[:12])}')
-  return flax.traverse_util.unflatten_dict(
-      {p: np.asarray(v, np.float32) for p, v in flat.items()})
+  return flax.traverse_util.unflatten_dict({p: np.asarray(v, np.float32) for p, v in flat.items()})
 
 
 def save_msgpack(params: Params, path: str):
@@ -373,8 +401,10 @@ def load_pretrained_encoder(params: Params, config) -> Params:
   path = config.model.get('pretrained_path', '')
   if not path:
     if config.model.encoder == 'hrnet' and config.model.get('hrnet_norm') == 'frozen_bn':
-      logging.warning('model.hrnet_norm="frozen_bn" without model.pretrained_path: every norm '
-                      'starts as the identity (no normalisation); use "group" from scratch')
+      logging.warning(
+          'model.hrnet_norm="frozen_bn" without model.pretrained_path: every norm '
+          'starts as the identity (no normalisation); use "group" from scratch'
+      )
     return params
   loaded = flax.traverse_util.flatten_dict(load_timm_checkpoint(path, config.model))
   params = flax.core.unfreeze(params)
@@ -384,8 +414,10 @@ def load_pretrained_encoder(params: Params, config) -> Params:
   for p, value in flat.items():
     if p in loaded:
       if tuple(np.shape(loaded[p])) != tuple(value.shape):
-        raise ValueError(f'{path}: parameter {"/".join(p)} has shape {np.shape(loaded[p])}, '
-                         f'the model wants {value.shape}')
+        raise ValueError(
+            f'{path}: parameter {"/".join(p)} has shape {np.shape(loaded[p])}, '
+            f'the model wants {value.shape}'
+        )
       flat[p] = jnp.asarray(loaded[p], dtype=value.dtype)
     elif not _is_depth_branch(p):
       raise KeyError(f'{path}: no value for encoder parameter {"/".join(p)}')
@@ -398,20 +430,26 @@ def load_pretrained_encoder(params: Params, config) -> Params:
 def main(argv):
   """`convert IN OUT.msgpack --config=...`: the encoder params of config.model as msgpack."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   if len(argv) != 4 or argv[1] != 'convert':
-    raise SystemExit('usage: python -m diffhand_jax.weights convert IN.(safetensors|pth|bin) '
-                     'OUT.msgpack --config=configs/<setting>.py [--config.model.<key>=...]')
+    raise SystemExit(
+        'usage: python -m diffhand_jax.weights convert IN.(safetensors|pth|bin) '
+        'OUT.msgpack --config=configs/<setting>.py [--config.model.<key>=...]'
+    )
   model_config = flags.FLAGS.config.model
   params = load_timm_checkpoint(argv[2], model_config)
   save_msgpack(params, argv[3])
   count = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
-  print(f'wrote {argv[3]}: {count:,} encoder parameters for model.encoder='
-        f'{model_config.encoder!r} size={model_config.encoder_size!r}')
+  print(
+      f'wrote {argv[3]}: {count:,} encoder parameters for model.encoder='
+      f'{model_config.encoder!r} size={model_config.encoder_size!r}'
+  )
 
 
 if __name__ == '__main__':
   # Defined here, not at import: launch.py defines its own --config.
   from absl import app  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
   app.run(main)

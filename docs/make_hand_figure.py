@@ -2,11 +2,13 @@
 
 Usage: python docs/make_hand_figure.py [--out docs/synthetic_hand.png] [--seed 0]
 """
+
 import argparse
 import os
 import sys
 
 import matplotlib
+
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mpl_toolkits.mplot3d.art3d import Poly3DCollection  # pylint: disable=wrong-import-position
@@ -20,8 +22,7 @@ from diffhand_jax import procedural_mano  # pylint: disable=g-import-not-at-top,
 
 def fist_pose():
   """[48] full pose (flat_hand_mean=True): every joint curled about its flexion axis."""
-  curl = np.array([0.0, 1.3, 1.6, 1.0, 1.3, 1.6, 1.0, 1.3, 1.6, 1.0, 1.3, 1.6, 1.0,
-                   0.5, 0.6, 0.8])
+  curl = np.array([0.0, 1.3, 1.6, 1.0, 1.3, 1.6, 1.0, 1.3, 1.6, 1.0, 1.3, 1.6, 1.0, 0.5, 0.6, 0.8])
   return (curl[:, None] * procedural_mano.flexion_axes()).reshape(-1)
 
 
@@ -52,8 +53,9 @@ def draw(ax, vertices, faces, title, rotation, light=(0.3, 0.5, 0.8)):
 
 def main(argv=None):
   parser = argparse.ArgumentParser()
-  parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__),
-                                                    'synthetic_hand.png'))
+  parser.add_argument(
+      '--out', default=os.path.join(os.path.dirname(__file__), 'synthetic_hand.png')
+  )
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
   model = procedural_mano.procedural_hand(args.seed)
@@ -67,8 +69,9 @@ def main(argv=None):
       'random pose': random_pose,
   }
   full = np.stack(list(poses.values())).astype(np.float32)
-  vertices, _ = mano.mano_forward(model, full, np.zeros((len(full), 10), np.float32),
-                                       flat_hand_mean=True)
+  vertices, _ = mano.mano_forward(
+      model, full, np.zeros((len(full), 10), np.float32), flat_hand_mean=True
+  )
   fig = plt.figure(figsize=(3.2 * len(poses), 6.4))
   for row, (rotation, view_name) in enumerate(((PALM_VIEW, 'palm'), (SIDE_VIEW, 'side'))):
     for k, title in enumerate(poses):

@@ -7,6 +7,7 @@ white) and a corner tag: R / L for right / left hands.
 Usage: python docs/make_samples_figure.py [--out docs/synthetic_samples.png] [--seed 0]
          [--rows 4] [--cols 4] [--size 224]
 """
+
 import argparse
 import os
 import sys
@@ -25,8 +26,9 @@ _GAP = 4
 
 def tile(example):
   """One annotated example: image + skeleton + side tag, uint8 [S, S, 3]."""
-  image = render.draw_skeleton(example['image'], example['joints2d'], thickness=1.5,
-                               joint_radius=2.0)
+  image = render.draw_skeleton(
+      example['image'], example['joints2d'], thickness=1.5, joint_radius=2.0
+  )
   picture = Image.fromarray(image)
   draw = ImageDraw.Draw(picture)
   draw.rectangle([2, 2, 16, 16], fill=(0, 0, 0))
@@ -36,8 +38,9 @@ def tile(example):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__),
-                                                    'synthetic_samples.png'))
+  parser.add_argument(
+      '--out', default=os.path.join(os.path.dirname(__file__), 'synthetic_samples.png')
+  )
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--rows', type=int, default=4)
   parser.add_argument('--cols', type=int, default=4)
@@ -50,7 +53,7 @@ def main(argv=None):
   examples = generate.examples(hand_model, args.seed, 0, args.rows * args.cols, size)
   for position, example in enumerate(examples):
     row, col = divmod(position, args.cols)
-    canvas[row * step:row * step + size, col * step:col * step + size] = tile(example)
+    canvas[row * step : row * step + size, col * step : col * step + size] = tile(example)
   Image.fromarray(canvas).save(args.out)
   print(f'wrote {args.out}')
 

@@ -1,4 +1,5 @@
 """Test setup: 4 fake CPU devices, set before JAX is imported anywhere."""
+
 import os
 import sys
 

@@ -3,6 +3,7 @@
 Random inputs and parameters are drawn with numpy: every distinct eager jax.random call would
 compile its own small XLA program, which dominated these tests' run time.
 """
+
 import math
 
 import jax
@@ -13,8 +14,14 @@ from configs import synthetic
 from diffhand_jax.models import encoder
 
 
-def model_config(encoder_name='vit', size='micro', distilled=False, use_depth=False,
-                 depth_zero_init='all', pretrained_image_size=64):
+def model_config(
+    encoder_name='vit',
+    size='micro',
+    distilled=False,
+    use_depth=False,
+    depth_zero_init='all',
+    pretrained_image_size=64,
+):
   """`config.model` of the smoke config with the encoder fields replaced."""
   config = synthetic.get_config('smoke').model
   config.encoder, config.encoder_size, config.distilled = encoder_name, size, distilled

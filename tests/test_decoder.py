@@ -1,4 +1,5 @@
 """Tests of diffhand_jax/models/decoder.py: FPS, embeddings, blocks against numpy references."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +8,8 @@ from scipy import special
 
 from diffhand_jax.models import decoder as decoder_lib
 
-
 # ---- Farthest point sampling ----
+
 
 def _naive_fps(points, num_samples):
   """O(N^2) per pick: recompute every point's distance to the nearest picked point."""
@@ -16,7 +17,7 @@ def _naive_fps(points, num_samples):
   while len(picked) < num_samples:
     best, best_dist = None, -1.0
     for i in range(len(points)):
-      nearest = min(sum((points[i][d] - points[j][d])**2 for d in range(3)) for j in picked)
+      nearest = min(sum((points[i][d] - points[j][d]) ** 2 for d in range(3)) for j in picked)
       if nearest > best_dist:
         best, best_dist = i, nearest
     picked.append(best)
@@ -26,8 +27,9 @@ def _naive_fps(points, num_samples):
 def test_fps_matches_naive_implementation():
   points = np.random.default_rng(0).normal(size=(60, 3))
   for num in (1, 2, 15, 60):
-    np.testing.assert_array_equal(decoder_lib.farthest_point_sampling(points, num),
-                                  _naive_fps(points.tolist(), num))
+    np.testing.assert_array_equal(
+        decoder_lib.farthest_point_sampling(points, num), _naive_fps(points.tolist(), num)
+    )
 
 
 def test_fps_level_indices_nested_distinct_and_fps():
@@ -42,13 +44,15 @@ def test_fps_level_indices_nested_distinct_and_fps():
     level = np.asarray(level)
     assert len(set(level.tolist())) == len(level)  # distinct
     assert level.min() >= 0 and level.max() < previous_size  # a subset of the previous level
-    np.testing.assert_array_equal(level, _naive_fps(points.tolist(), len(level))
-                                  if len(level) < 60 else
-                                  decoder_lib.farthest_point_sampling(points, len(level)))
+    np.testing.assert_array_equal(
+        level,
+        _naive_fps(points.tolist(), len(level))
+        if len(level) < 60
+        else decoder_lib.farthest_point_sampling(points, len(level)),
+    )
     points, previous_size, absolute = points[level], len(level), absolute[level]
   # FPS orders are prefix codes, so level 2 is also the first 48 FPS picks of all vertices.
-  np.testing.assert_array_equal(absolute,
-                                decoder_lib.farthest_point_sampling(template, 194)[:48])
+  np.testing.assert_array_equal(absolute, decoder_lib.farthest_point_sampling(template, 194)[:48])
 
 
 def test_fps_rejects_bad_input():
@@ -62,10 +66,11 @@ def test_fps_rejects_bad_input():
 
 # ---- Embeddings ----
 
+
 def test_timestep_embedding_formula():
   t = np.array([0, 7, 999])
   out = np.asarray(decoder_lib.timestep_embedding(jnp.asarray(t), 8))
-  freqs = np.array([10000.0**(-i / 4) for i in range(4)])
+  freqs = np.array([10000.0 ** (-i / 4) for i in range(4)])
   expected = np.concatenate([np.cos(t[:, None] * freqs), np.sin(t[:, None] * freqs)], -1)
   np.testing.assert_allclose(out, expected, atol=2e-4)
   with pytest.raises(ValueError, match='even'):
@@ -74,9 +79,10 @@ def test_timestep_embedding_formula():
 
 # ---- Numpy references of the blocks (written from the equations, not from the module) ----
 
+
 def _layer_norm(x, p):
   mean = x.mean(-1, keepdims=True)
-  var = ((x - mean)**2).mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
   return (x - mean) / np.sqrt(var + 1e-6) * p['scale'] + p['bias']
 
 
@@ -122,7 +128,8 @@ def _random_params_and_apply(module, *inputs, seed=1):
   leaves, tree = jax.tree_util.tree_flatten(shapes)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   params = jax.tree_util.tree_unflatten(
-      tree, [0.3 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+      tree, [0.3 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)]
+  )
   return params, jax.jit(lambda p, *a: module.apply({'params': p}, *a))
 
 
@@ -132,15 +139,18 @@ def _to_numpy(tree):
 
 def _inputs(batch=2, points=40, tokens=5, width=16, seed=0):
   keys = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(keys[0], (batch, points, width)),
-          jax.random.normal(keys[1], (batch, width)),
-          jax.random.normal(keys[2], (batch, tokens, width)))
+  return (
+      jax.random.normal(keys[0], (batch, points, width)),
+      jax.random.normal(keys[1], (batch, width)),
+      jax.random.normal(keys[2], (batch, tokens, width)),
+  )
 
 
 def test_attention_block_matches_numpy_reference():
   h, g, tokens = _inputs()
   params, apply = _random_params_and_apply(
-      decoder_lib.AttentionBlock(num_heads=2, mlp_ratio=2), h, g, tokens)
+      decoder_lib.AttentionBlock(num_heads=2, mlp_ratio=2), h, g, tokens
+  )
   out = apply(params, h, g, tokens)
   expected = _attention_block(*map(np.asarray, (h, g, tokens)), _to_numpy(params))
   np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-4)
@@ -150,7 +160,8 @@ def test_vertex_block_u_shape_matches_numpy_reference():
   h, g, tokens = _inputs(points=40)
   levels = decoder_lib.fps_level_indices(np.random.default_rng(0).normal(size=(40, 3)), 2, 2)
   params, apply = _random_params_and_apply(
-      decoder_lib.VertexBlock(levels, num_heads=2, mlp_ratio=2), h, g, tokens)
+      decoder_lib.VertexBlock(levels, num_heads=2, mlp_ratio=2), h, g, tokens
+  )
   out = apply(params, h, g, tokens)
 
   p = _to_numpy(params)
@@ -160,8 +171,8 @@ def test_vertex_block_u_shape_matches_numpy_reference():
   level2 = _attention_block(level1[:, list(levels[1])], g, tokens, p['down_attention_2'])
 
   def upsample(x, q):  # a linear map over points: out[b, m] = sum_n x[b, n] W[n, m] + c[m]
-    return np.einsum('bnc,nm->bmc', x, q['point_map']['kernel']) + q['point_map']['bias'][:,
-                                                                                          None]
+    return np.einsum('bnc,nm->bmc', x, q['point_map']['kernel']) + q['point_map']['bias'][:, None]
+
   up1 = upsample(level2, p['upsample_2']) + level1
   expected = upsample(up1, p['upsample_1']) + level0
   assert out.shape == (2, 40, 16)
@@ -179,17 +190,29 @@ def test_feature_block_matches_numpy_reference():
 
 # ---- The decoder ----
 
+
 def _decoder(kind, dtype=jnp.float32, num_blocks=2):
   template = np.random.default_rng(0).normal(size=(778, 3))
   return decoder_lib.Decoder(
-      num_points=778, width=16, num_heads=2, num_blocks=num_blocks, mlp_ratio=2,
-      level_indices=decoder_lib.fps_level_indices(template, 4, 2), kind=kind, dtype=dtype)
+      num_points=778,
+      width=16,
+      num_heads=2,
+      num_blocks=num_blocks,
+      mlp_ratio=2,
+      level_indices=decoder_lib.fps_level_indices(template, 4, 2),
+      kind=kind,
+      dtype=dtype,
+  )
 
 
 def _decoder_inputs(batch=2):
   keys = jax.random.split(jax.random.key(0), 3)
-  return (jax.random.normal(keys[0], (batch, 778, 3)), jnp.array([0, 999][:batch]),
-          jax.random.normal(keys[1], (batch, 6, 24)), jax.random.normal(keys[2], (batch, 24)))
+  return (
+      jax.random.normal(keys[0], (batch, 778, 3)),
+      jnp.array([0, 999][:batch]),
+      jax.random.normal(keys[1], (batch, 6, 24)),
+      jax.random.normal(keys[2], (batch, 24)),
+  )
 
 
 @pytest.mark.parametrize('kind', ['cross_modality', 'vanilla'])
@@ -209,21 +232,32 @@ def test_decoder_shapes_layer_counts_and_inputs(kind):
   np.testing.assert_allclose(swapped[::-1], out, rtol=1e-5, atol=1e-5)
   if kind == 'cross_modality':
     assert sorted(k for k in params if 'block' in k) == [
-        'feature_block_0', 'feature_block_1', 'vertex_block_0', 'vertex_block_1']
+        'feature_block_0',
+        'feature_block_1',
+        'vertex_block_0',
+        'vertex_block_1',
+    ]
     assert sorted(params['vertex_block_0']) == [
-        'down_attention_1', 'down_attention_2', 'upsample_1', 'upsample_2']
+        'down_attention_1',
+        'down_attention_2',
+        'upsample_1',
+        'upsample_2',
+    ]
     assert params['vertex_block_0']['upsample_1']['point_map']['kernel'].shape == (194, 778)
     assert params['vertex_block_0']['upsample_2']['point_map']['kernel'].shape == (48, 194)
   else:
     # As many attention blocks as the cross-modality decoder: num_blocks * num_levels.
     assert sorted(k for k in params if k.startswith('layer_')) == [
-        'layer_0_0', 'layer_0_1', 'layer_1_0', 'layer_1_1']
+        'layer_0_0',
+        'layer_0_1',
+        'layer_1_0',
+        'layer_1_1',
+    ]
 
 
 def test_decoder_bfloat16_keeps_float32_params_and_output():
   inputs = _decoder_inputs()
-  params, apply16 = _init_apply(_decoder('cross_modality', jnp.bfloat16, num_blocks=1),
-                                *inputs)
+  params, apply16 = _init_apply(_decoder('cross_modality', jnp.bfloat16, num_blocks=1), *inputs)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
   decoder32 = _decoder('cross_modality', num_blocks=1)
   out16 = apply16(params, *inputs)
@@ -245,4 +279,5 @@ def test_decoder_rejects_bad_shapes():
     decoder.init(jax.random.key(0), x_t, t, tokens, embedding[:, :5])
   with pytest.raises(ValueError, match='kind'):
     decoder_lib.Decoder(778, 16, 2, 1, 2, ((0,),), kind='unet').init(
-        jax.random.key(0), x_t, t, tokens, embedding)
+        jax.random.key(0), x_t, t, tokens, embedding
+    )

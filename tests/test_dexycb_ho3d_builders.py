@@ -1,4 +1,5 @@
 """The `dexycb` and `ho3d` TFDS builders and their input-pipeline wiring, on tiny layouts."""
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -32,8 +33,11 @@ def test_dexycb_builder_and_pipeline(tmp_path, mano_dir):
   builder = input_pipeline.get_builder(config)
   assert isinstance(builder, dexycb.Dexycb)
   splits = builder.info.splits
-  assert (splits['train'].num_examples, splits['validation'].num_examples,
-          splits['evaluation'].num_examples) == (300, 16, 64)
+  assert (
+      splits['train'].num_examples,
+      splits['validation'].num_examples,
+      splits['evaluation'].num_examples,
+  ) == (300, 16, 64)
   expected = {e['id']: e for e in dexycb_reader.examples(root, 'test', mano_dir=mano_dir)}
   for record in tfds.as_numpy(builder.as_dataset(split='evaluation')):
     reference = expected.pop(int(record['id']))
@@ -52,8 +56,7 @@ def test_ho3d_builder_evaluation_crops_from_the_box(tmp_path, mano_dir):
   root = tmp_path / 'ho3d'
   ho3d_testing.write_layout(root)
   builder = ho3d.Ho3d(data_dir=str(tmp_path / 'tfds'), mano_dir=str(mano_dir))
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
   assert builder.info.splits['train'].num_examples == 3
   assert builder.info.splits['evaluation'].num_examples == 3
   train = {e['id']: e for e in ho3d_reader.examples(root, 'train', mano_dir=mano_dir)}
@@ -74,17 +77,25 @@ def test_evaluation_crop_follows_the_given_box():
   """No joints + a bbox: the crop is the box's square (side = margin x longer side)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   image = np.zeros((60, 80, 3), np.uint8)
   image[20:30, 40:60] = 255  # the hand box: x 40..60, y 20..30
-  example = {'image': image, 'K': np.diag([100.0, 100.0, 1.0]).astype(np.float32),
-             'joints3d': np.zeros((21, 3), np.float32) + [0, 0, 1],
-             'joints2d': np.zeros((21, 2), np.float32), 'verts': np.zeros((778, 3), np.float32),
-             'is_right': True, 'id': 0, 'has_targets': False,
-             'bbox': np.array([40, 20, 60, 30], np.float32)}
+  example = {
+      'image': image,
+      'K': np.diag([100.0, 100.0, 1.0]).astype(np.float32),
+      'joints3d': np.zeros((21, 3), np.float32) + [0, 0, 1],
+      'joints2d': np.zeros((21, 2), np.float32),
+      'verts': np.zeros((778, 3), np.float32),
+      'is_right': True,
+      'id': 0,
+      'has_targets': False,
+      'bbox': np.array([40, 20, 60, 30], np.float32),
+  }
   data_config = ml_collections.ConfigDict(dict(crop_margin=1.0, use_depth=False, flip=False))
   out = input_pipeline.transform_example(
-      {k: tf.constant(v) for k, v in example.items()}, data_config, 20)
-  crop = input_pipeline.denormalize_image(out["image"].numpy())
+      {k: tf.constant(v) for k, v in example.items()}, data_config, 20
+  )
+  crop = input_pipeline.denormalize_image(out['image'].numpy())
   # A 20x20 crop centred on (50, 25): the box fills the middle 10 rows, every column.
   assert crop[8:12, :].mean() > 200 and crop[:3].mean() < 30 and crop[-3:].mean() < 30
 
@@ -106,6 +117,7 @@ def test_evaluate_reports_the_protocol_files(tmp_path, mano_dir, name):
   import zipfile  # pylint: disable=g-import-not-at-top
   from diffhand_jax import evaluate  # pylint: disable=g-import-not-at-top
   from diffhand_jax import models  # pylint: disable=g-import-not-at-top
+
   root = tmp_path / name
   if name == 'dexycb':
     dexycb_testing.write_layout(root, mano_dir)
@@ -117,10 +129,12 @@ def test_evaluate_reports_the_protocol_files(tmp_path, mano_dir, name):
   config.eval.update(batch_size=8, num_examples=8, tta_angles=())
   model = models.build_model(config)
   size = config.data.image_size
-  params = models.init_params(model, jax.random.PRNGKey(0), np.zeros((1, size, size, 3),
-                                                                       np.float32))
-  scores = evaluate.evaluate(config, params, model=model, workdir=str(tmp_path / 'run'),
-                             write_predictions=True)
+  params = models.init_params(
+      model, jax.random.PRNGKey(0), np.zeros((1, size, size, 3), np.float32)
+  )
+  scores = evaluate.evaluate(
+      config, params, model=model, workdir=str(tmp_path / 'run'), write_predictions=True
+  )
   out = tmp_path / 'run' / 'eval'
   if name == 'dexycb':
     assert scores['num_examples'] == 8

@@ -1,4 +1,5 @@
 """DexYCB reader on a tiny directory in the official layout (datasets/dexycb/testing.py)."""
+
 import numpy as np
 import pytest
 
@@ -49,8 +50,12 @@ def test_example_matches_the_label_files(layout, split, index):
   """Right (sequence 4 is even -> right) and, below, left hands: hand-computed expectations."""
   root, mano_dir, written = layout
   example = list(dexycb.examples(root, split, mano_dir=mano_dir))[index]
-  key = example['image_path'].split(str(root) + '/')[1].replace('color_', 'labels_').replace(
-      '.jpg', '.npz')
+  key = (
+      example['image_path']
+      .split(str(root) + '/')[1]
+      .replace('color_', 'labels_')
+      .replace('.jpg', '.npz')
+  )
   label = written[key]
   np.testing.assert_array_equal(example['joints3d'], label['joint_3d'][0])
   np.testing.assert_array_equal(example['joints2d'], label['joint_2d'][0])
@@ -67,23 +72,36 @@ def test_vertices_follow_the_toolkit_mano_layer_for_both_sides(layout):
     if side in seen:
       continue
     seen.add(side)
-    key = example['image_path'].split(str(root) + '/')[1].replace('color_', 'labels_').replace(
-        '.jpg', '.npz')
+    key = (
+        example['image_path']
+        .split(str(root) + '/')[1]
+        .replace('color_', 'labels_')
+        .replace('.jpg', '.npz')
+    )
     pose_m = written[key]['pose_m'][0].astype(np.float64)
     model = mano.load_mano(str(mano_dir / f'MANO_{side.upper()}.pkl'))
     # manopth, flat_hand_mean=False, ncomps=45, use_pca=True: full pose = global | mean + c @ P.
-    full = np.concatenate([pose_m[:3], np.asarray(model.hands_mean) +
-                           pose_m[3:48] @ np.asarray(model.hands_components)])
-    verts, _ = mano.mano_forward(model, full[None].astype(np.float32),
-                                 np.asarray(written[key]['betas'], np.float32)[None],
-                                 flat_hand_mean=True)
+    full = np.concatenate(
+        [
+            pose_m[:3],
+            np.asarray(model.hands_mean) + pose_m[3:48] @ np.asarray(model.hands_components),
+        ]
+    )
+    verts, _ = mano.mano_forward(
+        model,
+        full[None].astype(np.float32),
+        np.asarray(written[key]['betas'], np.float32)[None],
+        flat_hand_mean=True,
+    )
     expected = np.asarray(verts[0]) + pose_m[48:51]
     np.testing.assert_allclose(example['verts'], expected, atol=1e-5)
-    np.testing.assert_allclose(example['pose'][3:], full[3:] - np.asarray(model.hands_mean),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        example['pose'][3:], full[3:] - np.asarray(model.hands_mean), atol=1e-5
+    )
     # The other side's model gives a different hand: the file choice matters.
-    other = reader.mano_vertices(mano_dir, 'left' if side == 'right' else 'right', pose_m,
-                                 written[key]['betas'])[0]
+    other = reader.mano_vertices(
+        mano_dir, 'left' if side == 'right' else 'right', pose_m, written[key]['betas']
+    )[0]
     assert np.abs(other - example['verts']).max() > 1e-3
   assert seen == {'right', 'left'}
 
@@ -119,7 +137,7 @@ def test_metrics_root_aligned_and_procrustes():
   m = dexycb.dexycb_metrics(pred_j, gt_v, gt_j, gt_v)
   assert m['mpjpe'] == pytest.approx(3.0 * 20 / 21)
   assert m['mpvpe'] == pytest.approx(3.0)
-  assert m["pa_mpvpe"] < 1e-4
+  assert m['pa_mpvpe'] < 1e-4
 
 
 def test_depth_dir_mirrors_the_colour_paths(layout, tmp_path):
@@ -127,6 +145,7 @@ def test_depth_dir_mirrors_the_colour_paths(layout, tmp_path):
   folder = tmp_path / '20200820-subject-03' / '20200101_100004' / reader.SERIALS[0]
   folder.mkdir(parents=True)
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   Image.fromarray(np.full((24, 32), 650, np.uint16)).save(folder / 'color_000000.png')
   example = next(dexycb.examples(root, 'test', mano_dir=mano_dir, depth_dir=tmp_path))
   np.testing.assert_allclose(example['depth'], 0.65)  # 16-bit PNG in millimetres

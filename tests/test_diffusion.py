@@ -1,4 +1,5 @@
 """Tests of diffhand_jax/diffusion.py against closed forms and hand-written numpy."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ T = 1000
 
 def _numpy_alpha_bar(num_timesteps, s):
   """Unclipped closed form alpha_bar[t] = f(t+1) / f(0)."""
-  f = lambda u: np.cos((u / num_timesteps + s) / (1 + s) * np.pi / 2)**2
+  f = lambda u: np.cos((u / num_timesteps + s) / (1 + s) * np.pi / 2) ** 2
   return f(np.arange(1, num_timesteps + 1)) / f(0)
 
 
@@ -46,8 +47,7 @@ def test_q_sample_moments_monte_carlo():
   x_t = np.asarray(diffusion.q_sample(schedule, x0, t, noise))
   alpha = _numpy_alpha_bar(T, 0.008)[300]
   # Standard errors: sqrt(var / num) ~ 0.006; 5 sigma.
-  np.testing.assert_allclose(x_t.mean(0), np.sqrt(alpha) * np.array([0.7, -1.2, 0.1]),
-                             atol=0.03)
+  np.testing.assert_allclose(x_t.mean(0), np.sqrt(alpha) * np.array([0.7, -1.2, 0.1]), atol=0.03)
   np.testing.assert_allclose(x_t.var(0), np.full(3, 1 - alpha), rtol=0.05)
 
 
@@ -87,20 +87,30 @@ def test_ddim_step_matches_numpy_formula():
   rng = np.random.default_rng(0)
   x_t, x0_hat, noise = (rng.normal(size=(2, 5, 3)) for _ in range(3))
   t, t_next, eta = 700, 350, 0.7
-  out = diffusion.ddim_step(schedule, jnp.asarray(x_t, jnp.float32),
-                            jnp.asarray(x0_hat, jnp.float32), jnp.array([t, t]),
-                            jnp.array([t_next, t_next]), eta,
-                            jnp.asarray(noise, jnp.float32))
+  out = diffusion.ddim_step(
+      schedule,
+      jnp.asarray(x_t, jnp.float32),
+      jnp.asarray(x0_hat, jnp.float32),
+      jnp.array([t, t]),
+      jnp.array([t_next, t_next]),
+      eta,
+      jnp.asarray(noise, jnp.float32),
+  )
   a, a_next = alpha_bar[t], alpha_bar[t_next]
   eps = (x_t - np.sqrt(a) * x0_hat) / np.sqrt(1 - a)
   sigma = eta * np.sqrt((1 - a_next) / (1 - a)) * np.sqrt(1 - a / a_next)
-  expected = (np.sqrt(a_next) * x0_hat + np.sqrt(1 - a_next - sigma**2) * eps
-              + sigma * noise)
+  expected = np.sqrt(a_next) * x0_hat + np.sqrt(1 - a_next - sigma**2) * eps + sigma * noise
   np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
   # The final step (t_next = -1) returns x0_hat exactly, whatever eta.
-  last = diffusion.ddim_step(schedule, jnp.asarray(x_t, jnp.float32),
-                             jnp.asarray(x0_hat, jnp.float32), 99, -1, 1.0,
-                             jnp.asarray(noise, jnp.float32))
+  last = diffusion.ddim_step(
+      schedule,
+      jnp.asarray(x_t, jnp.float32),
+      jnp.asarray(x0_hat, jnp.float32),
+      99,
+      -1,
+      1.0,
+      jnp.asarray(noise, jnp.float32),
+  )
   np.testing.assert_array_equal(np.asarray(last), np.asarray(x0_hat, np.float32))
 
 
@@ -119,9 +129,11 @@ def test_perfect_oracle_returns_x0(steps, eta):
   def oracle(x_t, t):
     seen_t.append(t.shape)
     return x0
+
   x_T = jax.random.normal(jax.random.key(2), x0.shape)
-  out = diffusion.ddim_sample(oracle, schedule, x_T, diffusion.ddim_timesteps(T, steps),
-                              eta, jax.random.key(3))
+  out = diffusion.ddim_sample(
+      oracle, schedule, x_T, diffusion.ddim_timesteps(T, steps), eta, jax.random.key(3)
+  )
   np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=1e-6)
   assert seen_t == [(3,)]  # traced once (scan body), t is per example
 
@@ -145,7 +157,8 @@ def test_eta_zero_is_deterministic_given_noise_and_eta_one_is_not():
   x_T = jax.random.normal(jax.random.key(0), (2, 8, 3))
   taus = diffusion.ddim_timesteps(T, 5)
   run = lambda eta, key: np.asarray(
-      diffusion.ddim_sample(_toy_denoiser, schedule, x_T, taus, eta, jax.random.key(key)))
+      diffusion.ddim_sample(_toy_denoiser, schedule, x_T, taus, eta, jax.random.key(key))
+  )
   np.testing.assert_array_equal(run(0.0, 1), run(0.0, 2))
   assert not np.allclose(run(1.0, 1), run(1.0, 2))
 
@@ -153,8 +166,9 @@ def test_eta_zero_is_deterministic_given_noise_and_eta_one_is_not():
 def test_single_step_equals_direct_prediction():
   schedule = diffusion.cosine_schedule(T)
   x_T = jax.random.normal(jax.random.key(0), (2, 8, 3))
-  out = diffusion.ddim_sample(_toy_denoiser, schedule, x_T, diffusion.ddim_timesteps(T, 1),
-                              0.0, jax.random.key(1))
+  out = diffusion.ddim_sample(
+      _toy_denoiser, schedule, x_T, diffusion.ddim_timesteps(T, 1), 0.0, jax.random.key(1)
+  )
   direct = _toy_denoiser(x_T, jnp.full((2,), T - 1, jnp.int32))
   np.testing.assert_allclose(np.asarray(out), np.asarray(direct), atol=1e-6)
 
@@ -190,7 +204,8 @@ def test_ddim_sample_is_one_scan_flat_in_steps():
 
   def jaxpr_for(steps):
     fn = lambda x, key: diffusion.ddim_sample(
-        _toy_denoiser, schedule, x, diffusion.ddim_timesteps(T, steps), 0.0, key)
+        _toy_denoiser, schedule, x, diffusion.ddim_timesteps(T, steps), 0.0, key
+    )
     return jax.make_jaxpr(fn)(x_T, jax.random.key(0)).jaxpr
 
   small, large = jaxpr_for(2), jaxpr_for(20)

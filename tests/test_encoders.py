@@ -1,4 +1,5 @@
 """Tests of the ViT / DeiT encoder, its building blocks and `build_encoder`."""
+
 import math
 
 import chex
@@ -16,8 +17,8 @@ from encoder_testing import random_array
 from encoder_testing import random_variables
 
 # Published timm parameter counts (timm model cards / `sum(p.numel())`), 224 px, patch 16.
-TIMM_VIT_TINY_WITH_HEAD = 5_717_416     # vit_tiny_patch16_224, 5.72 M
-TIMM_DEIT_BASE_WITH_HEAD = 86_567_656   # deit_base_patch16_224, 86.6 M
+TIMM_VIT_TINY_WITH_HEAD = 5_717_416  # vit_tiny_patch16_224, 5.72 M
+TIMM_DEIT_BASE_WITH_HEAD = 86_567_656  # deit_base_patch16_224, 86.6 M
 IMAGENET_CLASSES = 1000
 
 
@@ -27,9 +28,10 @@ def random_images(seed, batch, size):
 
 # ---- Numpy reference (float64), written from the ViT / timm definitions ----
 
+
 def np_layer_norm(x, p, eps=1e-6):
   mean = x.mean(-1, keepdims=True)
-  var = ((x - mean)**2).mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
   return (x - mean) / np.sqrt(var + eps) * p['scale'] + p['bias']
 
 
@@ -51,8 +53,8 @@ def np_attention(x, p, num_heads):
     for h in range(num_heads):
       cols = slice(h * head_dim, (h + 1) * head_dim)
       q = qkv[b, :, :width][:, cols]
-      k = qkv[b, :, width:2 * width][:, cols]
-      v = qkv[b, :, 2 * width:][:, cols]
+      k = qkv[b, :, width : 2 * width][:, cols]
+      v = qkv[b, :, 2 * width :][:, cols]
       logits = q @ k.T / math.sqrt(head_dim)
       weights = np.exp(logits - logits.max(-1, keepdims=True))
       weights /= weights.sum(-1, keepdims=True)
@@ -87,6 +89,7 @@ def np_vit(params, images, num_heads, patch, num_prefix, pos_embed):
 
 def np_bicubic_aa_matrix(in_size, out_size):
   """PIL / PyTorch antialiased bicubic as a loop over outputs and their taps (a = -0.5)."""
+
   def keys(d, a=-0.5):
     d = abs(d)
     if d < 1:
@@ -107,6 +110,7 @@ def np_bicubic_aa_matrix(in_size, out_size):
 
 
 # ---- Building blocks ----
+
 
 def test_exact_gelu_matches_erf_and_differs_from_tanh():
   x = np.linspace(-4.0, 4.0, 801)
@@ -132,13 +136,16 @@ def test_self_attention_rejects_indivisible_heads():
 
 # ---- Position embedding resampling ----
 
+
 def test_resample_identity_when_grid_unchanged():
   pos = random_array(0, (1, 2 + 5 * 6, 8))
   np.testing.assert_array_equal(vit.resample_pos_embed(pos, (5, 6), (5, 6), 2), pos)
 
 
-@pytest.mark.parametrize('old_grid,new_grid', [((14, 14), (8, 8)), ((14, 14), (20, 20)),
-                                               ((4, 6), (7, 3)), ((4, 4), (4, 9))])
+@pytest.mark.parametrize(
+    'old_grid,new_grid',
+    [((14, 14), (8, 8)), ((14, 14), (20, 20)), ((4, 6), (7, 3)), ((4, 4), (4, 9))],
+)
 def test_resample_matches_loop_reference(old_grid, new_grid):
   prefix, dim = 2, 5
   pos = random_array(1, (1, prefix + old_grid[0] * old_grid[1], dim))
@@ -159,8 +166,9 @@ def test_resample_keeps_constants_and_upsampled_ramps():
   np.testing.assert_allclose(vit.resample_pos_embed(const, (6, 6), (4, 9), 1), 0.7, atol=1e-6)
   old, new = 8, 16
   ramp = np.add.outer(np.arange(old), 2.0 * np.arange(old))  # value = row + 2 col
-  out = vit.resample_pos_embed(jnp.asarray(ramp.reshape(1, -1, 1), jnp.float32),
-                               (old, old), (new, new))
+  out = vit.resample_pos_embed(
+      jnp.asarray(ramp.reshape(1, -1, 1), jnp.float32), (old, old), (new, new)
+  )
   out = np.asarray(out).reshape(new, new)
   centres = (np.arange(new) + 0.5) * old / new - 0.5  # output centres in input coordinates
   expected = np.add.outer(centres, 2.0 * centres)
@@ -184,6 +192,7 @@ def test_resample_matches_pytorch_when_installed():
 
 # ---- Whole encoder ----
 
+
 @pytest.mark.parametrize('distilled,image_size', [(False, 64), (False, 32), (True, 48)])
 def test_vit_matches_numpy_reference(distilled, image_size):
   # pretrained_image_size=64: at 32 / 48 px the position embedding is resampled on the fly.
@@ -204,18 +213,19 @@ def test_vit_matches_numpy_reference(distilled, image_size):
   np.testing.assert_allclose(embedding, ref_embedding, atol=2e-4)
 
 
-@pytest.mark.parametrize('size,image_size', [('micro', 32), ('micro', 64), ('tiny', 32),
-                                             ('tiny', 48)])
+@pytest.mark.parametrize(
+    'size,image_size', [('micro', 32), ('micro', 64), ('tiny', 32), ('tiny', 48)]
+)
 def test_vit_shapes(size, image_size):
   # Shapes only: jax.eval_shape traces without compiling (numerics: the reference tests).
   config = model_config('vit', size)
   variables, tokens, embedding = abstract_encoder_outputs(config, image_size)
   width = encoder.encoder_width(config)
   assert width == vit.VIT_SIZES[size][1]
-  assert encoder.num_tokens(config, image_size) == (image_size // 16)**2
+  assert encoder.num_tokens(config, image_size) == (image_size // 16) ** 2
   assert tokens.shape == (2, encoder.num_tokens(config, image_size), width)
   assert embedding.shape == (2, width)
-  assert variables['params']['pos_embed'].shape == (1, 1 + (64 // 16)**2, width)
+  assert variables['params']['pos_embed'].shape == (1, 1 + (64 // 16) ** 2, width)
 
 
 def test_deit_distilled_embedding_is_mean_of_prefix_tokens():
@@ -265,19 +275,29 @@ def test_jit_traces_once_for_repeated_calls():
     encode(variables, random_images(seed, 2, 32))
 
 
-@pytest.mark.parametrize('shape,match', [((2, 32, 32), r'\[batch, H, W, 3\]'),
-                                         ((2, 32, 32, 1), r'\[batch, H, W, 3\]'),
-                                         ((2, 40, 32, 3), 'multiple of patch')])
+@pytest.mark.parametrize(
+    'shape,match',
+    [
+        ((2, 32, 32), r'\[batch, H, W, 3\]'),
+        ((2, 32, 32, 1), r'\[batch, H, W, 3\]'),
+        ((2, 40, 32, 3), 'multiple of patch'),
+    ],
+)
 def test_vit_rejects_bad_images(shape, match):
   module = encoder.build_encoder(model_config('vit', 'micro'))
   with pytest.raises(ValueError, match=match):
     module.init(jax.random.PRNGKey(0), jnp.zeros(shape))
 
 
-@pytest.mark.parametrize('changes,match', [(dict(encoder='resnet'), 'model.encoder'),
-                                           (dict(encoder_size='huge'), 'encoder_size'),
-                                           (dict(encoder_size='w32'), 'encoder_size'),
-                                           (dict(distilled=True), 'deit')])
+@pytest.mark.parametrize(
+    'changes,match',
+    [
+        (dict(encoder='resnet'), 'model.encoder'),
+        (dict(encoder_size='huge'), 'encoder_size'),
+        (dict(encoder_size='w32'), 'encoder_size'),
+        (dict(distilled=True), 'deit'),
+    ],
+)
 def test_build_encoder_rejects_bad_config(changes, match):
   config = model_config('vit', 'micro')
   config.update(changes)
@@ -287,10 +307,14 @@ def test_build_encoder_rejects_bad_config(changes, match):
 
 # ---- Parameter counts of the standard sizes (jax.eval_shape: no memory) ----
 
+
 def count_params(config, image_size=224):
   module = encoder.build_encoder(config)
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
+  shapes = jax.eval_shape(
+      module.init,
+      jax.random.PRNGKey(0),
+      jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32),
+  )
   return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
 
 

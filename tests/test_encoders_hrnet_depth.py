@@ -1,4 +1,5 @@
 """Tests of the HRNet encoder and of the zero-initialised depth branch."""
+
 import math
 
 import chex
@@ -23,6 +24,7 @@ PUBLISHED_HRNET_PARAMS = {'w32': 28.5e6, 'w48': 63.6e6}
 
 # ---- Numpy reference (float64) ----
 
+
 def np_conv(x, kernel, stride):
   """Zero-padded ('same' for odd kernels) strided convolution by a loop over kernel taps."""
   k = kernel.shape[0]
@@ -33,7 +35,7 @@ def np_conv(x, kernel, stride):
   out = np.zeros((x.shape[0], out_h, out_w, kernel.shape[-1]))
   for dy in range(k):
     for dx in range(k):
-      window = x[:, dy:dy + stride * out_h:stride, dx:dx + stride * out_w:stride]
+      window = x[:, dy : dy + stride * out_h : stride, dx : dx + stride * out_w : stride]
       out += window @ kernel[dy, dx]
   return out
 
@@ -58,15 +60,16 @@ def np_hr_module(xs, p, num_outputs):
   ys = []
   for b, x in enumerate(xs):
     blk = p[f'branch{b}_block0']
-    ys.append(np.maximum(x + np_conv_norm(np_conv_norm(x, blk['conv1']), blk['conv2'],
-                                          relu=False), 0))
+    ys.append(
+        np.maximum(x + np_conv_norm(np_conv_norm(x, blk['conv1']), blk['conv2'], relu=False), 0)
+    )
   outs = []
   for i in range(num_outputs):
     total = ys[i].copy()
     for j in range(len(ys)):
       if j > i:
         y = np_conv_norm(ys[j], p[f'fuse{i}_{j}'], relu=False)
-        f = 2**(j - i)
+        f = 2 ** (j - i)
         rows = np.arange(total.shape[1]) // f
         cols = np.arange(total.shape[2]) // f
         total += y[:, rows][:, :, cols]
@@ -80,6 +83,7 @@ def np_hr_module(xs, p, num_outputs):
 
 
 # ---- HRNet ----
+
 
 def test_conv_norm_matches_reference():
   x = random_array(0, (2, 8, 8, 6))
@@ -97,8 +101,7 @@ def test_hr_module_fusion_matches_reference():
     module = hrnet.HRModule(widths, num_blocks=1, num_outputs=num_outputs)
     variables = random_variables(module, xs, seed=num_outputs)
     outs = jax.jit(module.apply)(variables, xs)
-    refs = np_hr_module([np.asarray(x, np.float64) for x in xs], variables['params'],
-                        num_outputs)
+    refs = np_hr_module([np.asarray(x, np.float64) for x in xs], variables['params'], num_outputs)
     assert len(outs) == num_outputs
     for out, ref in zip(outs, refs):
       np.testing.assert_allclose(out, ref, atol=1e-4)
@@ -111,7 +114,7 @@ def test_hrnet_shapes(size, image_size):
   width = encoder.encoder_width(config)
   assert width == hrnet.HRNET_SIZES[size].widths[0]
   assert tokens.shape == (2, encoder.num_tokens(config, image_size), width)
-  assert encoder.num_tokens(config, image_size) == (image_size // 4)**2
+  assert encoder.num_tokens(config, image_size) == (image_size // 4) ** 2
   assert embedding.shape == (2, width)
 
 
@@ -154,7 +157,7 @@ def closed_form_hrnet_params(spec):
     cin = 4 * planes
   previous = [cin]
   for stage, num_modules in enumerate(spec.num_modules):
-    widths = spec.widths[:stage + 2]
+    widths = spec.widths[: stage + 2]
     total += sum(conv_norm(3, c, w) for c, w in zip(previous, widths) if c != w)
     total += conv_norm(3, previous[-1], widths[-1])  # the new, coarser branch
     for m in range(num_modules):
@@ -173,8 +176,9 @@ def closed_form_hrnet_params(spec):
 @pytest.mark.parametrize('size', ['w8', 'w32', 'w48', 'w64'])
 def test_hrnet_parameter_counts(size):
   module = encoder.build_encoder(model_config('hrnet', size))
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  shapes = jax.eval_shape(
+      module.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  )
   count = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
   assert count == closed_form_hrnet_params(hrnet.HRNET_SIZES[size])
   if size in PUBLISHED_HRNET_PARAMS:  # published values are rounded to 0.1 M
@@ -183,6 +187,7 @@ def test_hrnet_parameter_counts(size):
 
 # ---- Depth branch ----
 
+
 def fresh_depth_params(module, config, images, depth, seed):
   """Initial parameters of the encoder's depth branch, from the branch's own init.
 
@@ -190,10 +195,14 @@ def fresh_depth_params(module, config, images, depth, seed):
   for HRNet); the shape check ties it to the subtree that the encoder itself creates.
   """
   stride = hrnet.STEM_STRIDE if config.encoder == 'hrnet' else config.patch_size
-  out_dim = (hrnet.HRNET_SIZES[config.encoder_size].stem_width if config.encoder == 'hrnet'
-             else encoder.encoder_width(config))
-  branch = depth_lib.DepthBranch(out_dim, depth_lib.num_downsamples(stride),
-                                 zero_init=config.depth_zero_init)
+  out_dim = (
+      hrnet.HRNET_SIZES[config.encoder_size].stem_width
+      if config.encoder == 'hrnet'
+      else encoder.encoder_width(config)
+  )
+  branch = depth_lib.DepthBranch(
+      out_dim, depth_lib.num_downsamples(stride), zero_init=config.depth_zero_init
+  )
   params = branch.init(jax.random.PRNGKey(seed), depth)['params']
   encoder_shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), images, depth)
   chex.assert_trees_all_equal_shapes(params, encoder_shapes['params']['depth'])
@@ -247,9 +256,13 @@ def test_depth_branch_init_and_gradient_flow(zero_init):
     else:  # default (random) kernels; biases start at zero as usual
       assert float(jnp.abs(layer['kernel']).min()) > 0, name
   target = random_array(2, out.shape)
-  grads = jax.grad(lambda p: jnp.sum((branch.apply({'params': p}, depth) - target)**2))(params)
-  moving = {f'{n}/{k}' for n, layer in grads.items() for k, g in layer.items()
-            if float(jnp.abs(g).max()) > 0}
+  grads = jax.grad(lambda p: jnp.sum((branch.apply({'params': p}, depth) - target) ** 2))(params)
+  moving = {
+      f'{n}/{k}'
+      for n, layer in grads.items()
+      for k, g in layer.items()
+      if float(jnp.abs(g).max()) > 0
+  }
   if zero_init == 'all':
     assert moving == {f'{last}/bias'}
   else:
@@ -269,6 +282,12 @@ def test_depth_arguments_are_checked():
   with pytest.raises(ValueError, match='to match the images'):
     init(with_depth, images, jnp.zeros((1, 32, 32, 3)))
   with pytest.raises(ValueError, match='zero_init'):
-    init(encoder.build_encoder(model_config('vit', 'micro', use_depth=True, depth_zero_init='first')), images, depth)
+    init(
+        encoder.build_encoder(
+            model_config('vit', 'micro', use_depth=True, depth_zero_init='first')
+        ),
+        images,
+        depth,
+    )
   with pytest.raises(ValueError, match='power-of-two'):
     depth_lib.num_downsamples(12)

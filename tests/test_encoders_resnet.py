@@ -1,4 +1,5 @@
 """Tests of the GroupNorm ResNet encoder (models/resnet.py) and its place in the factory."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,11 +34,10 @@ def test_tokens_and_embedding_come_from_stages_3_and_4():
   module = resnet.ResNet(spec=resnet.RESNET_SIZES['micro'])
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
   variables = module.init(jax.random.PRNGKey(1), images)
-  (tokens, embedding), state = module.apply(variables, images,
-                                            capture_intermediates=True)
+  (tokens, embedding), state = module.apply(variables, images, capture_intermediates=True)
   inter = state['intermediates']
-  stage3 = np.asarray(inter['stage3_block0']['__call__'][0])   # [2, 4, 4, 32]
-  stage4 = np.asarray(inter['stage4_block0']['__call__'][0])   # [2, 2, 2, 64]
+  stage3 = np.asarray(inter['stage3_block0']['__call__'][0])  # [2, 4, 4, 32]
+  stage4 = np.asarray(inter['stage4_block0']['__call__'][0])  # [2, 2, 2, 64]
   assert stage3.shape == (2, 4, 4, 32) and stage4.shape == (2, 2, 2, 64)
   params = variables['params']
   # embedding: a linear map of the flattened (row-major) stage-4 map.
@@ -47,7 +47,7 @@ def test_tokens_and_embedding_come_from_stages_3_and_4():
   # tokens: a 1x1 convolution of the stage-3 map, row-major over the 4x4 grid, plus the
   # position embedding of each grid cell.
   proj = params['token_proj']
-  kernel = np.asarray(proj['kernel'])[0, 0]                  # [32, 64]
+  kernel = np.asarray(proj['kernel'])[0, 0]  # [32, 64]
   expected = np.einsum('bhwc,cd->bhwd', stage3, kernel) + np.asarray(proj['bias'])
   expected = expected.reshape(2, 16, 64) + np.asarray(params['token_pos_embed'])
   np.testing.assert_allclose(np.asarray(tokens), expected, rtol=1e-4, atol=1e-5)
@@ -56,8 +56,9 @@ def test_tokens_and_embedding_come_from_stages_3_and_4():
 def test_rejects_sizes_off_the_stride():
   module = resnet.ResNet(spec=resnet.RESNET_SIZES['micro'])
   with pytest.raises(ValueError, match='multiple of 32'):
-    jax.eval_shape(module.init, jax.random.PRNGKey(0),
-                   jax.ShapeDtypeStruct((1, 48, 48, 3), jnp.float32))
+    jax.eval_shape(
+        module.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 48, 48, 3), jnp.float32)
+    )
 
 
 def test_depth_branch_starts_at_zero():

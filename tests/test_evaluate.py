@@ -3,6 +3,7 @@
 The data are tiny FreiHAND-layout folders (`datasets.freihand.testing`): one with evaluation
 annotations, one without (the official evaluation split without its annotation files).
 """
+
 import json
 import os
 
@@ -28,8 +29,13 @@ TRAIN_DEVICES = 2
 
 def freihand_config(root, *, eval_annotations):
   """The smoke config on a FreiHAND-layout folder written under `root`."""
-  testing.write_layout(root / 'files', num_train=1, num_eval=NUM_EVAL, image_size=48,
-                       eval_annotations=eval_annotations)
+  testing.write_layout(
+      root / 'files',
+      num_train=1,
+      num_eval=NUM_EVAL,
+      image_size=48,
+      eval_annotations=eval_annotations,
+  )
   config = synthetic.get_config('smoke')
   config.data.name = 'freihand'
   config.data.root = str(root / 'files')
@@ -43,8 +49,8 @@ def save_checkpoint_on(devices, config, workdir, step=4):
   size = config.data.image_size
   params = models.init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
   state = train.create_train_state(
-      params, optim.make_optimizer(config.optim, config.train.num_steps),
-      jax.random.PRNGKey(1), 0.0)
+      params, optim.make_optimizer(config.optim, config.train.num_steps), jax.random.PRNGKey(1), 0.0
+  )
   placed = parallel.replicate(state, parallel.make_data_mesh(devices))
   with checkpointing.make_manager(workdir) as manager:
     checkpointing.save(manager, step, placed, config)
@@ -77,7 +83,8 @@ def test_eval_of_a_checkpoint_from_another_topology(labelled, capsys, caplog):
   with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
     metrics = json.load(f)
   assert metrics['step'] == 4 and metrics['num_sampling_steps'] == (
-      config.sampling.num_sampling_steps)
+      config.sampling.num_sampling_steps
+  )
   with open(os.path.join(workdir, 'eval', 'pred.json')) as f:
     xyz, verts = json.load(f)
   assert np.shape(xyz) == (NUM_EVAL, 21, 3) and np.shape(verts) == (NUM_EVAL, 778, 3)
@@ -91,8 +98,9 @@ def test_eval_of_a_checkpoint_from_another_topology(labelled, capsys, caplog):
 def test_predict_from_a_checkpoint_from_another_topology(labelled, tmp_path, caplog):
   config, workdir, _ = labelled
   Image.fromarray(np.full((40, 56, 3), 120, np.uint8)).save(tmp_path / 'hand.png')
-  result = predict.predict(config, workdir, str(tmp_path / 'hand.png'),
-                           output_dir=str(tmp_path / 'out'))
+  result = predict.predict(
+      config, workdir, str(tmp_path / 'hand.png'), output_dir=str(tmp_path / 'out')
+  )
   assert 'read only' not in caplog.text
   with open(result['written'][0]) as f:
     record = json.load(f)

@@ -1,4 +1,5 @@
 """Tests of the `freihand` TFDS builder on a tiny directory in the official layout."""
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -13,8 +14,7 @@ def test_builder_prepares_both_splits_like_the_reader(tmp_path):
   root = tmp_path / 'fh'
   testing.write_layout(root, num_train=2, num_eval=2, image_size=32, eval_annotations=False)
   builder = freihand.Freihand(data_dir=str(tmp_path / 'tfds'))
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
   assert builder.info.splits['train'].num_examples == 8
   assert builder.info.splits['evaluation'].num_examples == 2
   expected = {e['image_id']: e for e in freihand_reader.examples(root, 'training')}
@@ -37,7 +37,8 @@ def test_builder_without_manual_dir_files_fails_clearly(tmp_path):
   builder = freihand.Freihand(data_dir=str(tmp_path / 'tfds'))
   with pytest.raises(FileNotFoundError, match='training_K.json'):
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path)))
+        download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path))
+    )
 
 
 @pytest.mark.slow
@@ -47,11 +48,12 @@ def test_depth_config_reads_the_mirrored_depth_directory(tmp_path):
   for prefix, count in (('training', 4), ('evaluation', 1)):
     (root / 'depth' / prefix / 'rgb').mkdir(parents=True)
     for image_id in range(count):
-      np.save(root / 'depth' / prefix / 'rgb' / f'{image_id:08d}.npy',
-              np.full((16, 16), 0.5 + image_id / 100, np.float32))
+      np.save(
+          root / 'depth' / prefix / 'rgb' / f'{image_id:08d}.npy',
+          np.full((16, 16), 0.5 + image_id / 100, np.float32),
+      )
   builder = freihand.Freihand(config='depth', data_dir=str(tmp_path / 'tfds'))
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
   for record in tfds.as_numpy(builder.as_dataset(split='train')):
     assert record['depth'].shape == (16, 16, 1)
     np.testing.assert_allclose(record['depth'], 0.5 + record['image_id'] / 100, rtol=1e-6)

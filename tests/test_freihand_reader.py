@@ -1,4 +1,5 @@
 """Tests of the FreiHAND numpy reader on a tiny directory in the official layout."""
+
 import json
 
 import numpy as np
@@ -93,7 +94,7 @@ def test_truncated_jpeg_raises_or_is_skipped_and_counted(tmp_path):
   root, _ = _copy_layout(tmp_path)
   path = root / 'training' / 'rgb' / '00000004.jpg'
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
+  path.write_bytes(data[: len(data) // 2])
   with pytest.raises(freihand.CorruptFileError, match='00000004.jpg'):
     list(freihand.examples(root, 'training'))
   with pytest.warns(UserWarning, match='skipped 1 corrupt'):

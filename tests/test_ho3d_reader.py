@@ -1,4 +1,5 @@
 """HO-3D v2 reader and submission writer on a tiny directory in the official layout."""
+
 import json
 import os
 import pickle
@@ -24,9 +25,9 @@ def test_joint_maps_written_out():
   # FreiHAND order: wrist, thumb 1-4, index 1-4, middle, ring, pinky. HO-3D (MANO) order:
   # wrist 0, index 1-3, middle 4-6, pinky 7-9, ring 10-12, thumb 13-15, tips 16-20 (thumb,
   # index, middle, ring, pinky).
-  assert ho3d.HO3D_TO_FREIHAND[1:5] == (13, 14, 15, 16)    # thumb joints, then its tip
-  assert ho3d.HO3D_TO_FREIHAND[5:9] == (1, 2, 3, 17)       # index, index tip
-  assert ho3d.HO3D_TO_FREIHAND[17:21] == (7, 8, 9, 20)     # pinky, pinky tip
+  assert ho3d.HO3D_TO_FREIHAND[1:5] == (13, 14, 15, 16)  # thumb joints, then its tip
+  assert ho3d.HO3D_TO_FREIHAND[5:9] == (1, 2, 3, 17)  # index, index tip
+  assert ho3d.HO3D_TO_FREIHAND[17:21] == (7, 8, 9, 20)  # pinky, pinky tip
   assert ho3d.FREIHAND_TO_HO3D[13] == 1 and ho3d.FREIHAND_TO_HO3D[20] == 20
   assert ho3d.FREIHAND_TO_HO3D[7] == 17 and ho3d.FREIHAND_TO_HO3D[16] == 4
   for k, j in enumerate(ho3d.HO3D_TO_FREIHAND):
@@ -51,11 +52,17 @@ def test_training_example_flips_and_reorders(layout):
   assert example['is_right'] and example['has_targets']
   # Vertices: MANO with the full pose (flat_hand_mean=True) + handTrans, then the flip.
   model = mano.synthetic_mano(0)
-  verts, _ = mano.mano_forward(model, meta['handPose'][None], meta['handBeta'][None],
-                               meta['handTrans'][None], flat_hand_mean=True)
+  verts, _ = mano.mano_forward(
+      model,
+      meta['handPose'][None],
+      meta['handBeta'][None],
+      meta['handTrans'][None],
+      flat_hand_mean=True,
+  )
   np.testing.assert_allclose(example['verts'], np.asarray(verts[0]) * [1, -1, -1], atol=1e-6)
-  np.testing.assert_allclose(example['pose'][3:] + np.asarray(model.hands_mean),
-                             meta['handPose'][3:], atol=1e-6)
+  np.testing.assert_allclose(
+      example['pose'][3:] + np.asarray(model.hands_mean), meta['handPose'][3:], atol=1e-6
+  )
 
 
 def test_evaluation_examples_carry_box_and_root(layout):
@@ -91,6 +98,7 @@ def test_submission_round_trip(tmp_path):
 
 
 class _Evil:
+
   def __reduce__(self):
     return (os.system, ('echo pwned',))
 

@@ -1,4 +1,5 @@
 """Tests of the tf.data pipelines on small in-memory sources with the hand features."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -7,12 +8,12 @@ from configs import synthetic as synthetic_config
 from diffhand_jax import input_pipeline
 
 SOURCE_SIZE = 96  # source images, pixels
-CROP = 64         # config.data.image_size in these tests
+CROP = 64  # config.data.image_size in these tests
 
 
 def _gaussian_blob(size, center, sigma=1.5):
   ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
-  return np.exp(-((xs - center[0]) ** 2 + (ys - center[1]) ** 2) / (2 * sigma ** 2))
+  return np.exp(-((xs - center[0]) ** 2 + (ys - center[1]) ** 2) / (2 * sigma**2))
 
 
 def _hand_examples(num, *, seed=0, with_depth=False):
@@ -22,12 +23,15 @@ def _hand_examples(num, *, seed=0, with_depth=False):
   pixel centre convention is the one of joints2d), so the image warp can be checked too.
   """
   rng = np.random.default_rng(seed)
-  examples = {k: [] for k in ('image', 'K', 'joints3d', 'joints2d', 'verts', 'is_right', 'id',
-                              'depth')}
+  examples = {
+      k: [] for k in ('image', 'K', 'joints3d', 'joints2d', 'verts', 'is_right', 'id', 'depth')
+  }
   for index in range(num):
     focal = rng.uniform(180, 220, 2)
-    K = np.array([[focal[0], 0, 48 + rng.uniform(-4, 4)], [0, focal[1], 48 + rng.uniform(-4, 4)],
-                  [0, 0, 1]], np.float32)
+    K = np.array(
+        [[focal[0], 0, 48 + rng.uniform(-4, 4)], [0, focal[1], 48 + rng.uniform(-4, 4)], [0, 0, 1]],
+        np.float32,
+    )
     center = np.array([rng.uniform(-0.02, 0.02), rng.uniform(-0.02, 0.02), rng.uniform(0.45, 0.6)])
     joints3d = (center + rng.normal(0, 0.025, (21, 3))).astype(np.float32)
     verts = (center + rng.normal(0, 0.03, (778, 3))).astype(np.float32)
@@ -36,8 +40,19 @@ def _hand_examples(num, *, seed=0, with_depth=False):
     blob = _gaussian_blob(SOURCE_SIZE, joints2d[0])
     image = np.clip(np.stack([blob * 250, blob * 200, blob * 150], -1), 0, 255)
     depth = np.where(blob > 0.1, center[2], 0.0)[..., None].astype(np.float32)
-    for key, value in zip(examples, (image.round().astype(np.uint8), K, joints3d, joints2d,
-                                     verts, index % 3 != 1, index, depth)):
+    for key, value in zip(
+        examples,
+        (
+            image.round().astype(np.uint8),
+            K,
+            joints3d,
+            joints2d,
+            verts,
+            index % 3 != 1,
+            index,
+            depth,
+        ),
+    ):
       examples[key].append(value)
   if not with_depth:
     del examples['depth']
@@ -59,8 +74,8 @@ def _config(use_depth=False, **data_overrides):
 
 def _train_batches(examples, config, num_batches, batch_size=4, start_step=0):
   dataset = input_pipeline.train_dataset_from(
-      _source(examples), len(examples['id']), config, batch_size=batch_size,
-      start_step=start_step)
+      _source(examples), len(examples['id']), config, batch_size=batch_size, start_step=start_step
+  )
   return list(dataset.take(num_batches).as_numpy_iterator())
 
 
@@ -69,15 +84,19 @@ def _project(K, points):
   return uvw[:, :2] / uvw[:, 2:]
 
 
-STRONG_AUGMENTATION = dict(rotation_deg=60.0, scale_jitter=0.3, center_jitter=0.15,
-                           color_jitter=0.2, flip=True)
+STRONG_AUGMENTATION = dict(
+    rotation_deg=60.0, scale_jitter=0.3, center_jitter=0.15, color_jitter=0.2, flip=True
+)
 
 
-@pytest.mark.parametrize('overrides', [
-    {},  # the default augmentation
-    STRONG_AUGMENTATION,
-    dict(rotation_deg=0.0, scale_jitter=0.0, center_jitter=0.0, flip=False),
-])
+@pytest.mark.parametrize(
+    'overrides',
+    [
+        {},  # the default augmentation
+        STRONG_AUGMENTATION,
+        dict(rotation_deg=0.0, scale_jitter=0.0, center_jitter=0.0, flip=False),
+    ],
+)
 def test_reprojection_of_3d_labels_matches_2d_labels(overrides):
   examples = _hand_examples(12)
   config = _config(**overrides)
@@ -91,8 +110,9 @@ def test_reprojection_of_3d_labels_matches_2d_labels(overrides):
       # The hand really is a right hand now: x was negated for left hands.
       source = examples['joints3d'][batch['index'][b]]
       offsets = source - source[0]
-      np.testing.assert_allclose(np.linalg.norm(batch['joints3d'][b], axis=-1),
-                                 np.linalg.norm(offsets, axis=-1), atol=1e-5)
+      np.testing.assert_allclose(
+          np.linalg.norm(batch['joints3d'][b], axis=-1), np.linalg.norm(offsets, axis=-1), atol=1e-5
+      )
   assert worst <= 0.5, worst
 
 
@@ -132,11 +152,18 @@ def test_batch_contract_shapes_and_dtypes():
   examples = _hand_examples(8, with_depth=True)
   config = _config(use_depth=True)
   batch = _train_batches(examples, config, 1)[0]
-  expected = {'image': (np.float32, (4, CROP, CROP, 3)), 'depth': (np.float32, (4, CROP, CROP, 1)),
-              'verts': (np.float32, (4, 778, 3)), 'joints3d': (np.float32, (4, 21, 3)),
-              'joints2d': (np.float32, (4, 21, 2)), 'root': (np.float32, (4, 3)),
-              'K': (np.float32, (4, 3, 3)), 'is_right': (np.int32, (4,)),
-              'index': (np.int32, (4,)), 'valid': (np.float32, (4,))}
+  expected = {
+      'image': (np.float32, (4, CROP, CROP, 3)),
+      'depth': (np.float32, (4, CROP, CROP, 1)),
+      'verts': (np.float32, (4, 778, 3)),
+      'joints3d': (np.float32, (4, 21, 3)),
+      'joints2d': (np.float32, (4, 21, 2)),
+      'root': (np.float32, (4, 3)),
+      'K': (np.float32, (4, 3, 3)),
+      'is_right': (np.int32, (4,)),
+      'index': (np.int32, (4,)),
+      'valid': (np.float32, (4,)),
+  }
   assert set(batch) == set(expected)
   for key, (dtype, shape) in expected.items():
     assert batch[key].dtype == dtype and batch[key].shape == shape, key
@@ -205,7 +232,7 @@ def test_each_epoch_visits_distinct_examples():
   examples = _hand_examples(13)
   batches = _train_batches(examples, _config(), 6)
   for epoch in range(2):
-    ids = np.concatenate([b['index'] for b in batches[3 * epoch: 3 * epoch + 3]])
+    ids = np.concatenate([b['index'] for b in batches[3 * epoch : 3 * epoch + 3]])
     assert len(set(ids.tolist())) == 12 and set(ids.tolist()) <= set(range(13))
 
 
@@ -218,8 +245,11 @@ def test_eval_covers_every_example_once_with_padding(process_count):
   for process in range(process_count):
     source = _source(examples).shard(process_count, process)
     num_local = len(range(process, 11, process_count))
-    batches = list(input_pipeline.eval_dataset_from(
-        source, num_local, config, batch_size=2, num_batches=num_batches).as_numpy_iterator())
+    batches = list(
+        input_pipeline.eval_dataset_from(
+            source, num_local, config, batch_size=2, num_batches=num_batches
+        ).as_numpy_iterator()
+    )
     counts.add(len(batches))
     for batch in batches:
       valid = batch['valid'] == 1
@@ -233,9 +263,14 @@ def test_eval_covers_every_example_once_with_padding(process_count):
 def test_eval_applies_no_augmentation():
   examples = _hand_examples(4)
   config = _config(**STRONG_AUGMENTATION)
-  first, second = (list(input_pipeline.eval_dataset_from(
-      _source(examples), 4, config, batch_size=4, num_batches=1).as_numpy_iterator())[0]
-                   for _ in range(2))
+  first, second = (
+      list(
+          input_pipeline.eval_dataset_from(
+              _source(examples), 4, config, batch_size=4, num_batches=1
+          ).as_numpy_iterator()
+      )[0]
+      for _ in range(2)
+  )
   np.testing.assert_array_equal(first['image'], second['image'])
   # No rotation: a right hand's 3D labels are the source offsets, unrotated.
   right = [b for b, i in enumerate(first['index']) if examples['is_right'][i]][0]
@@ -266,8 +301,11 @@ def test_nan_labels_fail_naming_key_and_example():
 def test_eval_crop_whole_image_ignores_the_joints():
   examples = _hand_examples(3)
   config = _config(eval_crop='image')
-  batch = next(input_pipeline.eval_dataset_from(
-      _source(examples), 3, config, batch_size=3, num_batches=1).as_numpy_iterator())
+  batch = next(
+      input_pipeline.eval_dataset_from(
+          _source(examples), 3, config, batch_size=3, num_batches=1
+      ).as_numpy_iterator()
+  )
   for b, index in enumerate(batch['index']):
     K = examples['K'][index].astype(np.float64)
     # The whole 96 px image (centre 47.5) becomes the 64 px crop (centre 31.5).

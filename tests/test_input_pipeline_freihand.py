@@ -1,4 +1,5 @@
 """End to end: FreiHAND-layout files -> TFDS builder -> train/eval numpy batches."""
+
 import numpy as np
 import pytest
 
@@ -10,8 +11,9 @@ from diffhand_jax import input_pipeline
 @pytest.fixture(scope='module')
 def config(tmp_path_factory):
   root = tmp_path_factory.mktemp('freihand')
-  written = testing.write_layout(root / 'files', num_train=3, num_eval=3, image_size=48,
-                                 eval_annotations=False)
+  written = testing.write_layout(
+      root / 'files', num_train=3, num_eval=3, image_size=48, eval_annotations=False
+  )
   config = synthetic_config.get_config('smoke')
   config.data.name = 'freihand'
   config.data.root = str(root / 'files')
@@ -33,8 +35,7 @@ def test_train_iterator_on_freihand(config):
     for b in range(4):
       points = batch['joints3d'][b] + batch['root'][b]
       uvw = points.astype(np.float64) @ batch['K'][b].T.astype(np.float64)
-      np.testing.assert_allclose(uvw[:, :2] / uvw[:, 2:], (batch['joints2d'][b] + 1) * 16,
-                                 atol=0.5)
+      np.testing.assert_allclose(uvw[:, :2] / uvw[:, 2:], (batch['joints2d'][b] + 1) * 16, atol=0.5)
   ids = np.concatenate([b['index'] for b in batches[:3]])
   assert sorted(ids.tolist()) == list(range(12))
   resumed = next(input_pipeline.create_train_iterator(config, start_step=3))

@@ -1,4 +1,5 @@
 """End to end: the synthetic TFDS data set -> train/eval batches (smoke config)."""
+
 import numpy as np
 import pytest
 
@@ -28,8 +29,9 @@ def test_synthetic_train_batches_follow_the_contract(config):
     for b in range(batch_size):
       points = (batch['joints3d'][b] + batch['root'][b]).astype(np.float64)
       uvw = points @ batch['K'][b].T.astype(np.float64)
-      np.testing.assert_allclose(uvw[:, :2] / uvw[:, 2:], (batch['joints2d'][b] + 1) * size / 2,
-                                 atol=0.5)
+      np.testing.assert_allclose(
+          uvw[:, :2] / uvw[:, 2:], (batch['joints2d'][b] + 1) * size / 2, atol=0.5
+      )
       # Depth is relative to the root, exact (nearest sampling) on the hand: back in the camera
       # frame every depth value lies between the nearest and the farthest vertex.
       hand = batch['depth'][b][batch['depth'][b] != 0]

@@ -1,4 +1,5 @@
 """launch.py helpers, cluster detection and the config files."""
+
 import importlib
 
 from absl import flags
@@ -17,26 +18,28 @@ from diffhand_jax import input_pipeline
 CONFIG_FILES = ('synthetic', 'freihand', 'freihand_depth', 'dexycb', 'ho3d')
 
 
-@pytest.mark.parametrize('environ, expected', [
-    ({}, False),
-    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1', 'SLURM_STEP_ID': '0'}, False),
-    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'}, False),  # salloc, no srun step
-    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4', 'SLURM_STEP_ID': '0'}, True),
-    ({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234'}, True),
-    ({'OMPI_COMM_WORLD_SIZE': '2'}, True),
-    ({'OMPI_COMM_WORLD_SIZE': '1'}, False),
-    ({'TPU_WORKER_HOSTNAMES': 'localhost'}, False),
-    ({'TPU_WORKER_HOSTNAMES': 't1,t2'}, True),
-    ({'SLURM_NTASKS': 'garbage', 'SLURM_STEP_ID': '0'}, False),
-])
+@pytest.mark.parametrize(
+    'environ, expected',
+    [
+        ({}, False),
+        ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1', 'SLURM_STEP_ID': '0'}, False),
+        ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'}, False),  # salloc, no srun step
+        ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4', 'SLURM_STEP_ID': '0'}, True),
+        ({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234'}, True),
+        ({'OMPI_COMM_WORLD_SIZE': '2'}, True),
+        ({'OMPI_COMM_WORLD_SIZE': '1'}, False),
+        ({'TPU_WORKER_HOSTNAMES': 'localhost'}, False),
+        ({'TPU_WORKER_HOSTNAMES': 't1,t2'}, True),
+        ({'SLURM_NTASKS': 'garbage', 'SLURM_STEP_ID': '0'}, False),
+    ],
+)
 def test_launched_by_cluster(environ, expected):
   assert parallel.launched_by_cluster(environ) is expected
 
 
 def test_default_workdir():
   assert launch.default_workdir('configs/synthetic.py') == 'runs/synthetic'
-  assert launch.default_workdir('configs/freihand.py:smoke') == (
-      'runs/freihand_smoke')
+  assert launch.default_workdir('configs/freihand.py:smoke') == ('runs/freihand_smoke')
 
 
 @pytest.mark.parametrize('name', CONFIG_FILES)
@@ -55,7 +58,10 @@ def test_config_files_build_both_variants(name):
 def test_paper_recipe_values():
   config = freihand.get_config()
   assert (config.data.name, config.model.encoder, config.data.image_size) == (
-      'freihand', 'deit', 224)
+      'freihand',
+      'deit',
+      224,
+  )
   assert config.train.global_batch_size == 64
   assert config.optim.learning_rate == 1e-4 and config.optim.weight_decay == 1e-4
   # 100 epochs of 130,240 images at 64 per step.
@@ -74,17 +80,22 @@ def test_paper_recipe_values():
 def _parse(argv):
   flag_values = flags.FlagValues()
   # sys_argv: the override flags are discovered from the command line.
-  config_flags.DEFINE_config_file('config', None, 'config',
-                                  flag_values=flag_values,
-                                  sys_argv=['launch'] + argv)
+  config_flags.DEFINE_config_file(
+      'config', None, 'config', flag_values=flag_values, sys_argv=['launch'] + argv
+  )
   flag_values(['launch'] + argv)
   return flag_values.config
 
 
 def test_ablation_switches_from_the_command_line():
-  config = _parse(['--config=configs/synthetic.py:smoke',
-                   '--config.decoder=vanilla', '--config.diffusion=False',
-                   '--config.train.parallelism=pmap'])
+  config = _parse(
+      [
+          '--config=configs/synthetic.py:smoke',
+          '--config.decoder=vanilla',
+          '--config.diffusion=False',
+          '--config.train.parallelism=pmap',
+      ]
+  )
   assert config.decoder == 'vanilla' and config.diffusion is False
   assert config.train.parallelism == 'pmap' and config.train.num_steps == 4
 
@@ -92,4 +103,5 @@ def test_ablation_switches_from_the_command_line():
 @pytest.mark.parametrize('name', ['dexycb', 'ho3d', 'freihand'])
 def test_real_dataset_configs_are_available(name):
   input_pipeline.check_dataset_available(
-      importlib.import_module(f'configs.{name}').get_config('smoke'))
+      importlib.import_module(f'configs.{name}').get_config('smoke')
+  )

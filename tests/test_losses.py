@@ -1,4 +1,5 @@
 """Tests for diffhand_jax/losses.py against naive numpy loops and closed forms."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,40 +7,54 @@ import pytest
 
 from diffhand_jax import losses
 
-_WEIGHTS = {'x0_weight': 1.5, 'joints_weight': 0.7, 'reprojection_weight': 0.3,
-            'normal_weight': 0.05, 'aux_weight': 0.9}
+_WEIGHTS = {
+    'x0_weight': 1.5,
+    'joints_weight': 0.7,
+    'reprojection_weight': 0.3,
+    'normal_weight': 0.05,
+    'aux_weight': 0.9,
+}
 _SCALE = 0.1
 
 
 def _toy_problem(rng, batch=3, num_points=12, num_joints=5):
   """A random small mesh problem (closed strip of triangles over `num_points` vertices)."""
-  faces = np.array([[i, (i + 1) % num_points, (i + 2) % num_points]
-                    for i in range(num_points)], np.int32)
+  faces = np.array(
+      [[i, (i + 1) % num_points, (i + 2) % num_points] for i in range(num_points)], np.int32
+  )
   verts = rng.normal(size=(batch, num_points, 3)).astype(np.float32) * 0.05
   regressor = rng.uniform(size=(num_joints, num_points)).astype(np.float32)
   regressor /= regressor.sum(1, keepdims=True)
   batch_dict = {
       'verts': verts,
-      'joints3d': np.einsum('jn,bnd->bjd', regressor, verts) + rng.normal(
-          size=(batch, num_joints, 3)).astype(np.float32) * 0.01,
+      'joints3d': np.einsum('jn,bnd->bjd', regressor, verts)
+      + rng.normal(size=(batch, num_joints, 3)).astype(np.float32) * 0.01,
       'joints2d': rng.uniform(-1, 1, size=(batch, num_joints, 2)).astype(np.float32),
       'valid': np.ones((batch,), np.float32),
   }
   pred_x0 = (verts / _SCALE + rng.normal(size=verts.shape) * 0.3).astype(np.float32)
-  camera = np.stack([rng.uniform(5, 10, batch), rng.uniform(-.2, .2, batch),
-                     rng.uniform(-.2, .2, batch)], -1).astype(np.float32)
+  camera = np.stack(
+      [rng.uniform(5, 10, batch), rng.uniform(-0.2, 0.2, batch), rng.uniform(-0.2, 0.2, batch)], -1
+  ).astype(np.float32)
   return pred_x0, camera, batch_dict, regressor, faces
 
 
 def _loss_fn(regressor, faces):
   """compute_losses as a jitted (pred_x0, camera, batch, aux) -> (total, terms); jit for speed."""
+
   def loss(pred_x0, camera, batch, aux_joints=None):
     outputs = {'x0': pred_x0, 'camera': camera}
     if aux_joints is not None:
       outputs['aux_joints'] = aux_joints
     return losses.compute_losses(
-        outputs, batch, regressor=jnp.asarray(regressor), faces=faces, vertex_scale=_SCALE,
-        weights=_WEIGHTS)
+        outputs,
+        batch,
+        regressor=jnp.asarray(regressor),
+        faces=faces,
+        vertex_scale=_SCALE,
+        weights=_WEIGHTS,
+    )
+
   return jax.jit(loss)
 
 
@@ -99,9 +114,13 @@ def test_terms_match_naive_loops():
   assert set(terms) == set(expected)
   for key, value in expected.items():
     assert float(terms[key]) == pytest.approx(value, rel=1e-4), key
-  expected_total = (1.5 * expected['loss_x0'] + 0.7 * expected['loss_joints']
-                    + 0.3 * expected['loss_2d'] + 0.05 * expected['loss_normal']
-                    + 0.9 * expected['loss_aux'])
+  expected_total = (
+      1.5 * expected['loss_x0']
+      + 0.7 * expected['loss_joints']
+      + 0.3 * expected['loss_2d']
+      + 0.05 * expected['loss_normal']
+      + 0.9 * expected['loss_aux']
+  )
   assert float(total) == pytest.approx(expected_total, rel=1e-4)
 
 
@@ -122,8 +141,11 @@ def test_padding_contributes_nothing():
   pred_x0, camera, batch, regressor, faces = _toy_problem(rng, batch=2)
   _, terms_ref = _loss(pred_x0, camera, batch, regressor, faces)
   # Append a padding example full of large garbage values.
-  padded = {k: np.concatenate([v, 100 + 50 * rng.normal(size=(1,) + v.shape[1:]).astype(
-      v.dtype)]) for k, v in batch.items() if k != 'valid'}
+  padded = {
+      k: np.concatenate([v, 100 + 50 * rng.normal(size=(1,) + v.shape[1:]).astype(v.dtype)])
+      for k, v in batch.items()
+      if k != 'valid'
+  }
   padded['valid'] = np.array([1.0, 1.0, 0.0], np.float32)
   pred_pad = np.concatenate([pred_x0, np.full((1,) + pred_x0.shape[1:], 1e3, np.float32)])
   camera_pad = np.concatenate([camera, [[50.0, 3.0, -3.0]]]).astype(np.float32)
@@ -147,8 +169,9 @@ def _hinged_squares(theta):
   out_dir = np.array([1.0, 1.0, 0.0]) / np.sqrt(2)  # in-plane, perpendicular to the hinge
   folded = gt.copy()
   # v3 - v1 = hinge / sqrt(2) + out_dir / sqrt(2); rotate the perpendicular part by theta.
-  folded[3] = gt[1] + (hinge + np.cos(theta) * out_dir
-                       + np.sin(theta) * np.array([0, 0, 1.0])) / np.sqrt(2)
+  folded[3] = gt[1] + (
+      hinge + np.cos(theta) * out_dir + np.sin(theta) * np.array([0, 0, 1.0])
+  ) / np.sqrt(2)
   return gt[None], folded[None], faces
 
 
@@ -160,8 +183,9 @@ def test_normal_consistency_folded_pair_closed_form(theta_deg):
   # The two non-hinge edges of the folded face leave the plane by |sin(theta)| / sqrt(2) each;
   # the other 4 of the 6 edges stay in it: mean = 2 sin(theta) / sqrt(2) / 6.
   expected = np.sin(theta) * np.sqrt(2) / 6
-  value = jax.jit(lambda pred, target: losses.normal_consistency_loss(
-      pred, target, faces, jnp.ones((1,))))(folded.astype(np.float32), gt.astype(np.float32))
+  value = jax.jit(
+      lambda pred, target: losses.normal_consistency_loss(pred, target, faces, jnp.ones((1,)))
+  )(folded.astype(np.float32), gt.astype(np.float32))
   assert float(value) == pytest.approx(expected, abs=1e-6)
 
 
@@ -169,8 +193,9 @@ def test_normal_consistency_is_zero_for_exact_and_scaled_prediction():
   pred_x0, _, batch, _, faces = _toy_problem(np.random.default_rng(3))
   del pred_x0
   verts = jnp.asarray(batch['verts'])
-  loss = jax.jit(lambda pred: losses.normal_consistency_loss(
-      pred, verts, faces, jnp.ones((verts.shape[0],))))
+  loss = jax.jit(
+      lambda pred: losses.normal_consistency_loss(pred, verts, faces, jnp.ones((verts.shape[0],)))
+  )
   assert float(loss(verts)) < 1e-6
   # Edges of a uniformly scaled and shifted copy are still perpendicular to the GT normals.
   assert float(loss(3 * verts + 1)) < 1e-6
@@ -194,8 +219,7 @@ def test_gradient_matches_finite_differences():
   grad = np.asarray(jax.jit(jax.grad(f))(pred_x0))
   direction = np.random.default_rng(6).normal(size=pred_x0.shape).astype(np.float32)
   eps = 1e-2
-  numeric = (float(f(pred_x0 + eps * direction)) - float(f(pred_x0 - eps * direction))) / (
-      2 * eps)
+  numeric = (float(f(pred_x0 + eps * direction)) - float(f(pred_x0 - eps * direction))) / (2 * eps)
   assert np.sum(grad * direction) == pytest.approx(numeric, rel=2e-2)
 
 
@@ -220,7 +244,15 @@ def test_missing_weight_raises():
   pred_x0, camera, batch, regressor, faces = _toy_problem(np.random.default_rng(8))
   with pytest.raises(ValueError, match='normal_weight'):
     losses.compute_losses(
-        {'x0': jnp.asarray(pred_x0), 'camera': jnp.asarray(camera)}, batch,
-        regressor=regressor, faces=faces, vertex_scale=_SCALE,
-        weights={'x0_weight': 1.0, 'joints_weight': 1.0, 'reprojection_weight': 1.0,
-                 'aux_weight': 1.0})
+        {'x0': jnp.asarray(pred_x0), 'camera': jnp.asarray(camera)},
+        batch,
+        regressor=regressor,
+        faces=faces,
+        vertex_scale=_SCALE,
+        weights={
+            'x0_weight': 1.0,
+            'joints_weight': 1.0,
+            'reprojection_weight': 1.0,
+            'aux_weight': 1.0,
+        },
+    )

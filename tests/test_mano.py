@@ -1,4 +1,5 @@
 """MANO layer: forward pass against a naive numpy LBS, file loading, safety, errors."""
+
 import copyreg
 import io
 import os
@@ -18,11 +19,36 @@ from scipy.spatial.transform import Rotation
 from diffhand_jax import mano
 from diffhand_jax import procedural_mano
 
-FIELDS = ('v_template', 'shapedirs', 'posedirs', 'J_regressor', 'weights', 'parents', 'faces',
-          'hands_mean', 'hands_components')
+FIELDS = (
+    'v_template',
+    'shapedirs',
+    'posedirs',
+    'J_regressor',
+    'weights',
+    'parents',
+    'faces',
+    'hands_mean',
+    'hands_components',
+)
 # Written out here (not imported) so the test checks the module's table: MANO id -> FreiHAND id.
-MANO_TO_FREIHAND = {0: 0, 1: 5, 2: 6, 3: 7, 4: 9, 5: 10, 6: 11, 7: 17, 8: 18, 9: 19,
-                    10: 13, 11: 14, 12: 15, 13: 1, 14: 2, 15: 3}
+MANO_TO_FREIHAND = {
+    0: 0,
+    1: 5,
+    2: 6,
+    3: 7,
+    4: 9,
+    5: 10,
+    6: 11,
+    7: 17,
+    8: 18,
+    9: 19,
+    10: 13,
+    11: 14,
+    12: 15,
+    13: 1,
+    14: 2,
+    15: 3,
+}
 TIPS = {4: 744, 8: 320, 12: 443, 16: 555, 20: 672}
 
 
@@ -44,7 +70,7 @@ def naive_forward(model, pose, betas, transl, flat_hand_mean=False, tips=TIPS):
     full[3:] += f64('hands_mean')
   v_shaped = f64('v_template') + np.tensordot(f64('shapedirs'), betas, axes=([2], [0]))
   rest = f64('J_regressor') @ v_shaped
-  rotations = [Rotation.from_rotvec(full[3 * k:3 * k + 3]).as_matrix() for k in range(16)]
+  rotations = [Rotation.from_rotvec(full[3 * k : 3 * k + 3]).as_matrix() for k in range(16)]
   feature = np.concatenate([(rotations[k] - np.eye(3)).ravel() for k in range(1, 16)])
   v_posed = v_shaped + np.tensordot(f64('posedirs'), feature, axes=([2], [0]))
   world = []
@@ -137,8 +163,7 @@ def test_vmap_agrees_with_per_batch_calls(model):
   betas = rng.standard_normal((2, 4, 10)).astype(np.float32)
   transl = rng.standard_normal((2, 4, 3)).astype(np.float32)
   eager = [forward(model, pose[k], betas[k], transl[k]) for k in range(2)]
-  mapped = jax.jit(jax.vmap(lambda p, b, t: mano.mano_forward(model, p, b, t)))(
-      pose, betas, transl)
+  mapped = jax.jit(jax.vmap(lambda p, b, t: mano.mano_forward(model, p, b, t)))(pose, betas, transl)
   for k in range(2):
     np.testing.assert_allclose(mapped[0][k], eager[k][0], atol=1e-6)
     np.testing.assert_allclose(mapped[1][k], eager[k][1], atol=1e-6)
@@ -147,8 +172,9 @@ def test_vmap_agrees_with_per_batch_calls(model):
 def test_joint_regressor21_reproduces_forward_joints(model):
   rng = np.random.default_rng(4)
   pose = random_poses(rng, 4)
-  vertices, joints = forward(model, pose, np.zeros((4, 10), np.float32),
-                             np.zeros((4, 3), np.float32))
+  vertices, joints = forward(
+      model, pose, np.zeros((4, 10), np.float32), np.zeros((4, 3), np.float32)
+  )
   regressor = mano.joint_regressor21(model)
   assert regressor.shape == (21, 778)
   np.testing.assert_allclose(np.einsum('jv,bvc->bjc', regressor, vertices), joints, atol=1e-6)
@@ -177,8 +203,9 @@ def test_bad_inputs_raise(model):
 
 def assert_same_model(a, b):
   for name in FIELDS:
-    np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)),
-                                  err_msg=name)
+    np.testing.assert_array_equal(
+        np.asarray(getattr(a, name)), np.asarray(getattr(b, name)), err_msg=name
+    )
 
 
 @pytest.mark.parametrize('suffix', ['.pkl', '.npz'])
@@ -240,6 +267,7 @@ class Python2Pickler(pickle._Pickler):  # pylint: disable=protected-access
   them needs encoding='latin1'. Python 3's own protocol 2 would write BINUNICODE and
   `_codecs.encode(...)` calls instead.
   """
+
   dispatch = pickle._Pickler.dispatch.copy()  # pylint: disable=protected-access
 
   def write_py2_str(self, data, original):
@@ -274,8 +302,9 @@ def official_layout_bytes(model):
       'hands_components': np.asarray(model.hands_components, np.float64),
       'f': np.asarray(model.faces).astype(np.uint32),
       'J_regressor': scipy.sparse.csc_matrix(arrays['J_regressor']),
-      'kintree_table': np.stack([np.where(parents < 0, 2**32 - 1, parents),
-                                 np.arange(16)]).astype(np.uint32),
+      'kintree_table': np.stack(
+          [np.where(parents < 0, 2**32 - 1, parents), np.arange(16)]
+      ).astype(np.uint32),
       'J': arrays['J_regressor'] @ arrays['v_template'],
       'bs_style': 'lbs',
       'hands_coeffs': np.zeros((3, 45)),
@@ -319,14 +348,17 @@ class Payload:
     return (self.call, self.args)
 
 
-@pytest.mark.parametrize('make_payload,name', [
-    (lambda marker: Payload(os.system, f'touch {marker}'), 'system'),
-    (lambda marker: Payload(eval, f"open({str(marker)!r}, 'w').close()"), 'eval'),
-    (lambda marker: Payload(exec, f"open({str(marker)!r}, 'w').close()"), 'exec'),
-    (lambda marker: Payload(__import__('subprocess').Popen, ['touch', str(marker)]), 'Popen'),
-    # An allowed helper used on a class that is not one of the loader's stand-ins.
-    (lambda marker: Payload(copyreg._reconstructor, set, object, None), '_reconstructor'),
-])
+@pytest.mark.parametrize(
+    'make_payload,name',
+    [
+        (lambda marker: Payload(os.system, f'touch {marker}'), 'system'),
+        (lambda marker: Payload(eval, f"open({str(marker)!r}, 'w').close()"), 'eval'),
+        (lambda marker: Payload(exec, f"open({str(marker)!r}, 'w').close()"), 'exec'),
+        (lambda marker: Payload(__import__('subprocess').Popen, ['touch', str(marker)]), 'Popen'),
+        # An allowed helper used on a class that is not one of the loader's stand-ins.
+        (lambda marker: Payload(copyreg._reconstructor, set, object, None), '_reconstructor'),
+    ],
+)
 def test_malicious_pickle_is_refused_and_not_run(model, tmp_path, make_payload, name):
   marker = tmp_path / 'MARKER'
   data = {name: np.asarray(getattr(model, name)) for name in FIELDS[:5]}
@@ -343,11 +375,11 @@ def test_missing_key_and_wrong_shape_are_named(model, tmp_path):
   del arrays['posedirs']
   path = tmp_path / 'missing.npz'
   np.savez(path, **arrays)
-  with pytest.raises(ValueError, match=r"posedirs.*\[778, 3, 135\]"):
+  with pytest.raises(ValueError, match=r'posedirs.*\[778, 3, 135\]'):
     mano.load_mano(path)
   arrays['posedirs'] = np.zeros((778, 3, 134))
   np.savez(path, **arrays)
-  with pytest.raises(ValueError, match=r"posedirs.*\[778, 3, 135\], got \(778, 3, 134\)"):
+  with pytest.raises(ValueError, match=r'posedirs.*\[778, 3, 135\], got \(778, 3, 134\)'):
     mano.load_mano(path)
   arrays['posedirs'] = np.full((778, 3, 135), np.nan)
   np.savez(path, **arrays)

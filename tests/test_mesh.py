@@ -1,4 +1,5 @@
 """Mesh helpers: normals against naive loops (numpy and jnp), .obj / .ply read back."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,10 +8,12 @@ import pytest
 from diffhand_jax import mesh
 
 # A closed octahedron with outward (counter-clockwise seen from outside) faces.
-OCTAHEDRON_VERTICES = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1],
-                                [0, 0, -1]], np.float64)
-OCTAHEDRON_FACES = np.array([[0, 2, 4], [2, 1, 4], [1, 3, 4], [3, 0, 4], [2, 0, 5], [1, 2, 5],
-                             [3, 1, 5], [0, 3, 5]])
+OCTAHEDRON_VERTICES = np.array(
+    [[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], np.float64
+)
+OCTAHEDRON_FACES = np.array(
+    [[0, 2, 4], [2, 1, 4], [1, 3, 4], [3, 0, 4], [2, 0, 5], [1, 2, 5], [3, 1, 5], [0, 3, 5]]
+)
 
 
 def naive_face_normals(vertices, faces):
@@ -58,10 +61,14 @@ def test_normals_batched(random_mesh):
   used = np.unique(faces)
   for b in range(2):
     np.testing.assert_allclose(faces_out[b], naive_face_normals(batch[b], faces), atol=1e-12)
-    np.testing.assert_allclose(vertex_out[b, used],
-                               naive_vertex_normals(batch[b], faces)[used], atol=1e-5)
-    np.testing.assert_allclose(mesh.vertex_normals(batch, faces)[b, used],
-                               naive_vertex_normals(batch[b], faces)[used], atol=1e-12)
+    np.testing.assert_allclose(
+        vertex_out[b, used], naive_vertex_normals(batch[b], faces)[used], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        mesh.vertex_normals(batch, faces)[b, used],
+        naive_vertex_normals(batch[b], faces)[used],
+        atol=1e-12,
+    )
 
 
 def test_vertex_normals_jit_with_traced_faces(random_mesh):
@@ -91,7 +98,8 @@ def test_degenerate_face_gives_zero_not_nan():
   normals = mesh.face_normals(vertices, np.array([[0, 1, 2]]))
   np.testing.assert_array_equal(normals, np.zeros((1, 3)))
   grad = jax.grad(lambda v: mesh.face_normals(v, jnp.array([[0, 1, 2]])).sum())(
-      jnp.asarray(vertices, jnp.float32))
+      jnp.asarray(vertices, jnp.float32)
+  )
   assert np.all(np.isfinite(grad))
 
 
@@ -129,18 +137,17 @@ def read_ply(path):
   assert lines[0] == 'ply' and lines[1] == 'format ascii 1.0'
   num_vertices = int(next(l for l in lines if l.startswith('element vertex')).split()[-1])
   num_faces = int(next(l for l in lines if l.startswith('element face')).split()[-1])
-  body = lines[lines.index('end_header') + 1:]
+  body = lines[lines.index('end_header') + 1 :]
   vertices = np.array([[float(x) for x in l.split()] for l in body[:num_vertices]])
   faces = []
-  for l in body[num_vertices:num_vertices + num_faces]:
+  for l in body[num_vertices : num_vertices + num_faces]:
     count, *ids = l.split()
     assert int(count) == 3
     faces.append([int(i) for i in ids])
   return vertices, np.array(faces)
 
 
-@pytest.mark.parametrize('writer,reader', [(mesh.save_obj, read_obj),
-                                           (mesh.save_ply, read_ply)])
+@pytest.mark.parametrize('writer,reader', [(mesh.save_obj, read_obj), (mesh.save_ply, read_ply)])
 def test_writers_read_back(tmp_path, random_mesh, writer, reader):
   vertices, faces = random_mesh
   path = tmp_path / 'mesh.txt'

@@ -1,4 +1,5 @@
 """Tests for diffhand_jax/metrics.py against closed forms and independent loop implementations."""
+
 import json
 import time
 
@@ -72,7 +73,7 @@ def _least_squares_similarity_loop(gt, pred):
     p_c = p - p.mean(0)
     u, s, vt = np.linalg.svd(p_c.T @ g_c)
     q = u @ vt
-    scale = s.sum() / np.sum(p_c ** 2)
+    scale = s.sum() / np.sum(p_c**2)
     out.append(scale * p_c @ q + g.mean(0))
   return np.stack(out)
 
@@ -84,8 +85,7 @@ def _f_score_loop(gt, pred, threshold):
     dist = np.sqrt(((p[:, None, :] - g[None, :, :]) ** 2).sum(-1))
     precision = np.mean(dist.min(1) < threshold)
     recall = np.mean(dist.min(0) < threshold)
-    scores.append(0.0 if precision + recall == 0 else
-                  2 * precision * recall / (precision + recall))
+    scores.append(0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
   return np.array(scores)
 
 
@@ -119,20 +119,26 @@ def _official_eval_loop(pred_j, pred_v, gt_j, gt_v):
   mesh, mesh_al = [[] for _ in range(778)], [[] for _ in range(778)]
   f, f_al = {5: [], 15: []}, {5: [], 15: []}
   for i in range(len(gt_j)):
-    aligned_j = _official_align_loop(gt_j[i:i + 1], pred_j[i:i + 1])[0]
-    aligned_v = _official_align_loop(gt_v[i:i + 1], pred_v[i:i + 1])[0]
-    for store, gt, pred in ((xyz, gt_j[i], pred_j[i]), (xyz_al, gt_j[i], aligned_j),
-                            (mesh, gt_v[i], pred_v[i]), (mesh_al, gt_v[i], aligned_v)):
+    aligned_j = _official_align_loop(gt_j[i : i + 1], pred_j[i : i + 1])[0]
+    aligned_v = _official_align_loop(gt_v[i : i + 1], pred_v[i : i + 1])[0]
+    for store, gt, pred in (
+        (xyz, gt_j[i], pred_j[i]),
+        (xyz_al, gt_j[i], aligned_j),
+        (mesh, gt_v[i], pred_v[i]),
+        (mesh_al, gt_v[i], aligned_v),
+    ):
       for k, d in enumerate(np.sqrt(np.sum((gt - pred) ** 2, axis=1))):
         store[k].append(d)
     for mm in (5, 15):
-      f[mm].append(_f_score_loop(gt_v[i:i + 1], pred_v[i:i + 1], mm / 1000)[0])
-      f_al[mm].append(_f_score_loop(gt_v[i:i + 1], aligned_v[None], mm / 1000)[0])
+      f[mm].append(_f_score_loop(gt_v[i : i + 1], pred_v[i : i + 1], mm / 1000)[0])
+      f_al[mm].append(_f_score_loop(gt_v[i : i + 1], aligned_v[None], mm / 1000)[0])
   out = {}
-  for (name, auc_name), store in ((('mpjpe', 'auc_joints'), xyz),
-                                  (('pa_mpjpe', 'pa_auc_joints'), xyz_al),
-                                  (('mpvpe', 'auc_verts'), mesh),
-                                  (('pa_mpvpe', 'pa_auc_verts'), mesh_al)):
+  for (name, auc_name), store in (
+      (('mpjpe', 'auc_joints'), xyz),
+      (('pa_mpjpe', 'pa_auc_joints'), xyz_al),
+      (('mpvpe', 'auc_verts'), mesh),
+      (('pa_mpvpe', 'pa_auc_verts'), mesh_al),
+  ):
     mean, auc = _official_measures(store)
     out[name], out[auc_name] = mean * 1000, auc
   for mm in (5, 15):
@@ -256,7 +262,8 @@ def test_f_score_differing_point_counts():
   pred = np.array([[[0.0, 0, 0], [1.0, 0, 0], [5.0, 0, 0], [9.0, 0, 0]]])
   precision, recall = 0.5, 1.0
   assert metrics.f_scores(gt, pred, thresholds=(0.1,))[0, 0] == pytest.approx(
-      2 * precision * recall / (precision + recall))
+      2 * precision * recall / (precision + recall)
+  )
 
 
 @pytest.mark.parametrize('bad', ['shape', 'count', 'nan'])
@@ -292,12 +299,19 @@ def test_write_scores_txt_official_names_and_units(tmp_path):
   metrics.write_scores_txt(str(path), values)
   lines = path.read_text().splitlines()
   expected = [
-      ('xyz_mean3d', values['mpjpe'] / 10), ('xyz_auc3d', values['auc_joints']),
-      ('xyz_al_mean3d', values['pa_mpjpe'] / 10), ('xyz_al_auc3d', values['pa_auc_joints']),
-      ('mesh_mean3d', values['mpvpe'] / 10), ('mesh_auc3d', values['auc_verts']),
-      ('mesh_al_mean3d', values['pa_mpvpe'] / 10), ('mesh_al_auc3d', values['pa_auc_verts']),
-      ('f_score_5', values['f5']), ('f_al_score_5', values['pa_f5']),
-      ('f_score_15', values['f15']), ('f_al_score_15', values['pa_f15'])]
+      ('xyz_mean3d', values['mpjpe'] / 10),
+      ('xyz_auc3d', values['auc_joints']),
+      ('xyz_al_mean3d', values['pa_mpjpe'] / 10),
+      ('xyz_al_auc3d', values['pa_auc_joints']),
+      ('mesh_mean3d', values['mpvpe'] / 10),
+      ('mesh_auc3d', values['auc_verts']),
+      ('mesh_al_mean3d', values['pa_mpvpe'] / 10),
+      ('mesh_al_auc3d', values['pa_auc_verts']),
+      ('f_score_5', values['f5']),
+      ('f_al_score_5', values['pa_f5']),
+      ('f_score_15', values['f15']),
+      ('f_al_score_15', values['pa_f15']),
+  ]
   assert lines == ['%s: %f' % item for item in expected]
   with pytest.raises(ValueError, match='pa_f15'):
     metrics.write_scores_txt(str(path), {k: v for k, v in values.items() if k != 'pa_f15'})
@@ -318,8 +332,12 @@ def test_full_evaluation_set_runs():
   rng = np.random.default_rng(6)
   gt_j, gt_v = _random_hands(rng, 3960)
   start = time.perf_counter()
-  m = metrics.freihand_metrics(gt_j + rng.normal(size=gt_j.shape) * 0.005,
-                               gt_v + rng.normal(size=gt_v.shape) * 0.005, gt_j, gt_v)
+  m = metrics.freihand_metrics(
+      gt_j + rng.normal(size=gt_j.shape) * 0.005,
+      gt_v + rng.normal(size=gt_v.shape) * 0.005,
+      gt_j,
+      gt_v,
+  )
   print(f'freihand_metrics on 3,960 samples: {time.perf_counter() - start:.2f} s')
   # Per-coordinate noise of 5 mm: mean 3D error = 5 mm * sqrt(8/pi) (chi distribution, 3 dof).
   assert m['mpvpe'] == pytest.approx(5.0 * np.sqrt(8 / np.pi), rel=0.01)

@@ -1,4 +1,5 @@
 """Tests of diffhand_jax/models/diffhand.py: build_model, init_params and the model methods."""
+
 import functools
 
 import chex
@@ -53,12 +54,15 @@ def test_variants_shapes_and_methods(decoder):
         'diffusion': model.apply(variables, images, x_t, t),
         'regressor': regressor_model.apply(variables, images, x_t, t),
         'regressor_other_input': regressor_model.apply(variables, images, x_t + 1.0, t + 7),
-        'tokens': tokens, 'embedding': embedding,
+        'tokens': tokens,
+        'embedding': embedding,
         'camera': model.apply(variables, embedding, method='camera'),
         'denoise': model.apply(variables, x_t, t, tokens, embedding, method='denoise'),
-        'denoise_zero': model.apply(variables, jnp.zeros_like(x_t), jnp.zeros_like(t), tokens,
-                                    embedding, method='denoise'),
+        'denoise_zero': model.apply(
+            variables, jnp.zeros_like(x_t), jnp.zeros_like(t), tokens, embedding, method='denoise'
+        ),
     }
+
   out = run(params)
   for name in ('diffusion', 'regressor'):
     assert out[name]['x0'].shape == (2, 778, 3) and out[name]['x0'].dtype == jnp.float32
@@ -68,10 +72,10 @@ def test_variants_shapes_and_methods(decoder):
   # __call__ = encode + denoise (+ camera); the regressor denoises x_t = 0 at t = 0 and so
   # ignores x_t and t.
   np.testing.assert_allclose(out['diffusion']['x0'], out['denoise'], rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(out['regressor']['x0'], out['denoise_zero'], rtol=1e-4,
-                             atol=1e-5)
-  np.testing.assert_allclose(out['regressor_other_input']['x0'], out['regressor']['x0'],
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out['regressor']['x0'], out['denoise_zero'], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+      out['regressor_other_input']['x0'], out['regressor']['x0'], rtol=1e-4, atol=1e-5
+  )
   assert not np.allclose(out['diffusion']['x0'], out['regressor']['x0'], atol=1e-3)
 
 
@@ -81,8 +85,9 @@ def test_build_model_is_hashable_static_and_uses_the_hand_model():
   assert model_a == model_b and hash(model_a) == hash(model_b)
   assert model_a != build_model(_config('vanilla'))
   hand = procedural_mano.load_hand_model(config)
-  np.testing.assert_allclose(model_a.joint_regressor.array,
-                             mano.joint_regressor21(hand, config.tip_vertex_ids), rtol=1e-6)
+  np.testing.assert_allclose(
+      model_a.joint_regressor.array, mano.joint_regressor21(hand, config.tip_vertex_ids), rtol=1e-6
+  )
   assert model_a.vertex_scale == config.vertex_scale
   assert model_a.num_points == 778
 
@@ -90,12 +95,16 @@ def test_build_model_is_hashable_static_and_uses_the_hand_model():
   def camera_fn(model, params, images):
     _, embedding = model.apply({'params': params}, images, method='encode')
     return model.apply({'params': params}, embedding, method='camera')
+
   camera_fn = jax.jit(camera_fn, static_argnums=0)
   for seed in range(3):  # a rebuilt, equal model hits the cache: one trace only
     camera = camera_fn(build_model(config), _params(), _images(2, seed))
   # s is positive and about INITIAL_CAMERA_SCALE at initialisation.
-  assert 0.5 * diffhand.INITIAL_CAMERA_SCALE < float(camera[0, 0]) < (
-      2 * diffhand.INITIAL_CAMERA_SCALE)
+  assert (
+      0.5 * diffhand.INITIAL_CAMERA_SCALE
+      < float(camera[0, 0])
+      < (2 * diffhand.INITIAL_CAMERA_SCALE)
+  )
 
 
 def test_bfloat16_compute_float32_params_and_outputs():
@@ -105,9 +114,14 @@ def test_bfloat16_compute_float32_params_and_outputs():
   # bfloat16 models initialise float32 parameters of the same structure.
   shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0), _images()))
   assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), shapes) == (
-      jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), params))
-  run = jax.jit(lambda p: [m.apply({'params': p}, _images(), jnp.zeros((2, 778, 3)),
-                                   jnp.array([1, 2])) for m in (model, model32)])
+      jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), params)
+  )
+  run = jax.jit(
+      lambda p: [
+          m.apply({'params': p}, _images(), jnp.zeros((2, 778, 3)), jnp.array([1, 2]))
+          for m in (model, model32)
+      ]
+  )
   out, out32 = run(params)
   assert out['x0'].dtype == jnp.float32 and out['camera'].dtype == jnp.float32
   # The same parameters in float32 give nearly, not exactly, the same output.
@@ -134,10 +148,13 @@ def test_gradients_reach_every_parameter():
     out = model.apply({'params': p}, images, x_t, t)
     joints = jnp.einsum('jn,bnd->bjd', regressor, out['x0'] * model.vertex_scale)
     uv = out['camera'][:, None, :1] * joints[..., :2] + out['camera'][:, None, 1:]
-    return jnp.mean((out['x0'] - x0)**2) + jnp.mean((uv - joints2d)**2)
+    return jnp.mean((out['x0'] - x0) ** 2) + jnp.mean((uv - joints2d) ** 2)
+
   grads = jax.jit(jax.grad(loss_fn))(params)
-  norms = {jax.tree_util.keystr(path): float(jnp.linalg.norm(leaf))
-           for path, leaf in jax.tree_util.tree_leaves_with_path(grads)}
+  norms = {
+      jax.tree_util.keystr(path): float(jnp.linalg.norm(leaf))
+      for path, leaf in jax.tree_util.tree_leaves_with_path(grads)
+  }
   assert len(norms) > 20
   zero = [name for name, norm in norms.items() if not norm > 0]
   assert not zero, f'no gradient reaches {zero}'
@@ -152,8 +169,12 @@ def test_bad_input_raises():
   with pytest.raises(ValueError, match='floating'):
     init_params(model, jax.random.key(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.uint8))
   with pytest.raises(ValueError, match='depth'):
-    init_params(model, jax.random.key(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)),
-                depth=jnp.zeros((1, 16, 16, 1)))
+    init_params(
+        model,
+        jax.random.key(0),
+        jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)),
+        depth=jnp.zeros((1, 16, 16, 1)),
+    )
   config = _config()
   config.decoder = 'unet'
   with pytest.raises(ValueError, match='decoder'):
@@ -171,8 +192,10 @@ def test_static_array_hash_and_equality():
     a.array[0, 0] = 1.0  # read-only
 
 
-@pytest.mark.parametrize('encoder,size,distilled,use_depth', [
-    ('vit', 'micro', False, False), ('deit', 'micro', True, True), ('hrnet', 'w8', False, True)])
+@pytest.mark.parametrize(
+    'encoder,size,distilled,use_depth',
+    [('vit', 'micro', False, False), ('deit', 'micro', True, True), ('hrnet', 'w8', False, True)],
+)
 def test_encoder_variants_shapes(encoder, size, distilled, use_depth):
   """Every encoder plugs into the model (abstract evaluation: shapes only, nothing compiled)."""
   config = _config()
@@ -180,14 +203,11 @@ def test_encoder_variants_shapes(encoder, size, distilled, use_depth):
   config.model.distilled, config.model.use_depth = distilled, use_depth
   model = build_model(config)
   images = jax.ShapeDtypeStruct((2, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
-  depth = (jax.ShapeDtypeStruct((2, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.float32)
-           if use_depth else None)
+  depth = jax.ShapeDtypeStruct((2, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.float32) if use_depth else None
   x_t = jax.ShapeDtypeStruct((2, 778, 3), jnp.float32)
   t = jax.ShapeDtypeStruct((2,), jnp.int32)
-  params = jax.eval_shape(lambda im, d: init_params(model, jax.random.key(0), im, d), images,
-                          depth)
-  out = jax.eval_shape(lambda p, *a: model.apply({'params': p}, *a), params, images, x_t, t,
-                       depth)
+  params = jax.eval_shape(lambda im, d: init_params(model, jax.random.key(0), im, d), images, depth)
+  out = jax.eval_shape(lambda p, *a: model.apply({'params': p}, *a), params, images, x_t, t, depth)
   assert out['x0'].shape == (2, 778, 3) and out['x0'].dtype == jnp.float32
   assert out['camera'].shape == (2, 3)
   assert set(params) == {'encoder', 'decoder', 'camera_head'}

@@ -1,4 +1,5 @@
 """Tests of diffhand_jax/optim.py: the bias-corrected EMA against the textbook form."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,8 +17,7 @@ def test_ema_equals_zero_started_ema_divided_by_its_bias(decay):
   for k, params in enumerate(sequence, start=1):
     biased = decay * biased + (1 - decay) * params
     ema = optim.update_ema(ema, {'w': jnp.asarray(params, jnp.float32)}, decay, k)
-    np.testing.assert_allclose(np.asarray(ema['w']), biased / (1 - decay**k),
-                               rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(ema['w']), biased / (1 - decay**k), rtol=2e-4, atol=2e-5)
 
 
 def test_ema_of_constant_params_is_the_params_from_the_first_step():

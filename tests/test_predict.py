@@ -1,4 +1,5 @@
 """Tests for diffhand_jax/predict.py (--mode=predict) with a fresh tiny model."""
+
 import json
 import os
 
@@ -40,7 +41,8 @@ def setup(tmp_path_factory):
   rng = np.random.default_rng(0)
   for name, (height, width) in _GOOD.items():
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
-        images_dir / name)
+        images_dir / name
+    )
   (images_dir / 'c_corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 this is not a JPEG' * 10)
   (images_dir / 'notes.txt').write_text('not an image')
   config = synthetic.get_config('smoke')
@@ -50,14 +52,19 @@ def setup(tmp_path_factory):
   workdir = str(root / 'run')
   # A checkpoint as training writes it, so predict takes the restore path (no params given).
   state = train.create_train_state(
-      params, optim.make_optimizer(config.optim, config.train.num_steps),
-      jax.random.PRNGKey(1), 0.0)
+      params, optim.make_optimizer(config.optim, config.train.num_steps), jax.random.PRNGKey(1), 0.0
+  )
   with checkpointing.make_manager(workdir) as manager:
     checkpointing.save(manager, 4, state, config)
     manager.wait_until_finished()
   result = predict.predict(config, workdir, str(images_dir))
-  return {'config': config, 'params': params, 'workdir': workdir,
-          'images_dir': str(images_dir), 'result': result}
+  return {
+      'config': config,
+      'params': params,
+      'workdir': workdir,
+      'images_dir': str(images_dir),
+      'result': result,
+  }
 
 
 @pytest.mark.slow
@@ -69,8 +76,14 @@ def test_two_results_and_one_reported_skip(setup):
   path, reason = result['skipped'][0]
   assert os.path.basename(path) == 'c_corrupt.jpg' and 'c_corrupt.jpg' in reason
   produced = sorted(os.listdir(result['output_dir']))
-  assert produced == ['a_hand.json', 'a_hand.obj', 'a_hand_overlay.png',
-                      'b_hand.json', 'b_hand.obj', 'b_hand_overlay.png']
+  assert produced == [
+      'a_hand.json',
+      'a_hand.obj',
+      'a_hand_overlay.png',
+      'b_hand.json',
+      'b_hand.obj',
+      'b_hand_overlay.png',
+  ]
 
 
 @pytest.mark.slow
@@ -82,19 +95,29 @@ def test_json_has_documented_keys_and_shapes(setup):
     with open(os.path.join(setup['result']['output_dir'], f'{stem}.json')) as f:
       record = json.load(f)
     assert set(record) == set(predict.JSON_KEYS)
-    shapes = {'image_size': (2,), 'intrinsics': (3, 3), 'crop_intrinsics': (3, 3),
-              'camera': (3,), 'root': (3,), 'joints': (21, 3),
-              'vertices': (num_vertices, 3), 'joints_camera': (21, 3),
-              'vertices_camera': (num_vertices, 3), 'vertex_std': (num_vertices,)}
+    shapes = {
+        'image_size': (2,),
+        'intrinsics': (3, 3),
+        'crop_intrinsics': (3, 3),
+        'camera': (3,),
+        'root': (3,),
+        'joints': (21, 3),
+        'vertices': (num_vertices, 3),
+        'joints_camera': (21, 3),
+        'vertices_camera': (num_vertices, 3),
+        'vertex_std': (num_vertices,),
+    }
     for key, shape in shapes.items():
       assert np.shape(record[key]) == shape, key
     assert record['image_size'] == [height, width]
     assert record['num_sampling_steps'] == config.sampling.num_sampling_steps
     # The documented assumed camera: f = 500 px * min(H, W) / 224, centre ((W-1)/2, (H-1)/2).
     focal = 500.0 * min(height, width) / 224
-    np.testing.assert_allclose(record['intrinsics'], [[focal, 0, (width - 1) / 2],
-                                                      [0, focal, (height - 1) / 2],
-                                                      [0, 0, 1]], rtol=1e-6)
+    np.testing.assert_allclose(
+        record['intrinsics'],
+        [[focal, 0, (width - 1) / 2], [0, focal, (height - 1) / 2], [0, 0, 1]],
+        rtol=1e-6,
+    )
     vertices = np.array(record['vertices'])
     root = np.array(record['root'])
     np.testing.assert_allclose(record['vertices_camera'], vertices + root, atol=1e-6)
@@ -126,8 +149,7 @@ def test_rerun_refuses_without_overwrite(setup):
   json_path = os.path.join(setup['result']['output_dir'], 'a_hand.json')
   before = os.path.getmtime(json_path)
   with pytest.raises(FileExistsError, match='a_hand'):
-    predict.predict(setup['config'], setup['workdir'], setup['images_dir'],
-                    params=setup['params'])
+    predict.predict(setup['config'], setup['workdir'], setup['images_dir'], params=setup['params'])
   assert os.path.getmtime(json_path) == before
   records = {}
   for path in setup['result']['written']:
@@ -135,20 +157,23 @@ def test_rerun_refuses_without_overwrite(setup):
       records[path] = json.load(f)
   # overwrite=True replaces them; the params passed in are the ones the checkpoint holds and
   # the noise is keyed by seed and batch, so the numbers come out the same.
-  result = predict.predict(setup['config'], setup['workdir'], setup['images_dir'],
-                           params=setup['params'], overwrite=True)
+  result = predict.predict(
+      setup['config'], setup['workdir'], setup['images_dir'], params=setup['params'], overwrite=True
+  )
   assert result['written'] == setup['result']['written'] and len(result['skipped']) == 1
   for path, before_record in records.items():
     with open(path) as f:
       after = json.load(f)
-    np.testing.assert_allclose(after['vertices_camera'], before_record['vertices_camera'],
-                               rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        after['vertices_camera'], before_record['vertices_camera'], rtol=1e-6, atol=1e-9
+    )
 
 
 def test_assumed_intrinsics():
   K = predict.assumed_intrinsics(480, 640, 500.0)
-  np.testing.assert_allclose(K, [[500 * 480 / 224, 0, 319.5], [0, 500 * 480 / 224, 239.5],
-                                 [0, 0, 1]], rtol=1e-6)
+  np.testing.assert_allclose(
+      K, [[500 * 480 / 224, 0, 319.5], [0, 500 * 480 / 224, 239.5], [0, 0, 1]], rtol=1e-6
+  )
 
 
 def test_bad_inputs(tmp_path):

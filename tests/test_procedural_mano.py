@@ -1,4 +1,5 @@
 """The procedural MANO-format hand: topology, orientation, sizes, weights, joints, blend shapes."""
+
 import collections
 
 import jax
@@ -10,8 +11,13 @@ from diffhand_jax import procedural_mano
 
 TIP_OF = {'thumb': 744, 'index': 320, 'middle': 443, 'ring': 555, 'pinky': 672}
 # MANO joints per digit, base to end, and the digit each joint belongs to.
-CHAINS = {'index': (1, 2, 3), 'middle': (4, 5, 6), 'pinky': (7, 8, 9), 'ring': (10, 11, 12),
-          'thumb': (13, 14, 15)}
+CHAINS = {
+    'index': (1, 2, 3),
+    'middle': (4, 5, 6),
+    'pinky': (7, 8, 9),
+    'ring': (10, 11, 12),
+    'thumb': (13, 14, 15),
+}
 forward = jax.jit(mano.mano_forward, static_argnames=('flat_hand_mean',))
 
 
@@ -41,8 +47,9 @@ def test_counts_and_shapes(model):
   assert model.J_regressor.shape == (16, 778) and model.weights.shape == (778, 16)
   assert model.hands_mean.shape == (45,) and model.hands_components.shape == (45, 45)
   assert model.faces.dtype == np.int32
-  np.testing.assert_array_equal(model.parents,
-                                [-1, 0, 1, 2, 0, 4, 5, 0, 7, 8, 0, 10, 11, 0, 13, 14])
+  np.testing.assert_array_equal(
+      model.parents, [-1, 0, 1, 2, 0, 4, 5, 0, 7, 8, 0, 10, 11, 0, 13, 14]
+  )
   assert len(np.unique(model.faces)) == 778  # every vertex is used
 
 
@@ -99,8 +106,14 @@ def test_outward_orientation(model, joints):
   # Signed volume with the wrist hole closed by a fan from its centre (the fan's faces add
   # nothing: they contain the origin-shifted centre, so shift everything there).
   shifted = vertices - centre
-  volume = np.einsum('fi,fi->f', shifted[model.faces[:, 0]],
-                     np.cross(shifted[model.faces[:, 1]], shifted[model.faces[:, 2]])).sum() / 6
+  volume = (
+      np.einsum(
+          'fi,fi->f',
+          shifted[model.faces[:, 0]],
+          np.cross(shifted[model.faces[:, 1]], shifted[model.faces[:, 2]]),
+      ).sum()
+      / 6
+  )
   assert 1.5e-4 < volume < 5e-4  # m^3: a hand is a few hundred cm^3
 
   # Face normals point away from the nearest bone of the skeleton (joints + tips).
@@ -149,15 +162,15 @@ def test_size_is_mano_like(model, joints):
   assert 0.17 < wrist_to_middle_tip < 0.20
   # Palm width: across the knuckle row of the four fingers (thumb vertices excluded).
   dominant = model.weights.argmax(1)
-  palm = (vertices[:, 0] > joints[7, 0] - 0.015) & (vertices[:, 0] < joints[4, 0]) & (
-      dominant < 13)
+  palm = (vertices[:, 0] > joints[7, 0] - 0.015) & (vertices[:, 0] < joints[4, 0]) & (dominant < 13)
   width = np.ptp(vertices[palm, 2])
   assert 0.075 < width < 0.095, width
   # The wrist joint sits at the opening, the fingers point +x, the thumb is on +z.
   assert np.linalg.norm(joints[0]) < 0.01
   assert all(vertices[TIP_OF[name], 0] > 0.13 for name in ('index', 'middle', 'ring', 'pinky'))
-  assert vertices[744, 2] > vertices[320, 2] > vertices[443, 2] > vertices[555, 2] > (
-      vertices[672, 2])
+  assert (
+      vertices[744, 2] > vertices[320, 2] > vertices[443, 2] > vertices[555, 2] > (vertices[672, 2])
+  )
 
 
 def test_tips_are_the_extreme_vertices_of_their_digits(model, joints):
@@ -238,8 +251,9 @@ def test_blend_shapes_and_pose_space(model):
   reach = np.linalg.norm(model.shapedirs, axis=1).max(0)  # metres per unit beta
   assert np.all(reach > 0.002) and np.all(reach < 0.02), reach
   assert 0 < np.abs(model.posedirs).max() < 0.005
-  np.testing.assert_allclose(model.hands_components @ model.hands_components.T, np.eye(45),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      model.hands_components @ model.hands_components.T, np.eye(45), atol=1e-5
+  )
   per_joint = np.linalg.norm(model.hands_mean.reshape(15, 3), axis=1)
   assert np.all(per_joint > 0.05) and np.all(per_joint < 0.4), per_joint
 

@@ -1,4 +1,5 @@
 """Tests of the CPU rasteriser against closed forms and a naive per-pixel ray caster."""
+
 import numpy as np
 import pytest
 from scipy.spatial import ConvexHull
@@ -31,7 +32,7 @@ def _ray_cast(vertices, faces, K, height, width):
         det = e1 @ pvec
         if abs(det) < 1e-15:
           continue
-        tvec = -p0                            # ray origin (the camera centre) minus p0
+        tvec = -p0  # ray origin (the camera centre) minus p0
         qvec = np.cross(tvec, e1)
         beta, gamma, t = tvec @ pvec / det, ray @ qvec / det, e2 @ qvec / det
         if beta < 0 or gamma < 0 or beta + gamma > 1 or t <= 0:
@@ -60,7 +61,7 @@ def test_triangle_depth_matches_plane_closed_form():
   raster = render.rasterize(vertices, [[0, 1, 2]], K, 40, 44)
   normal = np.cross(vertices[1] - vertices[0], vertices[2] - vertices[0])
   rays = _pixel_rays(K, 40, 44)
-  expected = (normal @ vertices[0]) / (rays @ normal)   # ray(t) = t * ray has z = t
+  expected = (normal @ vertices[0]) / (rays @ normal)  # ray(t) = t * ray has z = t
   mask = raster.face_index >= 0
   assert mask.sum() > 200
   np.testing.assert_allclose(raster.depth[mask], expected[mask], rtol=1e-6)
@@ -116,9 +117,9 @@ def test_axis_aligned_cube_silhouette_is_its_front_square():
   K = _intrinsics(focal, 31.5, 31.5)
   vertices, faces = _cube(side, np.eye(3), np.array([0.0, 0.0, z_front + side / 2]))
   raster = render.rasterize(vertices, faces, K, 64, 64)
-  half = focal * side / 2 / z_front      # 10 px: pixel centres 21.5 +- 10 are not integers
+  half = focal * side / 2 / z_front  # 10 px: pixel centres 21.5 +- 10 are not integers
   pixels_per_axis = np.sum(np.abs(np.arange(64) - 31.5) <= half)
-  assert (raster.face_index >= 0).sum() == pixels_per_axis ** 2
+  assert (raster.face_index >= 0).sum() == pixels_per_axis**2
   np.testing.assert_allclose(raster.depth[raster.depth > 0], z_front, rtol=1e-6)
 
 
@@ -140,7 +141,7 @@ def test_perspective_correct_barycentrics_give_the_visible_point():
   vertices = np.array([[-0.4, -0.3, 0.7], [0.5, -0.2, 2.0], [0.0, 0.45, 1.2]])
   raster = render.rasterize(vertices, [[0, 1, 2]], K, 50, 50)
   mask = raster.face_index >= 0
-  points = raster.barycentric[mask] @ vertices                  # [P, 3]
+  points = raster.barycentric[mask] @ vertices  # [P, 3]
   np.testing.assert_allclose(points[:, 2], raster.depth[mask], rtol=1e-5)
   v, u = np.nonzero(mask)
   np.testing.assert_allclose(render.project_points(points, K), np.stack([u, v], 1), atol=1e-3)
@@ -168,24 +169,33 @@ def test_faces_behind_the_camera_are_skipped():
 def test_lambert_shading_of_a_plane_and_two_sided_lighting():
   K = _intrinsics(40.0, 16.0, 16.0)
   vertices = np.array([[-1.0, -1.0, 1.0], [1.0, -1.0, 1.0], [1.0, 1.0, 1.0], [-1.0, 1.0, 1.0]])
-  light = np.array([0.0, 0.6, -0.8])   # unit; the plane's normal towards the camera is -z
+  light = np.array([0.0, 0.6, -0.8])  # unit; the plane's normal towards the camera is -z
   color, ambient = np.array([0.8, 0.5, 0.4]), 0.3
   background = np.full((32, 32, 3), 0.1, dtype=np.float32)
   expected = color * (ambient + (1 - ambient) * 0.8)
   for faces in ([[0, 1, 2], [0, 2, 3]], [[0, 2, 1], [0, 3, 2]]):
     raster = render.rasterize(vertices, faces, K, 32, 32)
-    image = render.shade(raster, vertices, faces, color=color, light_dir=light, ambient=ambient,
-                         background=background)
-    np.testing.assert_allclose(image.reshape(-1, 3), np.broadcast_to(expected, (1024, 3)),
-                               atol=1e-6)
+    image = render.shade(
+        raster,
+        vertices,
+        faces,
+        color=color,
+        light_dir=light,
+        ambient=ambient,
+        background=background,
+    )
+    np.testing.assert_allclose(
+        image.reshape(-1, 3), np.broadcast_to(expected, (1024, 3)), atol=1e-6
+    )
 
 
 def test_light_from_behind_leaves_only_ambient():
   K = _intrinsics(40.0, 16.0, 16.0)
   vertices = np.array([[-1.0, -1.0, 1.0], [1.0, -1.0, 1.0], [0.0, 1.0, 1.0]])
   raster = render.rasterize(vertices, [[0, 1, 2]], K, 32, 32)
-  image = render.shade(raster, vertices, [[0, 1, 2]], color=(1.0, 1.0, 1.0),
-                       light_dir=(0.0, 0.0, 1.0), ambient=0.25)
+  image = render.shade(
+      raster, vertices, [[0, 1, 2]], color=(1.0, 1.0, 1.0), light_dir=(0.0, 0.0, 1.0), ambient=0.25
+  )
   mask = raster.face_index >= 0
   np.testing.assert_allclose(image[mask], 0.25, atol=1e-6)
   assert np.all(image[~mask] == 0)
@@ -195,14 +205,19 @@ def _sphere(count, radius, center):
   """A closed triangulated sphere: hull of a Fibonacci point set."""
   k = np.arange(count) + 0.5
   polar = np.arccos(1 - 2 * k / count)
-  azimuth = np.pi * (1 + 5 ** 0.5) * k
-  points = np.stack([np.sin(polar) * np.cos(azimuth), np.sin(polar) * np.sin(azimuth),
-                     np.cos(polar)], axis=1)
+  azimuth = np.pi * (1 + 5**0.5) * k
+  points = np.stack(
+      [np.sin(polar) * np.cos(azimuth), np.sin(polar) * np.sin(azimuth), np.cos(polar)], axis=1
+  )
   faces = ConvexHull(points).simplices
   # Hull simplices come in either winding; make them all wind outwards.
   tri = points[faces]
-  outward = np.einsum('fi,fi->f', np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]),
-                      tri.mean(axis=1)) > 0
+  outward = (
+      np.einsum(
+          'fi,fi->f', np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), tri.mean(axis=1)
+      )
+      > 0
+  )
   faces = np.where(outward[:, None], faces, faces[:, ::-1])
   return points * radius + center, faces
 
@@ -213,8 +228,9 @@ def test_smooth_shading_of_a_sphere_follows_its_normals():
   vertices, faces = _sphere(2000, radius, center)
   light, ambient = np.array([0.48, -0.6, -0.64]), 0.2
   raster = render.rasterize(vertices, faces, K, 64, 64)
-  image = render.shade(raster, vertices, faces, color=(1.0, 1.0, 1.0), light_dir=light,
-                       ambient=ambient)
+  image = render.shade(
+      raster, vertices, faces, color=(1.0, 1.0, 1.0), light_dir=light, ambient=ambient
+  )
   mask = raster.face_index >= 0
   # The true sphere normal at the visible point along each pixel's ray.
   rays = _pixel_rays(K, 64, 64)[mask]
@@ -253,9 +269,10 @@ def test_overlay_mesh_blends_only_under_the_mesh():
 
 def test_draw_points_and_lines():
   image = np.zeros((20, 30, 3), dtype=np.uint8)
-  dots = render.draw_points(image, [[5.2, 6.8], [np.nan, 1.0], [100.0, 5.0], [1e30, 2.0]],
-                            (1.0, 0.0, 0.0), radius=1.0)
-  assert np.all(image == 0)                                        # input untouched
+  dots = render.draw_points(
+      image, [[5.2, 6.8], [np.nan, 1.0], [100.0, 5.0], [1e30, 2.0]], (1.0, 0.0, 0.0), radius=1.0
+  )
+  assert np.all(image == 0)  # input untouched
   painted = np.argwhere(dots[..., 0] == 255)
   assert sorted(map(tuple, painted)) == [(6, 5), (7, 4), (7, 5), (7, 6), (8, 5)]
   line = render.draw_lines(image, [[2.0, 10.0]], [[25.0, 10.0]], (0.0, 1.0, 0.0), thickness=1.0)
@@ -270,17 +287,21 @@ def test_draw_skeleton_colours_each_finger():
   image = render.draw_skeleton(np.zeros((40, 60, 3), dtype=np.uint8), joints)
   for finger in range(5):
     tip = joints[4 * finger + 4].round().astype(int)
-    np.testing.assert_array_equal(image[tip[1], tip[0]],
-                                  render.to_uint8(np.array(render.FINGER_COLORS[finger])))
+    np.testing.assert_array_equal(
+        image[tip[1], tip[0]], render.to_uint8(np.array(render.FINGER_COLORS[finger]))
+    )
 
 
-@pytest.mark.parametrize('vertices, faces, K, error', [
-    (np.full((3, 3), np.nan), [[0, 1, 2]], np.eye(3), 'NaN'),
-    (np.ones((3, 2)), [[0, 1, 2]], np.eye(3), 'shape'),
-    (np.ones((3, 3)), [[0, 1, 3]], np.eye(3), 'outside'),
-    (np.ones((3, 3)), [[0.0, 1.0, 2.0]], np.eye(3), 'integer'),
-    (np.ones((3, 3)), [[0, 1, 2]], np.eye(2), 'K must'),
-])
+@pytest.mark.parametrize(
+    'vertices, faces, K, error',
+    [
+        (np.full((3, 3), np.nan), [[0, 1, 2]], np.eye(3), 'NaN'),
+        (np.ones((3, 2)), [[0, 1, 2]], np.eye(3), 'shape'),
+        (np.ones((3, 3)), [[0, 1, 3]], np.eye(3), 'outside'),
+        (np.ones((3, 3)), [[0.0, 1.0, 2.0]], np.eye(3), 'integer'),
+        (np.ones((3, 3)), [[0, 1, 2]], np.eye(2), 'K must'),
+    ],
+)
 def test_bad_input_raises(vertices, faces, K, error):
   with pytest.raises(ValueError, match=error):
     render.rasterize(vertices, faces, K, 8, 8)

@@ -1,4 +1,5 @@
 """Tests of the synthetic hand sampler and example generator (numpy path, no TF)."""
+
 import pathlib
 import subprocess
 import sys
@@ -54,11 +55,17 @@ def test_examples_start_offset_matches_make_example(hand_model, batch):
 
 def test_feature_format(batch):
   example = batch[0]
-  expected = {'image': (np.uint8, (SIZE, SIZE, 3)), 'depth': (np.float32, (SIZE, SIZE, 1)),
-              'mask': (np.uint8, (SIZE, SIZE, 1)), 'K': (np.float32, (3, 3)),
-              'joints3d': (np.float32, (21, 3)), 'joints2d': (np.float32, (21, 2)),
-              'verts': (np.float32, (778, 3)), 'pose': (np.float32, (48,)),
-              'betas': (np.float32, (10,))}
+  expected = {
+      'image': (np.uint8, (SIZE, SIZE, 3)),
+      'depth': (np.float32, (SIZE, SIZE, 1)),
+      'mask': (np.uint8, (SIZE, SIZE, 1)),
+      'K': (np.float32, (3, 3)),
+      'joints3d': (np.float32, (21, 3)),
+      'joints2d': (np.float32, (21, 2)),
+      'verts': (np.float32, (778, 3)),
+      'pose': (np.float32, (48,)),
+      'betas': (np.float32, (10,)),
+  }
   for key, (dtype, shape) in expected.items():
     assert example[key].dtype == dtype and example[key].shape == shape, key
   assert isinstance(example['is_right'], bool)
@@ -70,8 +77,9 @@ def test_joints2d_are_the_projection_of_joints3d(batch):
   for example in batch:
     K = example['K'].astype(np.float64)
     joints = example['joints3d'].astype(np.float64)
-    projected = np.array([(K[0, 0] * x / z + K[0, 2], K[1, 1] * y / z + K[1, 2])
-                          for x, y, z in joints])
+    projected = np.array(
+        [(K[0, 0] * x / z + K[0, 2], K[1, 1] * y / z + K[1, 2]) for x, y, z in joints]
+    )
     np.testing.assert_allclose(example['joints2d'], projected, atol=1e-3)
 
 
@@ -85,10 +93,12 @@ def test_geometry_is_mano_forward_moved_and_mirrored(hand_model, batch):
     # Undo the mirror; what is left must be a pure translation of the MANO output.
     offset_v = example['verts'] * mirror - verts
     offset_j = example['joints3d'] * mirror - joints
-    np.testing.assert_allclose(offset_v, np.broadcast_to(offset_v.mean(0), offset_v.shape),
-                               atol=2e-5)
-    np.testing.assert_allclose(offset_j, np.broadcast_to(offset_v.mean(0), offset_j.shape),
-                               atol=2e-5)
+    np.testing.assert_allclose(
+        offset_v, np.broadcast_to(offset_v.mean(0), offset_v.shape), atol=2e-5
+    )
+    np.testing.assert_allclose(
+        offset_j, np.broadcast_to(offset_v.mean(0), offset_j.shape), atol=2e-5
+    )
     # Chirality: with the model's (right-hand) faces, a left hand is inside out.
     volume = _signed_volume(example['verts'].astype(np.float64), np.asarray(hand_model.faces))
     assert (volume > 0) == example['is_right']
@@ -125,11 +135,18 @@ def test_hand_is_inside_the_image_and_camera_is_plausible(batch):
 
 def test_articulation_respects_per_axis_limits(hand_model):
   frames = sampler.joint_frames(hand_model)
-  np.testing.assert_allclose(np.einsum('jab,jcb->jac', frames.axes, frames.axes),
-                             np.broadcast_to(np.eye(3), (15, 3, 3)), atol=1e-9)
+  np.testing.assert_allclose(
+      np.einsum('jab,jcb->jac', frames.axes, frames.axes),
+      np.broadcast_to(np.eye(3), (15, 3, 3)),
+      atol=1e-9,
+  )
   rng = np.random.default_rng(0)
-  angles = np.stack([np.einsum('jac,jc->ja', frames.axes, sampler.sample_articulation(
-      rng, frames)) for _ in range(300)])                       # [N, 15, 3]
+  angles = np.stack(
+      [
+          np.einsum('jac,jc->ja', frames.axes, sampler.sample_articulation(rng, frames))
+          for _ in range(300)
+      ]
+  )  # [N, 15, 3]
   spread = np.abs(frames.fan) * max(np.abs(sampler.SPREAD_RANGE))
   for chain in ((1, 2, 3), (4, 5, 6), (7, 8, 9), (10, 11, 12)):
     for joint, kind in zip(chain, ('mcp', 'pip', 'dip')):
@@ -151,7 +168,7 @@ def test_flexion_curls_fingers_towards_the_palm(hand_model):
   rest = mano.joint_regressor21(hand_model) @ np.asarray(hand_model.v_template, np.float64)
   palm_normal = np.cross(rest[5] - rest[0], rest[17] - rest[0])
   pose = np.zeros((1, 48), np.float32)
-  pose[0, 3:] = (0.8 * frames.axes[:, 0]).ravel()              # every joint flexed 0.8 rad
+  pose[0, 3:] = (0.8 * frames.axes[:, 0]).ravel()  # every joint flexed 0.8 rad
   _, joints = mano.mano_forward(hand_model, pose, np.zeros((1, 10)), flat_hand_mean=True)
   moved = np.asarray(joints[0]) - rest
   for tip in (8, 12, 16, 20):
@@ -171,7 +188,7 @@ def test_hand_rotations_keep_the_fingers_from_pointing_away(hand_model):
   rng = np.random.default_rng(4)
   forward = sampler.joint_frames(hand_model).forward
   axis_angles = np.float32([sampler.sample_hand_rotation(rng, forward) for _ in range(2000)])
-  directions = np.asarray(mano.rodrigues(axis_angles)) @ forward            # [N, 3]
+  directions = np.asarray(mano.rodrigues(axis_angles)) @ forward  # [N, 3]
   assert directions[:, 2].max() <= sampler.MAX_AWAY + 1e-5
   # Conditioning on z only: the other two components stay symmetric, z covers its range.
   assert np.abs(directions[:, :2].mean(axis=0)).max() < 0.05
@@ -201,11 +218,16 @@ def test_smooth_noise_is_bilinear_interpolation_of_its_knots():
     for j, x in enumerate(position):
       y0, x0 = min(int(y), grid - 2), min(int(x), grid - 2)
       fy, fx = y - y0, x - x0
-      expected[i, j] = ((1 - fy) * (1 - fx) * knots[y0, x0] + fy * (1 - fx) * knots[y0 + 1, x0]
-                        + (1 - fy) * fx * knots[y0, x0 + 1] + fy * fx * knots[y0 + 1, x0 + 1])
+      expected[i, j] = (
+          (1 - fy) * (1 - fx) * knots[y0, x0]
+          + fy * (1 - fx) * knots[y0 + 1, x0]
+          + (1 - fy) * fx * knots[y0, x0 + 1]
+          + fy * fx * knots[y0 + 1, x0 + 1]
+      )
   np.testing.assert_allclose(noise, expected, atol=1e-12)
-  np.testing.assert_allclose(noise[[0, 0, -1, -1], [0, -1, 0, -1]],
-                             knots[[0, 0, -1, -1], [0, -1, 0, -1]], atol=1e-12)
+  np.testing.assert_allclose(
+      noise[[0, 0, -1, -1], [0, -1, 0, -1]], knots[[0, 0, -1, -1], [0, -1, 0, -1]], atol=1e-12
+  )
 
 
 def test_backgrounds_and_occluders():
@@ -219,7 +241,7 @@ def test_backgrounds_and_occluders():
   shapes = [appearance.occluder_mask(rng, 32, mask) for _ in range(200)]
   drawn = [shape for shape in shapes if shape is not None]
   assert 0.2 < len(drawn) / len(shapes) < 0.4
-  assert all((shape & mask).any() for shape in drawn)   # centred on a hand pixel
+  assert all((shape & mask).any() for shape in drawn)  # centred on a hand pixel
 
 
 def test_hand_and_background_are_not_flat(batch):
@@ -228,11 +250,14 @@ def test_hand_and_background_are_not_flat(batch):
     assert example['image'][mask].std() > 0 and example['image'][~mask].std() > 0
 
 
-@pytest.mark.parametrize('kwargs, message', [
-    ({'seed': -1, 'index': 0, 'image_size': 64}, 'non-negative'),
-    ({'seed': 0, 'index': 0, 'image_size': 8}, 'at least'),
-    ({'seed': 0, 'index': 1.5, 'image_size': 64}, 'integer'),
-])
+@pytest.mark.parametrize(
+    'kwargs, message',
+    [
+        ({'seed': -1, 'index': 0, 'image_size': 64}, 'non-negative'),
+        ({'seed': 0, 'index': 0, 'image_size': 8}, 'at least'),
+        ({'seed': 0, 'index': 1.5, 'image_size': 64}, 'integer'),
+    ],
+)
 def test_bad_arguments_raise(hand_model, kwargs, message):
   with pytest.raises(ValueError, match=message):
     generate.make_example(hand_model, **kwargs)
@@ -242,9 +267,27 @@ def test_bad_arguments_raise(hand_model, kwargs, message):
 def test_figure_and_benchmark_scripts_run(tmp_path):
   root = pathlib.Path(__file__).resolve().parents[1]
   out = tmp_path / 'samples.png'
-  subprocess.run([sys.executable, str(root / 'docs/make_samples_figure.py'), '--out', str(out),
-                  '--rows', '1', '--cols', '2', '--size', '48'], check=True, capture_output=True)
+  subprocess.run(
+      [
+          sys.executable,
+          str(root / 'docs/make_samples_figure.py'),
+          '--out',
+          str(out),
+          '--rows',
+          '1',
+          '--cols',
+          '2',
+          '--size',
+          '48',
+      ],
+      check=True,
+      capture_output=True,
+  )
   assert Image.open(out).size == (2 * 48 + 4, 48)
-  result = subprocess.run([sys.executable, str(root / 'benchmarks/render.py'), '--frames', '4',
-                           '--sizes', '32'], check=True, capture_output=True, text=True)
+  result = subprocess.run(
+      [sys.executable, str(root / 'benchmarks/render.py'), '--frames', '4', '--sizes', '32'],
+      check=True,
+      capture_output=True,
+      text=True,
+  )
   assert '32x32: render' in result.stdout and 'ms/frame' in result.stdout

@@ -1,4 +1,5 @@
 """The `synthetic_hands` TFDS builder: prepare a tiny data set, read it back, compare."""
+
 import numpy as np
 import pytest
 
@@ -23,8 +24,9 @@ def _config(data_dir, use_depth=True, num_train=8, num_eval=4, render_size=SIZE)
 
 def _read(builder, split):
   dataset = builder.as_dataset(split=split, shuffle_files=False)
-  return sorted((dict(example) for example in dataset.as_numpy_iterator()),
-                key=lambda example: example['id'])
+  return sorted(
+      (dict(example) for example in dataset.as_numpy_iterator()), key=lambda example: example['id']
+  )
 
 
 @pytest.mark.slow
@@ -33,13 +35,16 @@ def test_prepare_reads_back_the_numpy_examples(tmp_path, capfd):
   builder = synthetic_hands.prepare(config)
   assert 'examples/s' in capfd.readouterr().err
   hand_model = procedural_mano.load_hand_model(config)
-  for split, stream, count in (('train', generate.TRAIN_STREAM, 8),
-                               ('evaluation', generate.EVAL_STREAM, 4)):
+  for split, stream, count in (
+      ('train', generate.TRAIN_STREAM, 8),
+      ('evaluation', generate.EVAL_STREAM, 4),
+  ):
     stored = _read(builder, split)
     assert [int(example['id']) for example in stored] == list(range(count))
     for example in stored:
-      expected = generate.make_example(hand_model, config.seed, int(example['id']), SIZE,
-                                       stream=stream)
+      expected = generate.make_example(
+          hand_model, config.seed, int(example['id']), SIZE, stream=stream
+      )
       assert set(example) == set(expected)
       for key, value in expected.items():
         np.testing.assert_array_equal(example[key], value, err_msg=f'{split} {key}')
@@ -54,24 +59,29 @@ def test_prepare_reads_back_the_numpy_examples(tmp_path, capfd):
 
 @pytest.mark.slow
 def test_without_depth_has_no_depth_feature(tmp_path):
-  builder = synthetic_hands.prepare(_config(tmp_path, use_depth=False, num_train=2,
-                                            num_eval=1))
+  builder = synthetic_hands.prepare(_config(tmp_path, use_depth=False, num_train=2, num_eval=1))
   example = _read(builder, 'train')[0]
   assert 'depth' not in example and example['image'].shape == (SIZE, SIZE, 3)
 
 
 def test_config_names_never_collide(tmp_path):
   base = synthetic_hands.builder_for(_config(tmp_path)).builder_config.name
-  variants = [_config(tmp_path, use_depth=False), _config(tmp_path, num_train=9),
-              _config(tmp_path, num_eval=5), _config(tmp_path, render_size=96)]
+  variants = [
+      _config(tmp_path, use_depth=False),
+      _config(tmp_path, num_train=9),
+      _config(tmp_path, num_eval=5),
+      _config(tmp_path, render_size=96),
+  ]
   other_seed = _config(tmp_path)
   other_seed.seed = 6
   other_hand = _config(tmp_path)
   other_hand.mano_seed = 1
   other_tips = _config(tmp_path)
   other_tips.tip_vertex_ids = (745, 320, 443, 555, 672)
-  names = {synthetic_hands.builder_for(config).builder_config.name
-           for config in variants + [other_seed, other_hand, other_tips]}
+  names = {
+      synthetic_hands.builder_for(config).builder_config.name
+      for config in variants + [other_seed, other_hand, other_tips]
+  }
   assert base not in names and len(names) == 7
   assert base == synthetic_hands.builder_for(_config(tmp_path)).builder_config.name
 
@@ -83,7 +93,9 @@ def test_bad_config_raises(tmp_path):
     synthetic_hands.builder_for(_config(tmp_path, num_train=0, num_eval=0))
   builder = synthetic_hands.SyntheticHands(
       config=synthetic_hands.builder_for(_config(tmp_path)).builder_config,
-      data_dir=str(tmp_path), hand_model=procedural_mano.procedural_hand(1))
+      data_dir=str(tmp_path),
+      hand_model=procedural_mano.procedural_hand(1),
+  )
   with pytest.raises(ValueError, match='fingerprint'):
     builder.download_and_prepare()
   with pytest.raises(ValueError, match='make_config'):

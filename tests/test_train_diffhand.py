@@ -1,4 +1,5 @@
 """The DiffHand train step: the real smoke model and losses on an in-memory batch."""
+
 import functools
 
 import jax
@@ -40,9 +41,11 @@ def fake_batch(config, seed):
   size = config.data.image_size
   return {
       'image': rng.normal(size=(BATCH, size, size, 3)).astype(np.float32),
-      'verts': verts.astype(np.float32), 'joints3d': joints.astype(np.float32),
+      'verts': verts.astype(np.float32),
+      'joints3d': joints.astype(np.float32),
       'joints2d': rng.uniform(-1, 1, (BATCH, 21, 2)).astype(np.float32),
-      'valid': np.ones((BATCH,), np.float32)}
+      'valid': np.ones((BATCH,), np.float32),
+  }
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,8 +54,7 @@ def model_and_loss(decoder='cross_modality', use_diffusion=True):
   config.decoder, config.diffusion = decoder, use_diffusion
   model = models.build_model(config)
   loss_fn = train.make_loss_fn(model, config, procedural_mano.load_hand_model(config).faces)
-  params = models.init_params(model, jax.random.PRNGKey(0),
-                              jnp.zeros((1, 32, 32, 3)))
+  params = models.init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
   return config, model, loss_fn, params
 
 
@@ -69,8 +71,9 @@ def test_noisy_input_is_q_sample_with_the_example_keys(t_max_fraction):
       t_i = 999
     noise = jax.random.normal(noise_key, (5, 3))
     a = schedule.alphas_cumprod[t_i]
-    np.testing.assert_allclose(x_t[i], np.sqrt(a) * 1.0 + np.sqrt(1 - a) * noise,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        x_t[i], np.sqrt(a) * 1.0 + np.sqrt(1 - a) * noise, rtol=1e-5, atol=1e-6
+    )
     assert int(t[i]) == int(t_i)
   x_t, t = train.noisy_input(schedule, x0, keys, False)
   assert not np.any(x_t) and not np.any(t)
@@ -91,8 +94,13 @@ def test_x0_loss_by_timestep_matches_a_loop():
   per_example = jnp.asarray([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
   t = jnp.asarray([0, 249, 250, 999, 998, 999])
   got = train.x0_loss_by_timestep(per_example, t, 1000)
-  expected = {'loss_x0_t0': 1.5, 'loss_x0_t250': 3.0, 'loss_x0_t500': 0.0,
-              'loss_x0_t750': 5.0, 'loss_x0_tmax': 5.0}
+  expected = {
+      'loss_x0_t0': 1.5,
+      'loss_x0_t250': 3.0,
+      'loss_x0_t500': 0.0,
+      'loss_x0_t750': 5.0,
+      'loss_x0_tmax': 5.0,
+  }
   assert {k: float(v) for k, v in got.items()} == pytest.approx(expected)
 
 
@@ -106,10 +114,13 @@ def test_loss_terms(use_diffusion):
   # Both variants get the same terms (DESIGN §3); only diffusion logs x0 by timestep.
   assert ('loss_x0_tmax' in aux) is use_diffusion
   weights = config.loss
-  expected = (weights.x0_weight * aux['loss_x0'] + weights.joints_weight * aux['loss_joints']
-              + weights.reprojection_weight * aux['loss_2d']
-              + weights.normal_weight * aux['loss_normal']
-              + weights.aux_weight * aux['loss_aux'])
+  expected = (
+      weights.x0_weight * aux['loss_x0']
+      + weights.joints_weight * aux['loss_joints']
+      + weights.reprojection_weight * aux['loss_2d']
+      + weights.normal_weight * aux['loss_normal']
+      + weights.aux_weight * aux['loss_aux']
+  )
   np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
 
 
@@ -120,19 +131,20 @@ def run_real_steps(parallelism, devices):
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
   state = train.create_train_state(params, optimizer, jax.random.PRNGKey(2), 0.0)
   runner = parallel.data_parallel(
-      functools.partial(train.train_step, loss_fn=loss_fn, optimizer=optimizer,
-                        schedule=schedule, ema_decay=0.0),
-      parallelism, devices)
+      functools.partial(
+          train.train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, ema_decay=0.0
+      ),
+      parallelism,
+      devices,
+  )
   placed, losses = runner.put_state(state), []
   for step in range(3):
-    placed, metrics = runner.step(placed, runner.put_batch(
-        fake_batch(config, step)))
+    placed, metrics = runner.step(placed, runner.put_batch(fake_batch(config, step)))
     losses.append(float(metrics['loss']))
   params = jax.device_get(runner.get_state(placed).params)
   batch = fake_batch(config, 7)
   x_t = jnp.asarray(batch['verts']) / config.vertex_scale
-  out = model.apply({'params': params}, batch['image'], x_t,
-                    jnp.full((BATCH,), 500, jnp.int32))
+  out = model.apply({'params': params}, batch['image'], x_t, jnp.full((BATCH,), 500, jnp.int32))
   return np.array(losses), params, np.asarray(out['x0'])
 
 
@@ -150,14 +162,16 @@ def test_real_model_jit_pmap_one_device_agree():
     losses, params, out = run_real_steps(parallelism, None)
     diffs = {
         '/'.join(k): np.max(np.abs(a - b)) / np.max(np.abs(b))
-        for (k, a), b in zip(
-            flatten_dict(params).items(), flatten_dict(one_params).values())
-        if np.max(np.abs(b)) > 1e-3}
+        for (k, a), b in zip(flatten_dict(params).items(), flatten_dict(one_params).values())
+        if np.max(np.abs(b)) > 1e-3
+    }
     out_diff = np.max(np.abs(out - one_out)) / np.max(np.abs(one_out))
-    print(f'{parallelism} vs 1 device: loss rel diff '
-          f'{np.max(np.abs(losses - one_losses) / np.abs(one_losses)):.2e}, '
-          f'max param rel diff {max(diffs.values()):.2e}, '
-          f'output rel diff {out_diff:.2e}')
+    print(
+        f'{parallelism} vs 1 device: loss rel diff '
+        f'{np.max(np.abs(losses - one_losses) / np.abs(one_losses)):.2e}, '
+        f'max param rel diff {max(diffs.values()):.2e}, '
+        f'output rel diff {out_diff:.2e}'
+    )
     np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
     assert max(diffs.values()) < 1e-5, max(diffs.items(), key=lambda x: x[1])
     assert out_diff < 1e-5
@@ -167,20 +181,20 @@ def test_depth_finetune_loads_a_base_checkpoint_without_depth(tmp_path):
   """freihand_depth's init_from: every base param is loaded, only the depth
   branch keeps its (zero) init."""
   config = smoke_config()
+
   def param_shapes(use_depth):
     config.model.use_depth = use_depth
     model = models.build_model(config)
     depth = jnp.zeros((1, 32, 32, 1)) if use_depth else None
-    return jax.eval_shape(lambda: models.init_params(
-        model, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), depth))
-  base = jax.tree.map(lambda s: np.full(s.shape, 2.0, s.dtype),
-                      param_shapes(False))
+    return jax.eval_shape(
+        lambda: models.init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), depth)
+    )
+
+  base = jax.tree.map(lambda s: np.full(s.shape, 2.0, s.dtype), param_shapes(False))
   workdir = str(tmp_path / 'base')
   with checkpointing.make_manager(workdir) as manager:
-    checkpointing.save(manager, 1, {'params': base, 'ema_params': None},
-                       config)
-  with_depth = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
-                            param_shapes(True))
+    checkpointing.save(manager, 1, {'params': base, 'ema_params': None}, config)
+  with_depth = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(True))
   merged = flatten_dict(checkpointing.load_params_into(with_depth, workdir))
   new_only = [k for k in merged if k not in flatten_dict(base)]
   assert new_only and all('depth' in '/'.join(k) for k in new_only), new_only

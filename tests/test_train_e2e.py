@@ -1,4 +1,5 @@
 """End to end through launch.py: train -> eval -> predict on the smoke config."""
+
 import json
 import os
 import subprocess
@@ -13,12 +14,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def launch(*args, devices=2, timeout=900):
   """Runs launch.py in a fresh process; returns its combined output."""
-  env = dict(os.environ,
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  env = dict(
+      os.environ,
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+      JAX_PLATFORMS='cpu',
+      TF_CPP_MIN_LOG_LEVEL='3',
+  )
   result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'launch.py'), *args], cwd=ROOT,
-      env=env, capture_output=True, text=True, timeout=timeout, check=False)
+      [sys.executable, os.path.join(ROOT, 'launch.py'), *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+  )
   output = result.stdout + result.stderr
   assert result.returncode == 0, output[-4000:]
   return output
@@ -27,16 +37,18 @@ def launch(*args, devices=2, timeout=900):
 @pytest.mark.slow
 def test_smoke_train_eval_predict(tmp_path):
   workdir = str(tmp_path / 'run')
-  common = ['--config=configs/synthetic.py:smoke', f'--workdir={workdir}',
-            f'--config.data.tfds_data_dir={tmp_path / "tfds"}']
+  common = [
+      '--config=configs/synthetic.py:smoke',
+      f'--workdir={workdir}',
+      f'--config.data.tfds_data_dir={tmp_path / "tfds"}',
+  ]
 
   out = launch(*common, '--mode=train')
   # Progress lines for each of the 4 steps, then the final evaluation.
   for step in range(1, 5):
     assert f'step {step}/4' in out
   assert 'steps/s' in out and 'ETA' in out and 'Evaluation at step 4' in out
-  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
-                 if d.isdigit())
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
   assert steps[-1] == 4 and 2 in steps
   assert os.listdir(os.path.join(workdir, 'tensorboard', 'train'))
   assert os.listdir(os.path.join(workdir, 'tensorboard', 'eval'))
@@ -69,8 +81,7 @@ def test_smoke_train_eval_predict(tmp_path):
   images.mkdir()
   rng = np.random.default_rng(0)
   for name in ('a.png', 'b.jpg'):
-    Image.fromarray(rng.integers(0, 255, (80, 100, 3), np.uint8)).save(
-        images / name)
+    Image.fromarray(rng.integers(0, 255, (80, 100, 3), np.uint8)).save(images / name)
   out = launch(*common, '--mode=predict', f'--input={images}', devices=4)
   assert 'read only' not in out
   written = sorted(os.listdir(os.path.join(workdir, 'predictions')))

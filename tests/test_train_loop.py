@@ -3,6 +3,7 @@
 jit vs pmap vs one device, resume bit-exactness, SIGTERM, the NaN guard and the
 learning-rate schedule.
 """
+
 import math
 import os
 import signal
@@ -32,9 +33,11 @@ def tiny_loss(params, batch, keys):
 
 def tiny_init(rng):
   k1, k2 = jax.random.split(rng)
-  return {'w1': jax.random.normal(k1, (FEATURES, 16)) * 0.5,
-          'b1': jnp.zeros((16,)),
-          'w2': jax.random.normal(k2, (16, TARGETS)) * 0.5}
+  return {
+      'w1': jax.random.normal(k1, (FEATURES, 16)) * 0.5,
+      'b1': jnp.zeros((16,)),
+      'w2': jax.random.normal(k2, (16, TARGETS)) * 0.5,
+  }
 
 
 def tiny_batch(seed, step, batch_size, nan=False):
@@ -51,8 +54,7 @@ def tiny_iterator(config, start_step, nan_at=None, sigterm_at=None):
   while True:
     if sigterm_at is not None and step == sigterm_at:
       os.kill(os.getpid(), signal.SIGTERM)
-    yield tiny_batch(config.seed, step, config.train.global_batch_size,
-                     nan=step == nan_at)
+    yield tiny_batch(config.seed, step, config.train.global_batch_size, nan=step == nan_at)
     step += 1
 
 
@@ -71,9 +73,10 @@ def tiny_config(**train_overrides):
 
 def tiny_task(config, **iterator_kwargs):
   return train.Task(
-      init_params=tiny_init, loss_fn=tiny_loss,
-      train_iterator=lambda start: tiny_iterator(config, start,
-                                                 **iterator_kwargs))
+      init_params=tiny_init,
+      loss_fn=tiny_loss,
+      train_iterator=lambda start: tiny_iterator(config, start, **iterator_kwargs),
+  )
 
 
 def run_steps(parallelism, devices, num_steps=3):
@@ -81,26 +84,34 @@ def run_steps(parallelism, devices, num_steps=3):
   config = tiny_config()
   optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
-  state = train.create_train_state(tiny_init(jax.random.PRNGKey(1)), optimizer,
-                                   jax.random.PRNGKey(2), 0.5)
+  state = train.create_train_state(
+      tiny_init(jax.random.PRNGKey(1)), optimizer, jax.random.PRNGKey(2), 0.5
+  )
   runner = parallel.data_parallel(
       lambda s, b, axis_name: train.train_step(
-          s, b, loss_fn=tiny_loss, optimizer=optimizer, schedule=schedule,
-          ema_decay=0.5, axis_name=axis_name),
-      parallelism, devices)
+          s,
+          b,
+          loss_fn=tiny_loss,
+          optimizer=optimizer,
+          schedule=schedule,
+          ema_decay=0.5,
+          axis_name=axis_name,
+      ),
+      parallelism,
+      devices,
+  )
   placed = runner.put_state(state)
   losses = []
   for step in range(num_steps):
-    placed, metrics = runner.step(placed, runner.put_batch(
-        tiny_batch(0, step, 8)))
+    placed, metrics = runner.step(placed, runner.put_batch(tiny_batch(0, step, 8)))
     losses.append(float(metrics['loss']))
   return np.array(losses), jax.device_get(runner.get_state(placed))
 
 
 def max_rel_diff(a, b):
-  leaves = jax.tree.leaves(jax.tree.map(
-      lambda x, y: np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12),
-      a, b))
+  leaves = jax.tree.leaves(
+      jax.tree.map(lambda x, y: np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12), a, b)
+  )
   return max(leaves)
 
 
@@ -116,8 +127,12 @@ def test_jit_pmap_and_one_device_agree():
     assert int(state.step) == 3
   # The runs did move: the check above is not comparing initial values.
   assert max_rel_diff(one_state.params, tiny_init(jax.random.PRNGKey(1))) > 1e-3
-  print('max rel diff jit/1dev', max_rel_diff(jit_state.params, one_state.params),
-        'pmap/1dev', max_rel_diff(pmap_state.params, one_state.params))
+  print(
+      'max rel diff jit/1dev',
+      max_rel_diff(jit_state.params, one_state.params),
+      'pmap/1dev',
+      max_rel_diff(pmap_state.params, one_state.params),
+  )
 
 
 def test_example_keys_depend_only_on_global_index():
@@ -130,8 +145,7 @@ def test_example_keys_depend_only_on_global_index():
 
 def test_resume_is_bit_exact_and_sigterm_saves(tmp_path):
   config = tiny_config()
-  straight = train.run_training(config, str(tmp_path / 'straight'),
-                                tiny_task(config))
+  straight = train.run_training(config, str(tmp_path / 'straight'), tiny_task(config))
   # SIGTERM arrives while step 1 runs: the loop saves step 2 and returns.
   workdir = str(tmp_path / 'resumed')
   stopped = train.run_training(config, workdir, tiny_task(config, sigterm_at=1))
@@ -139,13 +153,13 @@ def test_resume_is_bit_exact_and_sigterm_saves(tmp_path):
   assert checkpointing.latest_step(workdir) == 2
   resumed = train.run_training(config, workdir, tiny_task(config))
   assert int(resumed.step) == 4
-  for a, b in zip(jax.tree.leaves(jax.device_get(straight)),
-                  jax.tree.leaves(jax.device_get(resumed))):
+  for a, b in zip(
+      jax.tree.leaves(jax.device_get(straight)), jax.tree.leaves(jax.device_get(resumed))
+  ):
     np.testing.assert_array_equal(a, b)
   # restore_params returns the EMA params of the last checkpoint.
   params = checkpointing.restore_params(workdir)
-  for a, b in zip(jax.tree.leaves(params),
-                  jax.tree.leaves(jax.device_get(resumed.ema_params))):
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(resumed.ema_params))):
     np.testing.assert_array_equal(a, b)
 
 
@@ -156,12 +170,12 @@ def test_resume_pmap_is_bit_exact(tmp_path):
   config_short = tiny_config(parallelism='pmap')
   config_short.train.num_steps = 3
   workdir = str(tmp_path / 'b')
-  train.run_training(config_short, workdir, tiny_task(config_short,
-                                                      sigterm_at=0))
+  train.run_training(config_short, workdir, tiny_task(config_short, sigterm_at=0))
   assert checkpointing.latest_step(workdir) == 1
   resumed = train.run_training(config_short, workdir, tiny_task(config_short))
-  for a, b in zip(jax.tree.leaves(jax.device_get(straight)),
-                  jax.tree.leaves(jax.device_get(resumed))):
+  for a, b in zip(
+      jax.tree.leaves(jax.device_get(straight)), jax.tree.leaves(jax.device_get(resumed))
+  ):
     np.testing.assert_array_equal(a, b)
 
 
@@ -249,8 +263,7 @@ def test_init_from_loads_known_params_and_keeps_new_ones(tmp_path):
   config.optim.weight_decay = 0.0
   started = train.run_training(config, str(tmp_path / 'ft'), tiny_task(config))
   for key in ('w1', 'b1', 'w2'):
-    np.testing.assert_allclose(started.params[key], base.ema_params[key],
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(started.params[key], base.ema_params[key], rtol=1e-6, atol=1e-7)
 
 
 def test_restore_params_without_checkpoint_raises(tmp_path):
@@ -262,24 +275,21 @@ def test_restore_params_without_checkpoint_raises(tmp_path):
 def test_put_state_never_aliases_the_callers_arrays(parallelism):
   """The step donates the placed state; the caller's arrays must survive."""
   runner = parallel.data_parallel(
-      lambda s, b, axis_name: (jax.tree.map(lambda x: x + 1, s), {}),
-      parallelism)
+      lambda s, b, axis_name: (jax.tree.map(lambda x: x + 1, s), {}), parallelism
+  )
   state = {'w': jnp.ones((3,)), 'v': jnp.zeros((2, 2))}
   runner.step(runner.put_state(state), runner.put_batch({'x': np.zeros((4, 1))}))
   np.testing.assert_array_equal(state['w'], np.ones(3))  # not deleted
 
 
 def test_keeps_latest_and_best_checkpoints(tmp_path):
-  config = tiny_config(checkpoint_every=1, eval_every=1, keep_checkpoints=2,
-                       best_metric='err')
+  config = tiny_config(checkpoint_every=1, eval_every=1, keep_checkpoints=2, best_metric='err')
   config.train.num_steps = 6
   scores = {1: 5.0, 2: 1.0, 3: 4.0, 4: 3.0, 5: 2.0, 6: 6.0}  # best: step 2
-  task = tiny_task(config)._replace(
-      evaluate=lambda params, step: {'err': scores[step]})
+  task = tiny_task(config)._replace(evaluate=lambda params, step: {'err': scores[step]})
   workdir = str(tmp_path / 'best')
   train.run_training(config, workdir, task)
-  kept = sorted(int(d) for d in os.listdir(checkpointing.checkpoint_dir(workdir))
-                if d.isdigit())
+  kept = sorted(int(d) for d in os.listdir(checkpointing.checkpoint_dir(workdir)) if d.isdigit())
   assert kept == [2, 5, 6]  # the best and the 2 latest
 
 

@@ -2,6 +2,7 @@
 
 The numerical comparison with timm itself is tests/test_weights_timm.py (optional extra).
 """
+
 import os
 import subprocess
 import sys
@@ -28,22 +29,33 @@ def timm_vit_state_dict(grid=4, distilled=False, seed=0):
       'pos_embed': (1, prefix + grid * grid, WIDTH),
       'patch_embed.proj.weight': (WIDTH, 3, PATCH, PATCH),
       'patch_embed.proj.bias': (WIDTH,),
-      'norm.weight': (WIDTH,), 'norm.bias': (WIDTH,),
-      'head.weight': (1000, WIDTH), 'head.bias': (1000,),
+      'norm.weight': (WIDTH,),
+      'norm.bias': (WIDTH,),
+      'head.weight': (1000, WIDTH),
+      'head.bias': (1000,),
   }
   if distilled:
-    shapes.update({'dist_token': (1, 1, WIDTH), 'head_dist.weight': (1000, WIDTH),
-                   'head_dist.bias': (1000,)})
+    shapes.update(
+        {'dist_token': (1, 1, WIDTH), 'head_dist.weight': (1000, WIDTH), 'head_dist.bias': (1000,)}
+    )
   for i in range(DEPTH):
     b = f'blocks.{i}'
-    shapes.update({
-        f'{b}.norm1.weight': (WIDTH,), f'{b}.norm1.bias': (WIDTH,),
-        f'{b}.attn.qkv.weight': (3 * WIDTH, WIDTH), f'{b}.attn.qkv.bias': (3 * WIDTH,),
-        f'{b}.attn.proj.weight': (WIDTH, WIDTH), f'{b}.attn.proj.bias': (WIDTH,),
-        f'{b}.norm2.weight': (WIDTH,), f'{b}.norm2.bias': (WIDTH,),
-        f'{b}.mlp.fc1.weight': (4 * WIDTH, WIDTH), f'{b}.mlp.fc1.bias': (4 * WIDTH,),
-        f'{b}.mlp.fc2.weight': (WIDTH, 4 * WIDTH), f'{b}.mlp.fc2.bias': (WIDTH,),
-    })
+    shapes.update(
+        {
+            f'{b}.norm1.weight': (WIDTH,),
+            f'{b}.norm1.bias': (WIDTH,),
+            f'{b}.attn.qkv.weight': (3 * WIDTH, WIDTH),
+            f'{b}.attn.qkv.bias': (3 * WIDTH,),
+            f'{b}.attn.proj.weight': (WIDTH, WIDTH),
+            f'{b}.attn.proj.bias': (WIDTH,),
+            f'{b}.norm2.weight': (WIDTH,),
+            f'{b}.norm2.bias': (WIDTH,),
+            f'{b}.mlp.fc1.weight': (4 * WIDTH, WIDTH),
+            f'{b}.mlp.fc1.bias': (4 * WIDTH,),
+            f'{b}.mlp.fc2.weight': (WIDTH, 4 * WIDTH),
+            f'{b}.mlp.fc2.bias': (WIDTH,),
+        }
+    )
   return {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
 
 
@@ -59,12 +71,13 @@ def micro_config(**kwargs):
 def test_vit_keys_land_where_the_module_docstring_says(tmp_path):
   sd = timm_vit_state_dict()
   params = weights.load_timm_checkpoint(save(sd, tmp_path / 'vit.safetensors'), micro_config())
-  np.testing.assert_array_equal(params['patch_embed']['kernel'],
-                                sd['patch_embed.proj.weight'].transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(params['block1']['attn']['qkv']['kernel'],
-                                sd['blocks.1.attn.qkv.weight'].T)
-  np.testing.assert_array_equal(params['block0']['mlp']['fc2']['bias'],
-                                sd['blocks.0.mlp.fc2.bias'])
+  np.testing.assert_array_equal(
+      params['patch_embed']['kernel'], sd['patch_embed.proj.weight'].transpose(2, 3, 1, 0)
+  )
+  np.testing.assert_array_equal(
+      params['block1']['attn']['qkv']['kernel'], sd['blocks.1.attn.qkv.weight'].T
+  )
+  np.testing.assert_array_equal(params['block0']['mlp']['fc2']['bias'], sd['blocks.0.mlp.fc2.bias'])
   np.testing.assert_array_equal(params['block0']['norm2']['scale'], sd['blocks.0.norm2.weight'])
   np.testing.assert_array_equal(params['norm']['bias'], sd['norm.bias'])
   np.testing.assert_array_equal(params['pos_embed'], sd['pos_embed'])
@@ -88,17 +101,32 @@ def test_pos_embed_resampled_to_the_config_grid(tmp_path):
   np.testing.assert_array_equal(params['pos_embed'][:, :1], sd['pos_embed'][:, :1])
 
 
-@pytest.mark.parametrize('edit,error,pattern', [
-    (lambda sd: sd.pop('blocks.1.mlp.fc1.bias'), KeyError, r"'blocks\.1\.mlp\.fc1\.bias'"),
-    (lambda sd: sd.update({'blocks.0.attn.proj.weight': np.zeros((64, 32), np.float32)}),
-     ValueError, r"'blocks\.0\.attn\.proj\.weight'.*\(32, 64\).*\(64, 64\)"),
-    (lambda sd: sd.update({'blocks.0.ls1.gamma': np.zeros(64, np.float32)}), ValueError,
-     r'no counterpart.*blocks\.0\.ls1\.gamma'),
-    (lambda sd: sd.update({'blocks.2.norm1.weight': np.zeros(64, np.float32)}), ValueError,
-     r'blocks\.2\.norm1\.weight'),  # a deeper checkpoint than the config
-    (lambda sd: sd.update({'dist_token': np.zeros((1, 1, 64), np.float32)}), ValueError,
-     r'dist_token'),  # a distilled checkpoint into a non-distilled config
-])
+@pytest.mark.parametrize(
+    'edit,error,pattern',
+    [
+        (lambda sd: sd.pop('blocks.1.mlp.fc1.bias'), KeyError, r"'blocks\.1\.mlp\.fc1\.bias'"),
+        (
+            lambda sd: sd.update({'blocks.0.attn.proj.weight': np.zeros((64, 32), np.float32)}),
+            ValueError,
+            r"'blocks\.0\.attn\.proj\.weight'.*\(32, 64\).*\(64, 64\)",
+        ),
+        (
+            lambda sd: sd.update({'blocks.0.ls1.gamma': np.zeros(64, np.float32)}),
+            ValueError,
+            r'no counterpart.*blocks\.0\.ls1\.gamma',
+        ),
+        (
+            lambda sd: sd.update({'blocks.2.norm1.weight': np.zeros(64, np.float32)}),
+            ValueError,
+            r'blocks\.2\.norm1\.weight',
+        ),  # a deeper checkpoint than the config
+        (
+            lambda sd: sd.update({'dist_token': np.zeros((1, 1, 64), np.float32)}),
+            ValueError,
+            r'dist_token',
+        ),  # a distilled checkpoint into a non-distilled config
+    ],
+)
 def test_mismatches_name_the_key(tmp_path, edit, error, pattern):
   sd = timm_vit_state_dict()
   edit(sd)
@@ -132,10 +160,21 @@ def test_cli_convert_then_msgpack_loads_the_same(tmp_path):
   src = save(sd, tmp_path / 'vit.safetensors')
   out = tmp_path / 'vit.msgpack'
   subprocess.run(
-      [sys.executable, '-m', 'diffhand_jax.weights', 'convert', os.fspath(src),
-       os.fspath(out), f'--config={ROOT}/configs/synthetic.py:smoke',
-       '--config.model.pretrained_image_size=64'],
-      cwd=ROOT, check=True, capture_output=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+      [
+          sys.executable,
+          '-m',
+          'diffhand_jax.weights',
+          'convert',
+          os.fspath(src),
+          os.fspath(out),
+          f'--config={ROOT}/configs/synthetic.py:smoke',
+          '--config.model.pretrained_image_size=64',
+      ],
+      cwd=ROOT,
+      check=True,
+      capture_output=True,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
   a = weights.load_timm_checkpoint(src, micro_config())
   b = weights.load_timm_checkpoint(out, micro_config())
   jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -148,28 +187,36 @@ def test_pretrained_path_loads_at_initialisation(tmp_path):
   """train.build_task's init fills the encoder from config.model.pretrained_path."""
   from configs import synthetic  # pylint: disable=g-import-not-at-top
   from diffhand_jax import train  # pylint: disable=g-import-not-at-top
+
   sd = timm_vit_state_dict(seed=4)
   config = synthetic.get_config('smoke')
   config.model.pretrained_image_size = 64
   config.model.pretrained_path = os.fspath(save(sd, tmp_path / 'vit.safetensors'))
   task = train.build_task(config, os.fspath(tmp_path / 'run'))
   params = task.init_params(jax.random.PRNGKey(0))
-  np.testing.assert_array_equal(params['encoder']['block0']['attn']['qkv']['kernel'],
-                                sd['blocks.0.attn.qkv.weight'].T)
+  np.testing.assert_array_equal(
+      params['encoder']['block0']['attn']['qkv']['kernel'], sd['blocks.0.attn.qkv.weight'].T
+  )
   np.testing.assert_array_equal(params['encoder']['cls_token'], sd['cls_token'])
 
 
 def test_load_pretrained_encoder_replaces_the_encoder_only(tmp_path):
   """Decoder leaves and the depth branch keep their values; every other encoder leaf loads."""
   from configs import synthetic  # pylint: disable=g-import-not-at-top
+
   sd = timm_vit_state_dict(seed=5)
   config = synthetic.get_config('smoke')
-  config.model.update(pretrained_image_size=64, use_depth=True,
-                      pretrained_path=os.fspath(save(sd, tmp_path / 'vit.safetensors')))
+  config.model.update(
+      pretrained_image_size=64,
+      use_depth=True,
+      pretrained_path=os.fspath(save(sd, tmp_path / 'vit.safetensors')),
+  )
   shapes = weights.expected_shapes(config.model)
   encoder = {p: np.full(s, 7.0, np.float32) for p, s in shapes.items()}
-  params = {'encoder': weights.flax.traverse_util.unflatten_dict(encoder),
-            'decoder': {'out': {'kernel': np.ones((3, 3), np.float32)}}}
+  params = {
+      'encoder': weights.flax.traverse_util.unflatten_dict(encoder),
+      'decoder': {'out': {'kernel': np.ones((3, 3), np.float32)}},
+  }
   loaded = weights.load_pretrained_encoder(params, config)
   flat = flatten_dict(loaded['encoder'])
   assert any(p[0] == 'depth' for p in flat)

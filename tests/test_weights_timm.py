@@ -8,6 +8,7 @@ perturbed, so a transposed or swapped tensor cannot hide behind a zero bias or u
 saves its state dict as .safetensors, imports it with `weights.load_timm_checkpoint`, runs our
 encoder on the same input, and compares features: max abs difference <= 1e-4 (float32).
 """
+
 import os
 
 import jax
@@ -16,11 +17,12 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip(
-    'torch', reason='optional extra torch + timm not installed (make test-torch)')
-timm = pytest.importorskip(
-    'timm', reason='optional extra timm not installed (make test-torch)')
+    'torch', reason='optional extra torch + timm not installed (make test-torch)'
+)
+timm = pytest.importorskip('timm', reason='optional extra timm not installed (make test-torch)')
 safetensors_torch = pytest.importorskip(
-    'safetensors.torch', reason='safetensors not installed (make test-torch)')
+    'safetensors.torch', reason='safetensors not installed (make test-torch)'
+)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffhand_jax import weights
@@ -43,17 +45,20 @@ def random_timm_model(name, seed, calibration_size=None, residual_gamma=1.0, **k
   torch.manual_seed(seed)  # timm's own initialisation draws from the global generator
   model = timm.create_model(name, pretrained=False, **kwargs)
   generator = torch.Generator().manual_seed(seed)
+
   def noise(shape, scale):
     return scale * torch.randn(shape, generator=generator)
+
   with torch.no_grad():
     for pname, p in model.named_parameters():
-      if p.ndim == 1 and pname.endswith('weight'):   # norm scales
+      if p.ndim == 1 and pname.endswith('weight'):  # norm scales
         p.copy_(1.0 + noise(p.shape, 0.1))
-      elif p.ndim == 1:                               # biases
+      elif p.ndim == 1:  # biases
         p.copy_(noise(p.shape, 0.05))
-      else:                                           # kernels and token tables: keep init scale
+      else:  # kernels and token tables: keep init scale
         p.add_(noise(p.shape, 0.2 * float(p.std()) + 1e-3))
     from timm.models import resnet  # pylint: disable=g-import-not-at-top
+
     for m in model.modules():
       if isinstance(m, resnet.BasicBlock):
         m.bn2.weight.mul_(residual_gamma)
@@ -98,8 +103,10 @@ def report(name, tokens, ref_tokens, embedding, ref_embedding):
   diff_tokens = float(np.abs(tokens - ref_tokens).max())
   diff_embedding = float(np.abs(embedding - ref_embedding).max())
   scale = float(np.abs(ref_tokens).max())
-  print(f'{name}: max|tokens - timm| = {diff_tokens:.2e}, max|embedding - timm| = '
-        f'{diff_embedding:.2e} (max|timm tokens| = {scale:.2f})')
+  print(
+      f'{name}: max|tokens - timm| = {diff_tokens:.2e}, max|embedding - timm| = '
+      f'{diff_embedding:.2e} (max|timm tokens| = {scale:.2f})'
+  )
   assert diff_tokens <= TOLERANCE and diff_embedding <= TOLERANCE
 
 
@@ -206,8 +213,9 @@ def test_hrnet_frozen_bn_matches_timm_eval_float64(timm_name, size):
   module = encoder_lib.build_encoder(config, jnp.float64)
   with jax.enable_x64(True):
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
-    tokens, embedding = module.apply({'params': params},
-                                     jnp.asarray(images.transpose(0, 2, 3, 1), jnp.float64))
+    tokens, embedding = module.apply(
+        {'params': params}, jnp.asarray(images.transpose(0, 2, 3, 1), jnp.float64)
+    )
     tokens, embedding = np.asarray(tokens), np.asarray(embedding)
   assert tokens.dtype == np.float64
   diff = float(np.abs(tokens - ref_tokens).max())
@@ -222,10 +230,15 @@ def test_hrnet_group_norm_config_refuses_batchnorm_weights(tmp_path):
     weights.load_timm_checkpoint(path, model_config('hrnet', 'w32'))
 
 
-@pytest.mark.parametrize('timm_name,config_args', [
-    ('hrnet_w48', ('hrnet', 'w48')), ('hrnet_w64', ('hrnet', 'w64')),
-    ('deit_small_distilled_patch16_224', ('deit', 'small', True)),
-    ('vit_base_patch16_224', ('vit', 'base'))])
+@pytest.mark.parametrize(
+    'timm_name,config_args',
+    [
+        ('hrnet_w48', ('hrnet', 'w48')),
+        ('hrnet_w64', ('hrnet', 'w64')),
+        ('deit_small_distilled_patch16_224', ('deit', 'small', True)),
+        ('vit_base_patch16_224', ('vit', 'base')),
+    ],
+)
 def test_other_sizes_import_every_key(tmp_path, timm_name, config_args):
   """The larger sizes: every checkpoint key is placed (or dropped by design), shapes match.
   (Numerics are the same code paths as the tiny / W32 comparisons above.)"""

@@ -10,6 +10,7 @@ Features: `datasets.features.hand_features` (JPEG bytes as released) plus `bbox`
 `has_targets`. The 'depth' config reads precomputed depth maps from
 <manual_dir>/depth/<subject>/<sequence>/<serial>/color_%06d.png (16-bit mm) or .npy (metres).
 """
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -26,8 +27,11 @@ class Dexycb(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {'1.0.0': 'DexYCB release layout, setup s0, annotated frames.'}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name='rgb', description='images and annotations'),
-      tfds.core.BuilderConfig(name='depth', description='plus depth maps from '
-                              '<manual_dir>/depth/, mirroring the colour image paths'),
+      tfds.core.BuilderConfig(
+          name='depth',
+          description='plus depth maps from '
+          '<manual_dir>/depth/, mirroring the colour image paths',
+      ),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Download DexYCB (https://dex-ycb.github.io) and extract every archive into one directory
@@ -41,12 +45,18 @@ class Dexycb(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self):
-    spec = dict(features.hand_features(with_depth=self.builder_config.name == 'depth',
-                                       image_encoding='jpeg').items())
-    spec.update(bbox=tfds.features.Tensor(shape=(4,), dtype=np.float32),
-                has_targets=tfds.features.Tensor(shape=(), dtype=np.bool_))
-    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(spec),
-                                          homepage='https://dex-ycb.github.io')
+    spec = dict(
+        features.hand_features(
+            with_depth=self.builder_config.name == 'depth', image_encoding='jpeg'
+        ).items()
+    )
+    spec.update(
+        bbox=tfds.features.Tensor(shape=(4,), dtype=np.float32),
+        has_targets=tfds.features.Tensor(shape=(), dtype=np.bool_),
+    )
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict(spec), homepage='https://dex-ycb.github.io'
+    )
 
   def _split_generators(self, dl_manager):
     if not self._mano_dir:
@@ -56,8 +66,9 @@ class Dexycb(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, root, split):
     with_depth = self.builder_config.name == 'depth'
-    for example in reader.examples(root, split, mano_dir=self._mano_dir,
-                                   depth_dir=root / 'depth' if with_depth else None):
+    for example in reader.examples(
+        root, split, mano_dir=self._mano_dir, depth_dir=root / 'depth' if with_depth else None
+    ):
       record = features.to_record(example, with_depth)
       record.update(bbox=example['bbox'], has_targets=True)
       yield example['id'], record

@@ -7,6 +7,7 @@ PA-MPJPE / PA-MPVPE: after a per-sample similarity (Procrustes with scale) align
 prediction to the ground truth, joints and vertices aligned separately (metrics.align_w_scale,
 the FreiHAND routine).
 """
+
 import numpy as np
 
 from diffhand_jax import metrics
@@ -19,10 +20,12 @@ def dexycb_metrics(pred_joints, pred_verts, gt_joints, gt_verts):
   pred_joints, gt_joints = np.asarray(pred_joints, np.float64), np.asarray(gt_joints, np.float64)
   pred_verts, gt_verts = np.asarray(pred_verts, np.float64), np.asarray(gt_verts, np.float64)
   if pred_joints.shape != gt_joints.shape or pred_verts.shape != gt_verts.shape:
-    raise ValueError(f'shape mismatch: joints {pred_joints.shape} vs {gt_joints.shape}, '
-                     f'verts {pred_verts.shape} vs {gt_verts.shape}')
-  pred_root = pred_joints[:, WRIST:WRIST + 1]
-  gt_root = gt_joints[:, WRIST:WRIST + 1]
+    raise ValueError(
+        f'shape mismatch: joints {pred_joints.shape} vs {gt_joints.shape}, '
+        f'verts {pred_verts.shape} vs {gt_verts.shape}'
+    )
+  pred_root = pred_joints[:, WRIST : WRIST + 1]
+  gt_root = gt_joints[:, WRIST : WRIST + 1]
 
   def mean_mm(a, b):
     return float(np.linalg.norm(a - b, axis=-1).mean() * 1000.0)

@@ -30,6 +30,7 @@ our MANO layer (`mano.mano_forward`), from the left model for left hands (no mir
 `is_right` tells the input pipeline to mirror). `pose` is the axis-angle pose without
 hands_mean (features.py).
 """
+
 import functools
 import logging
 import os
@@ -40,11 +41,34 @@ import yaml
 
 from datasets.freihand import reader as freihand_reader
 
-SUBJECTS = tuple(f'{date}-subject-{i:02d}' for i, date in enumerate(
-    ('20200709', '20200813', '20200820', '20200903', '20200908', '20200918', '20200928',
-     '20201002', '20201015', '20201022'), start=1))
-SERIALS = ('836212060125', '839512060362', '840412060917', '841412060263', '932122060857',
-           '932122060861', '932122061900', '932122062010')
+SUBJECTS = tuple(
+    f'{date}-subject-{i:02d}'
+    for i, date in enumerate(
+        (
+            '20200709',
+            '20200813',
+            '20200820',
+            '20200903',
+            '20200908',
+            '20200918',
+            '20200928',
+            '20201002',
+            '20201015',
+            '20201022',
+        ),
+        start=1,
+    )
+)
+SERIALS = (
+    '836212060125',
+    '839512060362',
+    '840412060917',
+    '841412060263',
+    '932122060857',
+    '932122060861',
+    '932122061900',
+    '932122062010',
+)
 SEQUENCES_PER_SUBJECT = 100
 NUM_JOINTS = 21
 NUM_VERTICES = 778
@@ -69,10 +93,12 @@ def _read_yaml(path):
 
 def intrinsics(root, serial):
   """K [3,3] float32 of a camera from calibration/intrinsics/<serial>_640x480.yml."""
-  color = _read_yaml(pathlib.Path(root) / 'calibration' / 'intrinsics' /
-                     f'{serial}_640x480.yml')['color']
-  return np.array([[color['fx'], 0, color['ppx']], [0, color['fy'], color['ppy']], [0, 0, 1]],
-                  np.float32)
+  color = _read_yaml(pathlib.Path(root) / 'calibration' / 'intrinsics' / f'{serial}_640x480.yml')[
+      'color'
+  ]
+  return np.array(
+      [[color['fx'], 0, color['ppx']], [0, color['fy'], color['ppy']], [0, 0, 1]], np.float32
+  )
 
 
 def split_spec(setup, split):
@@ -101,8 +127,9 @@ def sequences(root, split, setup='s0'):
     if len(names) != SEQUENCES_PER_SUBJECT:
       # The official toolkit asserts 100; smaller copies in the same layout (tests) are read
       # with the same index rule.
-      logging.warning('%s has %d sequences, the release has %d', subject_dir, len(names),
-                      SEQUENCES_PER_SUBJECT)
+      logging.warning(
+          '%s has %d sequences, the release has %d', subject_dir, len(names), SEQUENCES_PER_SUBJECT
+      )
     for i, name in enumerate(names):
       if not keep(i):
         continue
@@ -140,6 +167,7 @@ def count_annotated(root, split, setup='s0'):
 def load_mano_side(mano_dir, side):
   """The MANO model of one side (MANO_RIGHT.pkl / MANO_LEFT.pkl in mano_dir), cached."""
   from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
+
   path = pathlib.Path(mano_dir) / f'MANO_{side.upper()}.pkl'
   if not path.is_file():
     raise FileNotFoundError(f'{path} missing: DexYCB {side} hands need the MANO {side} model')
@@ -156,12 +184,18 @@ def mano_vertices(mano_dir, side, pose_m, betas):
     betas: [10].
   """
   from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
+
   model = load_mano_side(os.fspath(mano_dir), side)
   pose_m = np.asarray(pose_m, np.float64).reshape(51)
   hand_pose = pose_m[3:48] @ np.asarray(model.hands_components, np.float64)
   pose = np.concatenate([pose_m[:3], hand_pose]).astype(np.float32)
-  verts, _ = mano.mano_forward(model, pose[None], np.asarray(betas, np.float32)[None],
-                               pose_m[None, 48:51].astype(np.float32), flat_hand_mean=False)
+  verts, _ = mano.mano_forward(
+      model,
+      pose[None],
+      np.asarray(betas, np.float32)[None],
+      pose_m[None, 48:51].astype(np.float32),
+      flat_hand_mean=False,
+  )
   return np.asarray(verts[0], np.float32), pose
 
 
@@ -219,23 +253,33 @@ def examples(root, split, *, setup='s0', mano_dir, depth_dir=None, skip_unannota
         image = freihand_reader.read_image(root / image_relative, 'RGB')
         verts, pose = mano_vertices(mano_dir, side, pose_m, betas)
         example = {
-            'image': image, 'K': cameras[serial], 'joints3d': joints3d, 'joints2d': joints2d,
-            'verts': verts, 'pose': pose, 'betas': betas, 'is_right': side == 'right',
-            'id': index, 'bbox': bounding_box(joints2d, image.shape),
-            'image_path': os.fspath(root / image_relative), 'has_targets': True,
+            'image': image,
+            'K': cameras[serial],
+            'joints3d': joints3d,
+            'joints2d': joints2d,
+            'verts': verts,
+            'pose': pose,
+            'betas': betas,
+            'is_right': side == 'right',
+            'id': index,
+            'bbox': bounding_box(joints2d, image.shape),
+            'image_path': os.fspath(root / image_relative),
+            'has_targets': True,
         }
         if seg is not None:
           example['mask'] = np.where(seg == 255, 255, 0).astype(np.uint8)[..., None]
         if depth_dir is not None:
-          example['depth'] = freihand_reader.read_depth(depth_dir, image_relative,
-                                                        image.shape)
+          example['depth'] = freihand_reader.read_depth(depth_dir, image_relative, image.shape)
         yield example
 
 
 if __name__ == '__main__':
   import sys  # pylint: disable=g-import-not-at-top
+
   if len(sys.argv) not in (3, 4) or sys.argv[1] != 'count':
     raise SystemExit('usage: python -m datasets.dexycb.reader count DEXYCB_ROOT [train|val|test]')
   split_name = sys.argv[3] if len(sys.argv) == 4 else 'train'
-  print(f's0 {split_name}: {count_annotated(sys.argv[2], split_name)} annotated frames of '
-        f'{num_frames(sys.argv[2], split_name)}')
+  print(
+      f's0 {split_name}: {count_annotated(sys.argv[2], split_name)} annotated frames of '
+      f'{num_frames(sys.argv[2], split_name)}'
+  )

@@ -3,6 +3,7 @@
 Import the builder explicitly (`from datasets.freihand import freihand`) so that reading the raw
 files never needs TensorFlow.
 """
+
 from datasets.freihand.reader import CorruptFileError
 from datasets.freihand.reader import examples
 from datasets.freihand.reader import load_annotations

@@ -11,14 +11,20 @@ Features: `datasets.features.hand_features` (JPEG images, stored byte-for-byte a
 examples without the (optional) annotation files have `has_targets = False` and all-zero
 targets; examples without a mask file have an all-zero mask.
 """
+
 import numpy as np
 import tensorflow_datasets as tfds
 
 from datasets import features
 from datasets.freihand import reader
 
-_TARGET_SHAPES = {'joints3d': (21, 3), 'joints2d': (21, 2), 'verts': (778, 3), 'pose': (48,),
-                  'betas': (10,)}
+_TARGET_SHAPES = {
+    'joints3d': (21, 3),
+    'joints2d': (21, 2),
+    'verts': (778, 3),
+    'pose': (48,),
+    'betas': (10,),
+}
 
 
 class Freihand(tfds.core.GeneratorBasedBuilder):
@@ -29,8 +35,10 @@ class Freihand(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name='rgb', description='images and annotations'),
       tfds.core.BuilderConfig(
-          name='depth', description='plus depth maps from <manual_dir>/depth/, mirroring the '
-          'image paths (training/rgb/%08d.png 16-bit mm, or .npy float metres)'),
+          name='depth',
+          description='plus depth maps from <manual_dir>/depth/, mirroring the '
+          'image paths (training/rgb/%08d.png 16-bit mm, or .npy float metres)',
+      ),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Download FreiHAND_pub_v2.zip (and FreiHAND_pub_v2_eval.zip for the evaluation annotations)
@@ -46,8 +54,7 @@ class Freihand(tfds.core.GeneratorBasedBuilder):
     return self.builder_config.name == 'depth'
 
   def _info(self):
-    spec = dict(features.hand_features(with_depth=self._with_depth,
-                                       image_encoding='jpeg').items())
+    spec = dict(features.hand_features(with_depth=self._with_depth, image_encoding='jpeg').items())
     spec.update(
         version=tfds.features.ClassLabel(names=list(reader.VERSIONS)),
         image_id=tfds.features.Tensor(shape=(), dtype=np.int64),
@@ -56,12 +63,15 @@ class Freihand(tfds.core.GeneratorBasedBuilder):
     )
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict(spec),
-        homepage='https://lmb.informatik.uni-freiburg.de/projects/freihand/')
+        homepage='https://lmb.informatik.uni-freiburg.de/projects/freihand/',
+    )
 
   def _split_generators(self, dl_manager):
     root = dl_manager.manual_dir
-    return {'train': self._generate_examples(root, 'training'),
-            'evaluation': self._generate_examples(root, 'evaluation')}
+    return {
+        'train': self._generate_examples(root, 'training'),
+        'evaluation': self._generate_examples(root, 'evaluation'),
+    }
 
   def _generate_examples(self, root, split):
     depth_dir = root / 'depth' if self._with_depth else None

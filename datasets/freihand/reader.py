@@ -12,6 +12,7 @@ Evaluation without annotations: examples carry `has_targets = False` and simply 
 the keys whose files are absent (`joints3d`, `joints2d`, `verts`, `pose`, `betas`); consumers
 that need a fixed schema (the TFDS builder) fill them with zeros and keep `has_targets`.
 """
+
 import json
 import logging
 import os
@@ -55,8 +56,10 @@ def _load_json_array(path, entry_shape, num_entries=None, count_source=None):
   if not isinstance(data, list):
     raise ValueError(f'{path}: expected a JSON list, got {type(data).__name__}')
   if num_entries is not None and len(data) != num_entries:
-    raise ValueError(f'{path}: {len(data)} entries, expected {num_entries} '
-                     f'(the number of entries in {count_source})')
+    raise ValueError(
+        f'{path}: {len(data)} entries, expected {num_entries} '
+        f'(the number of entries in {count_source})'
+    )
   try:
     array = np.asarray(data, dtype=np.float32)
   except ValueError as e:
@@ -91,8 +94,12 @@ def load_annotations(root, split):
   num = len(annotations['K'])
   if num == 0:
     raise ValueError(f'{k_path}: empty list, expected one 3x3 matrix per sample')
-  entry_shapes = {'scale': (), 'xyz': (NUM_JOINTS, 3), 'verts': (NUM_VERTICES, 3),
-                  'mano': (MANO_PARAMS,)}
+  entry_shapes = {
+      'scale': (),
+      'xyz': (NUM_JOINTS, 3),
+      'verts': (NUM_VERTICES, 3),
+      'mano': (MANO_PARAMS,),
+  }
   required = ('scale', 'xyz', 'verts', 'mano') if prefix == 'training' else ('scale',)
   for name, shape in entry_shapes.items():
     path = root / f'{prefix}_{name}.json'
@@ -150,8 +157,9 @@ def _read_depth(depth_dir, relative_image_path, image_shape):
   if depth.ndim == 3 and depth.shape[-1] == 1:
     depth = depth[..., 0]
   if depth.shape != tuple(image_shape[:2]):
-    raise ValueError(f'{path}: depth shape {depth.shape} does not match the image '
-                     f'{tuple(image_shape[:2])}')
+    raise ValueError(
+        f'{path}: depth shape {depth.shape} does not match the image ' f'{tuple(image_shape[:2])}'
+    )
   if not np.all(np.isfinite(depth)):
     raise CorruptFileError(f'{path}: depth contains NaN or infinite values')
   return depth[..., None]
@@ -204,8 +212,14 @@ def examples(root, split, *, depth_dir=None, skip_corrupt=False, versions=None):
       image_id = idx + num * VERSIONS.index(version)
       relative = pathlib.Path(prefix) / 'rgb' / f'{image_id:08d}.jpg'
       try:
-        example = _example(root, relative, annotations, idx, depth_dir,
-                           mask_dir / f'{idx:08d}.jpg' if with_mask else None)
+        example = _example(
+            root,
+            relative,
+            annotations,
+            idx,
+            depth_dir,
+            mask_dir / f'{idx:08d}.jpg' if with_mask else None,
+        )
       except CorruptFileError as e:
         if not skip_corrupt:
           raise
@@ -225,8 +239,13 @@ def _example(root, relative_image_path, annotations, idx, depth_dir, mask_path):
   image_path = root / relative_image_path
   image = _read_image(image_path, 'RGB')
   K = annotations['K'][idx]
-  example = {'image': image, 'K': K, 'scale': annotations['scale'][idx],
-             'is_right': True, 'image_path': os.fspath(image_path)}
+  example = {
+      'image': image,
+      'K': K,
+      'scale': annotations['scale'][idx],
+      'is_right': True,
+      'image_path': os.fspath(image_path),
+  }
   if mask_path is not None:
     mask = _read_image(mask_path, 'L')
     # The masks are JPEGs: threshold away compression noise to the {0, 255} convention.

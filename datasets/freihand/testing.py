@@ -1,4 +1,5 @@
 """Writes a tiny directory in the official FreiHAND layout (for tests, examples and demos)."""
+
 import json
 import pathlib
 
@@ -21,10 +22,11 @@ def _annotations(rng, num, image_size):
   K[:, 1, 1] = focal * rng.uniform(0.95, 1.05, num)
   K[:, :2, 2] = image_size / 2 + rng.uniform(-3, 3, (num, 2))
   K[:, 2, 2] = 1
-  centre = np.stack([rng.uniform(-0.02, 0.02, num), rng.uniform(-0.02, 0.02, num),
-                     rng.uniform(0.4, 0.6, num)], -1)
+  centre = np.stack(
+      [rng.uniform(-0.02, 0.02, num), rng.uniform(-0.02, 0.02, num), rng.uniform(0.4, 0.6, num)], -1
+  )
   xyz = (centre[:, None] + rng.normal(0, 0.03, (num, reader.NUM_JOINTS, 3))).astype(np.float32)
-  verts = (centre[:, None] + rng.normal(0, 0.03, (num, reader.NUM_VERTICES, 3)))
+  verts = centre[:, None] + rng.normal(0, 0.03, (num, reader.NUM_VERTICES, 3))
   mano = rng.normal(0, 0.5, (num, 1, reader.MANO_PARAMS)).astype(np.float32)
   scale = np.linalg.norm(xyz[:, 9] - xyz[:, 10], axis=-1)
   return {'K': K, 'xyz': xyz, 'verts': verts.astype(np.float32), 'mano': mano, 'scale': scale}
@@ -44,8 +46,9 @@ def _write_jpeg(path, colour, size, rng=None):
   Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path, quality=95)
 
 
-def write_layout(root, num_train=3, num_eval=2, *, image_size=32, eval_annotations=True, seed=0,
-                 textured=False):
+def write_layout(
+    root, num_train=3, num_eval=2, *, image_size=32, eval_annotations=True, seed=0, textured=False
+):
   """Writes a FreiHAND-layout directory and returns the annotations written.
 
   Every RGB image is uniformly coloured with `image_colour(image_id)` (plus noise when
@@ -68,8 +71,10 @@ def write_layout(root, num_train=3, num_eval=2, *, image_size=32, eval_annotatio
   root.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(seed)
   written = {}
-  for prefix, num, versions in (('training', num_train, reader.VERSIONS),
-                                ('evaluation', num_eval, ('gs',))):
+  for prefix, num, versions in (
+      ('training', num_train, reader.VERSIONS),
+      ('evaluation', num_eval, ('gs',)),
+  ):
     annotations = _annotations(rng, num, image_size)
     names = ('K', 'xyz', 'verts', 'mano', 'scale')
     if prefix == 'evaluation' and not eval_annotations:
@@ -81,12 +86,16 @@ def write_layout(root, num_train=3, num_eval=2, *, image_size=32, eval_annotatio
     for version_index in range(len(versions)):
       for idx in range(num):
         image_id = idx + num * version_index
-        _write_jpeg(root / prefix / 'rgb' / f'{image_id:08d}.jpg', image_colour(image_id),
-                    image_size, rng if textured else None)
+        _write_jpeg(
+            root / prefix / 'rgb' / f'{image_id:08d}.jpg',
+            image_colour(image_id),
+            image_size,
+            rng if textured else None,
+        )
     if prefix == 'training':
       (root / prefix / 'mask').mkdir(exist_ok=True)
       mask = np.zeros((image_size, image_size), np.uint8)
-      mask[image_size // 4: 3 * image_size // 4, image_size // 4: 3 * image_size // 4] = 255
+      mask[image_size // 4 : 3 * image_size // 4, image_size // 4 : 3 * image_size // 4] = 255
       for idx in range(num):
         Image.fromarray(mask).save(root / prefix / 'mask' / f'{idx:08d}.jpg', quality=95)
   return written

@@ -1,5 +1,6 @@
 """HO-3D v2: the numpy reader (`examples`, no TensorFlow), the submission writer, and the TFDS
 builder (`ho3d.py`; import it explicitly so reading the raw files never needs TensorFlow)."""
+
 from datasets.ho3d.reader import examples
 from datasets.ho3d.reader import flip
 from datasets.ho3d.reader import frame_list

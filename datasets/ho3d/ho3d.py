@@ -10,6 +10,7 @@ Splits: 'train' (train.txt, annotated frames) and 'evaluation' (evaluation.txt, 
 pipeline crops evaluation examples around it) and the 2D joints' extent for training.
 The 'depth' config reads <manual_dir>/depth/<train|evaluation>/<SEQ>/rgb/<FRAME>.png|.npy.
 """
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -24,8 +25,10 @@ class Ho3d(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {'1.0.0': 'HO3D_v2 layout; evaluation split without 3D targets.'}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name='rgb', description='images and annotations'),
-      tfds.core.BuilderConfig(name='depth', description='plus depth maps from '
-                              '<manual_dir>/depth/, mirroring the rgb image paths'),
+      tfds.core.BuilderConfig(
+          name='depth',
+          description='plus depth maps from ' '<manual_dir>/depth/, mirroring the rgb image paths',
+      ),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Download HO3D_v2 (https://www.tugraz.at/index.php?id=40231), unzip it so that the directory
@@ -38,24 +41,33 @@ class Ho3d(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self):
-    spec = dict(features.hand_features(with_depth=self.builder_config.name == 'depth',
-                                       image_encoding='png').items())
-    spec.update(bbox=tfds.features.Tensor(shape=(4,), dtype=np.float32),
-                has_targets=tfds.features.Tensor(shape=(), dtype=np.bool_))
-    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(spec),
-                                          homepage='https://github.com/shreyashampali/ho3d')
+    spec = dict(
+        features.hand_features(
+            with_depth=self.builder_config.name == 'depth', image_encoding='png'
+        ).items()
+    )
+    spec.update(
+        bbox=tfds.features.Tensor(shape=(4,), dtype=np.float32),
+        has_targets=tfds.features.Tensor(shape=(), dtype=np.bool_),
+    )
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict(spec), homepage='https://github.com/shreyashampali/ho3d'
+    )
 
   def _split_generators(self, dl_manager):
     if not self._mano_dir:
       raise ValueError('Ho3d needs mano_dir (the folder of MANO_RIGHT.pkl)')
     root = dl_manager.manual_dir
-    return {'train': self._generate_examples(root, 'train'),
-            'evaluation': self._generate_examples(root, 'evaluation')}
+    return {
+        'train': self._generate_examples(root, 'train'),
+        'evaluation': self._generate_examples(root, 'evaluation'),
+    }
 
   def _generate_examples(self, root, split):
     with_depth = self.builder_config.name == 'depth'
-    for example in reader.examples(root, split, mano_dir=self._mano_dir,
-                                   depth_dir=root / 'depth' if with_depth else None):
+    for example in reader.examples(
+        root, split, mano_dir=self._mano_dir, depth_dir=root / 'depth' if with_depth else None
+    ):
       record = features.to_record(example, with_depth)
       if example['has_targets']:
         low, high = example['joints2d'].min(0), example['joints2d'].max(0)

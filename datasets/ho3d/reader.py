@@ -22,6 +22,7 @@ Submission (the online evaluation server): `write_submission(zip_path, joints, v
 pred.json = [joints [N][21][3] in HO-3D order, verts [N][778][3]], both flipped back to the
 OpenGL frame, in metres, in evaluation.txt order, zipped.
 """
+
 import json
 import os
 import pathlib
@@ -36,8 +37,7 @@ HO3D_TO_FREIHAND = (0, 13, 14, 15, 16, 1, 2, 3, 17, 4, 5, 6, 18, 10, 11, 12, 19,
 # HO-3D joint j = FreiHAND joint FREIHAND_TO_HO3D[j] (the inverse permutation).
 FREIHAND_TO_HO3D = tuple(int(i) for i in np.argsort(HO3D_TO_FREIHAND))
 OPENGL_TO_OPENCV = np.diag([1.0, -1.0, -1.0]).astype(np.float32)  # its own inverse
-SPLITS = {'train': 'train', 'training': 'train', 'evaluation': 'evaluation',
-          'test': 'evaluation'}
+SPLITS = {'train': 'train', 'training': 'train', 'evaluation': 'evaluation', 'test': 'evaluation'}
 NUM_JOINTS = 21
 
 
@@ -72,6 +72,7 @@ def frame_list(root, split):
 def read_meta(path):
   """One meta/*.pkl as a dict (restricted unpickler: arrays and plain values only)."""
   from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
+
   return mano.read_restricted_pickle(path, what='HO-3D meta pickle')
 
 
@@ -88,10 +89,15 @@ def mano_vertices(mano_dir, hand_pose, hand_beta, hand_trans):
   """Vertices [778,3] in the OpenCV frame from HO-3D's MANO parameters (OpenGL frame)."""
   from datasets.dexycb import reader as dexycb_reader  # pylint: disable=g-import-not-at-top
   from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
+
   model = dexycb_reader.load_mano_side(os.fspath(mano_dir), 'right')
-  verts, _ = mano.mano_forward(model, np.asarray(hand_pose, np.float32)[None],
-                               np.asarray(hand_beta, np.float32)[None],
-                               np.asarray(hand_trans, np.float32)[None], flat_hand_mean=True)
+  verts, _ = mano.mano_forward(
+      model,
+      np.asarray(hand_pose, np.float32)[None],
+      np.asarray(hand_beta, np.float32)[None],
+      np.asarray(hand_trans, np.float32)[None],
+      flat_hand_mean=True,
+  )
   return flip(np.asarray(verts[0])), np.asarray(model.hands_mean, np.float32)
 
 
@@ -124,20 +130,31 @@ def examples(root, split, *, mano_dir, depth_dir=None, skip_unannotated=True):
     image_relative = pathlib.Path(split_dir) / sequence / 'rgb' / f'{frame}.png'
     image = freihand_reader.read_image(root / image_relative, 'RGB')
     K = _array(meta, 'camMat', (3, 3), meta_path)
-    example = {'image': image, 'K': K, 'is_right': True, 'id': index, 'sequence': sequence,
-               'frame': frame, 'image_path': os.fspath(root / image_relative),
-               'has_targets': split_dir == 'train'}
+    example = {
+        'image': image,
+        'K': K,
+        'is_right': True,
+        'id': index,
+        'sequence': sequence,
+        'frame': frame,
+        'image_path': os.fspath(root / image_relative),
+        'has_targets': split_dir == 'train',
+    }
     if split_dir == 'train':
       pose = _array(meta, 'handPose', (48,), meta_path)
       betas = _array(meta, 'handBeta', (10,), meta_path)
       joints_gl = _array(meta, 'handJoints3D', (NUM_JOINTS, 3), meta_path)
       joints3d = flip(joints_gl)[list(HO3D_TO_FREIHAND)]
-      verts, hands_mean = mano_vertices(mano_dir, pose, betas,
-                                        _array(meta, 'handTrans', (3,), meta_path))
+      verts, hands_mean = mano_vertices(
+          mano_dir, pose, betas, _array(meta, 'handTrans', (3,), meta_path)
+      )
       example.update(
-          joints3d=joints3d, joints2d=freihand_reader.project(K, joints3d).astype(np.float32),
-          verts=verts, betas=betas,
-          pose=np.concatenate([pose[:3], pose[3:] - hands_mean]).astype(np.float32))
+          joints3d=joints3d,
+          joints2d=freihand_reader.project(K, joints3d).astype(np.float32),
+          verts=verts,
+          betas=betas,
+          pose=np.concatenate([pose[:3], pose[3:] - hands_mean]).astype(np.float32),
+      )
     else:
       example['bbox'] = _array(meta, 'handBoundingBox', (4,), meta_path)
       example['root'] = flip(_array(meta, 'handJoints3D', (3,), meta_path))
@@ -156,10 +173,16 @@ def submission_arrays(joints, verts):
     (joints [N,21,3] HO-3D order, OpenGL; verts [N,778,3] OpenGL), float32.
   """
   joints, verts = np.asarray(joints, np.float32), np.asarray(verts, np.float32)
-  if joints.ndim != 3 or joints.shape[1:] != (NUM_JOINTS, 3) or verts.ndim != 3 or \
-      verts.shape[0] != joints.shape[0] or verts.shape[2] != 3:
-    raise ValueError(f'expected joints [N,21,3] and verts [N,V,3], got {joints.shape}, '
-                     f'{verts.shape}')
+  if (
+      joints.ndim != 3
+      or joints.shape[1:] != (NUM_JOINTS, 3)
+      or verts.ndim != 3
+      or verts.shape[0] != joints.shape[0]
+      or verts.shape[2] != 3
+  ):
+    raise ValueError(
+        f'expected joints [N,21,3] and verts [N,V,3], got {joints.shape}, ' f'{verts.shape}'
+    )
   return flip(joints[:, list(FREIHAND_TO_HO3D)]), flip(verts)
 
 
@@ -180,8 +203,10 @@ def write_submission(path, joints, verts, *, expected_count=None):
     raise ValueError(f'{len(joints_gl)} predictions, the evaluation split has {expected_count}')
   # The official pred.py refuses predictions in front of the camera in OpenGL terms (z > 0).
   if len(joints_gl) and np.all(joints_gl[..., 2] > 0):
-    raise ValueError('the joints are not in front of the camera after the OpenGL flip: pass '
-                     'OpenCV-frame predictions (z > 0)')
+    raise ValueError(
+        'the joints are not in front of the camera after the OpenGL flip: pass '
+        'OpenCV-frame predictions (z > 0)'
+    )
   payload = json.dumps([joints_gl.tolist(), verts_gl.tolist()])
   path = pathlib.Path(path)
   with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_DEFLATED) as archive:

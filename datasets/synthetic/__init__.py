@@ -4,5 +4,6 @@
 `synthetic_hands.SyntheticHands` and `synthetic_hands.prepare(config)` live in
 `synthetic_hands.py` (import it explicitly: it imports TensorFlow).
 """
+
 from datasets.synthetic.generate import examples
 from datasets.synthetic.generate import make_example

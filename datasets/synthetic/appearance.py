@@ -7,6 +7,7 @@ texture (`skin_regions`, `sample_vertex_albedo`).
 Every function draws from an explicit `np.random.Generator`, so an example's look is a pure
 function of its seed. Colours are RGB floats in [0, 1].
 """
+
 import dataclasses
 
 import numpy as np
@@ -14,9 +15,16 @@ import numpy as np
 from diffhand_jax import mesh
 
 # Skin tones from light to dark (RGB albedo); a tone is interpolated between two neighbours.
-SKIN_TONES = np.array([
-    (0.97, 0.82, 0.72), (0.91, 0.72, 0.60), (0.82, 0.62, 0.48),
-    (0.68, 0.48, 0.34), (0.50, 0.34, 0.23), (0.34, 0.23, 0.16)])
+SKIN_TONES = np.array(
+    [
+        (0.97, 0.82, 0.72),
+        (0.91, 0.72, 0.60),
+        (0.82, 0.62, 0.48),
+        (0.68, 0.48, 0.34),
+        (0.50, 0.34, 0.23),
+        (0.34, 0.23, 0.16),
+    ]
+)
 OCCLUDER_PROBABILITY = 0.3
 # Sensor noise is applied to some images only: per-pixel noise makes PNGs 2-3x larger.
 NOISE_PROBABILITY = 0.3
@@ -37,7 +45,7 @@ PALM_TINT = np.array([0.96, 0.78, 0.72])
 PALM_BLEND = (0.35, 0.6)
 NAIL_TINT = np.array([0.98, 0.88, 0.86])
 NAIL_BLEND = (0.55, 0.8)
-NAIL_RADIUS = 0.009       # metres around the fingertip vertex (rest pose)
+NAIL_RADIUS = 0.009  # metres around the fingertip vertex (rest pose)
 TEXTURE_AMPLITUDE = 0.08  # relative albedo variation of the skin texture
 
 
@@ -50,6 +58,7 @@ class SkinRegions:
     nail: [V] bool, fingernail vertices (the back of each fingertip).
     rest: [V, 3] rest-pose vertices (for the texture).
   """
+
   palm: np.ndarray
   nail: np.ndarray
   rest: np.ndarray
@@ -72,7 +81,7 @@ def skin_regions(template, faces, palm_normal, thumb_palmar, tip_ids, thumb_vert
   template = np.asarray(template, np.float64)
   normals = mesh.vertex_normals(template, np.asarray(faces))
   palmar = np.where(thumb_vertices[:, None], thumb_palmar, palm_normal)
-  facing = np.sum(normals * palmar, axis=-1)           # +1 palmar side, -1 back
+  facing = np.sum(normals * palmar, axis=-1)  # +1 palmar side, -1 back
   palm = np.clip((facing + 0.1) / 0.5, 0.0, 1.0)
   nail = np.zeros(len(template), bool)
   for tip in tip_ids:
@@ -96,7 +105,8 @@ def sample_vertex_albedo(rng, skin, regions):
   # Texture: a few random plane waves over the rest pose (wavelengths 1-4 cm).
   waves = rng.normal(size=(4, 3))
   waves *= (2 * np.pi / rng.uniform(0.01, 0.04, size=(4, 1))) / np.linalg.norm(
-      waves, axis=1, keepdims=True)
+      waves, axis=1, keepdims=True
+  )
   phases = rng.uniform(0.0, 2 * np.pi, size=4)
   texture = np.mean(np.sin(regions.rest @ waves.T + phases), axis=1)
   return np.clip(albedo * (1.0 + TEXTURE_AMPLITUDE * texture[:, None]), 0.0, 1.0)
@@ -104,8 +114,7 @@ def sample_vertex_albedo(rng, skin, regions):
 
 def sample_light(rng):
   """Returns (light_dir [3], ambient): the light is on the camera's side (negative z)."""
-  direction = np.array([rng.uniform(-1.0, 1.0), rng.uniform(-1.0, 1.0),
-                        -rng.uniform(0.4, 1.5)])
+  direction = np.array([rng.uniform(-1.0, 1.0), rng.uniform(-1.0, 1.0), -rng.uniform(0.4, 1.5)])
   return direction / np.linalg.norm(direction), rng.uniform(0.25, 0.5)
 
 
@@ -125,7 +134,7 @@ def smooth_noise(rng, size, grid):
   knots = rng.uniform(0.0, 1.0, size=(grid, grid, 3))
   low, fraction = _linear_weights(size, grid)
   fraction = fraction[:, None, None]
-  rows = knots[low] * (1.0 - fraction) + knots[low + 1] * fraction       # [size, grid, 3]
+  rows = knots[low] * (1.0 - fraction) + knots[low + 1] * fraction  # [size, grid, 3]
   fraction = fraction[None, :, :, 0]
   return rows[:, low] * (1.0 - fraction) + rows[:, low + 1] * fraction
 
@@ -159,14 +168,15 @@ def background_texture(rng, size):
   kind = rng.integers(4)
   if kind == 0:
     # Two octaves of smooth noise: large blobs with some finer structure.
-    image = (0.7 * smooth_noise(rng, size, int(rng.integers(2, 6)))
-             + 0.3 * smooth_noise(rng, size, int(rng.integers(8, 24))))
+    image = 0.7 * smooth_noise(rng, size, int(rng.integers(2, 6))) + 0.3 * smooth_noise(
+        rng, size, int(rng.integers(8, 24))
+    )
   elif kind == 1:
     period = rng.uniform(0.04, 0.25) * size
     phase = _coordinates_along(rng, size) * 2 * np.pi / period
     weight = 0.5 + 0.5 * np.sin(phase)
     if rng.uniform() < 0.5:
-      weight = (weight > 0.5).astype(np.float64)    # hard-edged stripes
+      weight = (weight > 0.5).astype(np.float64)  # hard-edged stripes
     image = _blend(_random_colors(rng, 2), weight)
   elif kind == 2:
     along = _coordinates_along(rng, size)
@@ -207,7 +217,7 @@ def occluder_mask(rng, size, mask):
   a = (du * np.cos(angle) + dv * np.sin(angle)) / half[0]
   b = (-du * np.sin(angle) + dv * np.cos(angle)) / half[1]
   if rng.uniform() < 0.5:
-    return a ** 2 + b ** 2 <= 1.0
+    return a**2 + b**2 <= 1.0
   return (np.abs(a) <= 1.0) & (np.abs(b) <= 1.0)
 
 

@@ -15,6 +15,7 @@ Occluders are image-only distractors: `mask` and `depth` are those of the hand a
 would see it without the occluder (the hand's own self-occlusion is in them, the occluder is
 not), so supervision stays the hand's.
 """
+
 import functools
 
 import jax
@@ -37,13 +38,19 @@ def _forward(hand_model, pose, betas, tip_ids):
 
 
 def _check_arguments(seed, index, image_size, stream):
-  for name, value in (('seed', seed), ('index', index), ('image_size', image_size),
-                      ('stream', stream)):
+  for name, value in (
+      ('seed', seed),
+      ('index', index),
+      ('image_size', image_size),
+      ('stream', stream),
+  ):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
       raise ValueError(f'{name} must be an integer, got {value!r}')
   if seed < 0 or index < 0 or stream < 0:
-    raise ValueError(f'seed, index and stream must be non-negative, got seed={seed}, '
-                     f'index={index}, stream={stream}')
+    raise ValueError(
+        f'seed, index and stream must be non-negative, got seed={seed}, '
+        f'index={index}, stream={stream}'
+    )
   if image_size < MIN_IMAGE_SIZE:
     raise ValueError(f'image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}')
 
@@ -60,17 +67,21 @@ def _model_facts(hand_model, tip_ids):
     return cached[1]
   frames = sampler.joint_frames(hand_model, tip_ids)
   thumb_vertices = np.asarray(hand_model.weights)[:, _THUMB_JOINTS].sum(axis=1) > 0.5
-  regions = appearance.skin_regions(hand_model.v_template, hand_model.faces,
-                                    frames.palm_normal, frames.thumb_palmar, tip_ids,
-                                    thumb_vertices)
+  regions = appearance.skin_regions(
+      hand_model.v_template,
+      hand_model.faces,
+      frames.palm_normal,
+      frames.thumb_palmar,
+      tip_ids,
+      thumb_vertices,
+  )
   if len(_FACTS_CACHE) > 8:
     _FACTS_CACHE.clear()
   _FACTS_CACHE[key] = (hand_model, (frames, regions))
   return frames, regions
 
 
-def sample_geometry(hand_model, rng, image_size, tip_ids=mano.TIP_VERTEX_IDS,
-                    orientation='held'):
+def sample_geometry(hand_model, rng, image_size, tip_ids=mano.TIP_VERTEX_IDS, orientation='held'):
   """Samples a posed hand and a camera that sees all of it.
 
   Args:
@@ -95,8 +106,9 @@ def sample_geometry(hand_model, rng, image_size, tip_ids=mano.TIP_VERTEX_IDS,
   # The stored pose follows MANO's convention: hands_mean is added back by mano_forward.
   hand_pose = articulation.ravel() - np.asarray(hand_model.hands_mean, np.float64)
   pose = np.concatenate([global_orient, hand_pose])
-  verts, joints = _forward(hand_model, pose[None].astype(np.float32),
-                           betas[None].astype(np.float32), tuple(tip_ids))
+  verts, joints = _forward(
+      hand_model, pose[None].astype(np.float32), betas[None].astype(np.float32), tuple(tip_ids)
+  )
   verts = np.asarray(verts[0], np.float64)
   joints = np.asarray(joints[0], np.float64)
   root = joints[0]
@@ -106,9 +118,15 @@ def sample_geometry(hand_model, rng, image_size, tip_ids=mano.TIP_VERTEX_IDS,
     # Mirroring flips orientation: reversing each triangle keeps the normals outward.
     verts, joints, faces = verts * _MIRROR, joints * _MIRROR, faces[:, ::-1]
   translation = sampler.place_in_view(rng, verts, K, image_size)
-  return {'pose': pose, 'betas': betas, 'is_right': is_right, 'K': K,
-          'verts': verts + translation, 'joints3d': joints + translation,
-          'faces': np.ascontiguousarray(faces)}
+  return {
+      'pose': pose,
+      'betas': betas,
+      'is_right': is_right,
+      'K': K,
+      'verts': verts + translation,
+      'joints3d': joints + translation,
+      'faces': np.ascontiguousarray(faces),
+  }
 
 
 def render_appearance(rng, geometry, image_size, regions):
@@ -126,10 +144,18 @@ def render_appearance(rng, geometry, image_size, regions):
   skin = appearance.sample_vertex_albedo(rng, appearance.sample_skin(rng), regions)
   light, ambient = appearance.sample_light(rng)
   background = appearance.background_texture(rng, image_size)
-  raster = render.rasterize(geometry['verts'], geometry['faces'], geometry['K'], image_size,
-                            image_size)
-  image = render.shade(raster, geometry['verts'], geometry['faces'], color=skin,
-                       light_dir=light, ambient=ambient, background=background)
+  raster = render.rasterize(
+      geometry['verts'], geometry['faces'], geometry['K'], image_size, image_size
+  )
+  image = render.shade(
+      raster,
+      geometry['verts'],
+      geometry['faces'],
+      color=skin,
+      light_dir=light,
+      ambient=ambient,
+      background=background,
+  )
   mask = raster.face_index >= 0
   occluder = appearance.occluder_mask(rng, image_size, mask)
   if occluder is not None:
@@ -137,8 +163,15 @@ def render_appearance(rng, geometry, image_size, regions):
   return render.to_uint8(appearance.add_noise(rng, image)), raster.depth, mask
 
 
-def make_example(hand_model, seed, index, image_size, tip_ids=mano.TIP_VERTEX_IDS,
-                 stream=TRAIN_STREAM, orientation='held'):
+def make_example(
+    hand_model,
+    seed,
+    index,
+    image_size,
+    tip_ids=mano.TIP_VERTEX_IDS,
+    stream=TRAIN_STREAM,
+    orientation='held',
+):
   """One synthetic example, a pure function of (hand_model, seed, stream, index, image_size).
 
   Args:
@@ -180,8 +213,16 @@ def make_example(hand_model, seed, index, image_size, tip_ids=mano.TIP_VERTEX_ID
   }
 
 
-def examples(hand_model, seed, start, count, image_size, tip_ids=mano.TIP_VERTEX_IDS,
-             stream=TRAIN_STREAM, orientation='held'):
+def examples(
+    hand_model,
+    seed,
+    start,
+    count,
+    image_size,
+    tip_ids=mano.TIP_VERTEX_IDS,
+    stream=TRAIN_STREAM,
+    orientation='held',
+):
   """Yields `make_example(hand_model, seed, i, ...)` for i in [start, start + count).
 
   Args:

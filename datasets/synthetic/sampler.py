@@ -13,6 +13,7 @@ the right axis for a joint's axis-angle whatever its parents do.
 
 Every function takes an explicit `np.random.Generator` (no global state).
 """
+
 import dataclasses
 
 import numpy as np
@@ -38,8 +39,8 @@ BETA_CLIP = 2.5
 # The forearm (not modelled) would hide the wrist's open end: keep the fingers from pointing
 # away from the camera by more than acos(MAX_AWAY) (the wrist opening is then rarely seen).
 MAX_AWAY = 0.5
-DEPTH_RANGE = (0.3, 0.8)     # metres from the camera to the wrist
-FOCAL_AT_224 = 500.0         # pixels for a 224-pixel image; scaled with the image size
+DEPTH_RANGE = (0.3, 0.8)  # metres from the camera to the wrist
+FOCAL_AT_224 = 500.0  # pixels for a 224-pixel image; scaled with the image size
 # MANO joints (1..15) per finger in chain order (base, middle, end); thumb last.
 _FINGER_CHAINS = ((1, 2, 3), (4, 5, 6), (7, 8, 9), (10, 11, 12))
 _THUMB_CHAIN = (13, 14, 15)
@@ -56,6 +57,7 @@ class JointFrames:
     palm_normal: [3] unit palmar direction (out of the palm; the fingers curl towards it).
     thumb_palmar: [3] unit palmar direction of the thumb (its pad faces across the palm).
   """
+
   axes: np.ndarray
   fan: np.ndarray
   forward: np.ndarray
@@ -77,11 +79,10 @@ def joint_frames(hand_model, tip_ids=mano.TIP_VERTEX_IDS):
   Returns:
     `JointFrames`.
   """
-  rest = mano.joint_regressor21(hand_model, tip_ids) @ np.asarray(hand_model.v_template,
-                                                                  np.float64)
+  rest = mano.joint_regressor21(hand_model, tip_ids) @ np.asarray(hand_model.v_template, np.float64)
   # For a right hand, (index base - wrist) x (pinky base - wrist) points out of the palm.
   palm_normal = _unit(np.cross(rest[5] - rest[0], rest[17] - rest[0]))
-  across = rest[17] - rest[5]                      # index base -> pinky base
+  across = rest[17] - rest[5]  # index base -> pinky base
   across = _unit(across - np.dot(across, palm_normal) * palm_normal)
   thumb_palmar = _unit(0.6 * palm_normal + 0.8 * across)
   axes = np.zeros((15, 3, 3))
@@ -100,8 +101,13 @@ def joint_frames(hand_model, tip_ids=mano.TIP_VERTEX_IDS):
       # Positive abduction moves the finger towards abduction x twist; fan > 0 when that is
       # away from the middle finger, scaled by the distance between finger bases.
       fan[joint - 1] = np.dot(np.cross(abduction, twist), rest[freihand] - middle_base) / spacing
-  return JointFrames(axes=axes, fan=fan, forward=_unit(middle_base - rest[0]),
-                     palm_normal=palm_normal, thumb_palmar=thumb_palmar)
+  return JointFrames(
+      axes=axes,
+      fan=fan,
+      forward=_unit(middle_base - rest[0]),
+      palm_normal=palm_normal,
+      thumb_palmar=thumb_palmar,
+  )
 
 
 def _within(rng, limits, fraction, noise):
@@ -124,21 +130,27 @@ def sample_articulation(rng, frames):
   Returns:
     [15, 3] axis-angle per MANO joint 1..15.
   """
-  angles = np.zeros((15, 3))           # (flexion, abduction, twist) per joint
+  angles = np.zeros((15, 3))  # (flexion, abduction, twist) per joint
   grasp = rng.uniform(0.0, 1.0) ** 1.3
   spread = rng.uniform(*SPREAD_RANGE)
   for chain in _FINGER_CHAINS:
     curl = np.clip(grasp + rng.normal(0.0, 0.25), 0.0, 1.0)
     for joint, kind in zip(chain, ('mcp', 'pip', 'dip')):
       flexion, abduction, twist = FINGER_LIMITS[kind]
-      angles[joint - 1] = (_within(rng, flexion, curl, 0.1),
-                           rng.uniform(*abduction), rng.uniform(*twist))
+      angles[joint - 1] = (
+          _within(rng, flexion, curl, 0.1),
+          rng.uniform(*abduction),
+          rng.uniform(*twist),
+      )
     angles[chain[0] - 1, 1] += spread * frames.fan[chain[0] - 1]
   thumb_curl = np.clip(grasp + rng.normal(0.0, 0.3), 0.0, 1.0)
   for joint, kind in zip(_THUMB_CHAIN, ('cmc', 'mcp', 'ip')):
     flexion, abduction, twist = THUMB_LIMITS[kind]
-    angles[joint - 1] = (_within(rng, flexion, thumb_curl, 0.15),
-                         rng.uniform(*abduction), rng.uniform(*twist))
+    angles[joint - 1] = (
+        _within(rng, flexion, thumb_curl, 0.15),
+        rng.uniform(*abduction),
+        rng.uniform(*twist),
+    )
   return np.einsum('ja,jac->jc', angles, frames.axes)
 
 
@@ -207,8 +219,7 @@ def _axis_rotation(axis, degrees):
   """[3, 3] rotation by `degrees` about the unit `axis` (Rodrigues)."""
   axis = _unit(np.asarray(axis, np.float64))
   angle = np.deg2rad(degrees)
-  cross = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]],
-                    [-axis[1], axis[0], 0.0]])
+  cross = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
   return np.eye(3) + np.sin(angle) * cross + (1.0 - np.cos(angle)) * cross @ cross
 
 
@@ -216,8 +227,9 @@ def _matrix_to_axis_angle(matrix):
   """[3, 3] rotation -> axis-angle [3] (angle in [0, pi]), via a unit quaternion."""
   w = np.sqrt(max(1.0 + np.trace(matrix), 0.0)) / 2.0
   if w > 1e-6:
-    xyz = np.array([matrix[2, 1] - matrix[1, 2], matrix[0, 2] - matrix[2, 0],
-                    matrix[1, 0] - matrix[0, 1]]) / (4.0 * w)
+    xyz = np.array(
+        [matrix[2, 1] - matrix[1, 2], matrix[0, 2] - matrix[2, 0], matrix[1, 0] - matrix[0, 1]]
+    ) / (4.0 * w)
   else:  # a half turn: the axis is the eigenvector of eigenvalue 1
     values, vectors = np.linalg.eigh((matrix + np.eye(3)) / 2.0)
     xyz = vectors[:, np.argmax(values)]
@@ -251,8 +263,12 @@ def sample_held_rotation(rng, frames):
   yaw = rng.uniform(-HELD_YAW, HELD_YAW) + (180.0 if rng.uniform() < BACK_PROBABILITY else 0.0)
   pitch = rng.uniform(-HELD_PITCH, HELD_PITCH)
   roll = float(np.clip(rng.normal(0.0, HELD_ROLL_STD), -HELD_ROLL_MAX, HELD_ROLL_MAX))
-  rotation = (_axis_rotation((0, 0, 1), roll) @ _axis_rotation((1, 0, 0), pitch)
-              @ _axis_rotation((0, 1, 0), yaw) @ canonical_rotation(frames))
+  rotation = (
+      _axis_rotation((0, 0, 1), roll)
+      @ _axis_rotation((1, 0, 0), pitch)
+      @ _axis_rotation((0, 1, 0), yaw)
+      @ canonical_rotation(frames)
+  )
   return _matrix_to_axis_angle(rotation)
 
 

@@ -9,6 +9,7 @@ Usage (from Python; the `tfds build` CLI needs apache-beam):
   builder = prepare(config)          # builds into config.data.tfds_data_dir if missing
   train = builder.as_dataset(split='train')
 """
+
 import dataclasses
 import hashlib
 import io
@@ -30,8 +31,16 @@ _DESCRIPTION = """Synthetic right and left hands rendered on the CPU from a MANO
 model (random pose, shape, rotation, camera, skin, light, background, occluders), with exact
 depth, masks, 3D/2D joints, vertices and MANO parameters."""
 SPLIT_STREAMS = {'train': generate.TRAIN_STREAM, 'evaluation': generate.EVAL_STREAM}
-_HAND_FIELDS = ('v_template', 'shapedirs', 'posedirs', 'J_regressor', 'weights', 'parents',
-                'faces', 'hands_mean')
+_HAND_FIELDS = (
+    'v_template',
+    'shapedirs',
+    'posedirs',
+    'J_regressor',
+    'weights',
+    'parents',
+    'faces',
+    'hands_mean',
+)
 
 
 def png_bytes(image):
@@ -45,7 +54,8 @@ def png_bytes(image):
     raise ValueError(f'image must have 1 or 3 channels, got shape {image.shape}')
   buffer = io.BytesIO()
   Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(
-      buffer, format='PNG', compress_level=3)
+      buffer, format='PNG', compress_level=3
+  )
   return buffer.getvalue()
 
 
@@ -64,18 +74,27 @@ def hand_fingerprint(hand_model, tip_ids=mano.TIP_VERTEX_IDS):
 @dataclasses.dataclass(eq=False)
 class SyntheticHandsConfig(tfds.core.BuilderConfig):
   """What the data depend on; make it with `make_config` so the name matches the fields."""
+
   image_size: int = 224
   num_train: int = 8192
   num_eval: int = 512
   seed: int = 0
   with_depth: bool = False
-  hand: str = ''                      # hand_fingerprint of the model the data come from
+  hand: str = ''  # hand_fingerprint of the model the data come from
   tip_ids: tuple = mano.TIP_VERTEX_IDS
-  orientation: str = 'held'           # sampler.ORIENTATIONS
+  orientation: str = 'held'  # sampler.ORIENTATIONS
 
 
-def make_config(hand_model, image_size, num_train, num_eval, seed, with_depth,
-                tip_ids=mano.TIP_VERTEX_IDS, orientation='held'):
+def make_config(
+    hand_model,
+    image_size,
+    num_train,
+    num_eval,
+    seed,
+    with_depth,
+    tip_ids=mano.TIP_VERTEX_IDS,
+    orientation='held',
+):
   """A `SyntheticHandsConfig` named after its parameters.
 
   Raises:
@@ -91,15 +110,24 @@ def make_config(hand_model, image_size, num_train, num_eval, seed, with_depth,
   if seed < 0:
     raise ValueError(f'seed must be non-negative, got {seed}')
   hand = hand_fingerprint(hand_model, tip_ids)
-  name = (f'px{image_size}_train{num_train}_eval{num_eval}_seed{seed}_hand{hand}'
-          + ('_depth' if with_depth else '')
-          + ('' if orientation == 'held' else f'_{orientation}'))
+  name = (
+      f'px{image_size}_train{num_train}_eval{num_eval}_seed{seed}_hand{hand}'
+      + ('_depth' if with_depth else '')
+      + ('' if orientation == 'held' else f'_{orientation}')
+  )
   return SyntheticHandsConfig(
-      name=name, version=SyntheticHands.VERSION, image_size=int(image_size),
-      num_train=int(num_train), num_eval=int(num_eval), seed=int(seed),
-      with_depth=bool(with_depth), hand=hand, tip_ids=tuple(int(t) for t in tip_ids),
+      name=name,
+      version=SyntheticHands.VERSION,
+      image_size=int(image_size),
+      num_train=int(num_train),
+      num_eval=int(num_eval),
+      seed=int(seed),
+      with_depth=bool(with_depth),
+      hand=hand,
+      tip_ids=tuple(int(t) for t in tip_ids),
       orientation=orientation,
-      description=f'{image_size}px, {num_train} train / {num_eval} evaluation, seed {seed}')
+      description=f'{image_size}px, {num_train} train / {num_eval} evaluation, seed {seed}',
+  )
 
 
 class SyntheticHands(tfds.core.GeneratorBasedBuilder):
@@ -108,8 +136,10 @@ class SyntheticHands(tfds.core.GeneratorBasedBuilder):
   # Bump whenever the generator's output changes for the same parameters (sampler, renderer,
   # appearance): prepared data of an older version is then never reused by mistake.
   VERSION = tfds.core.Version('2.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.',
-                   '2.0.0': 'Hands held up to the camera; lighter palm, nails, skin texture.'}
+  RELEASE_NOTES = {
+      '1.0.0': 'First release.',
+      '2.0.0': 'Hands held up to the camera; lighter palm, nails, skin texture.',
+  }
 
   def __init__(self, *, hand_model=None, **kwargs):
     """`hand_model` is needed only to generate (not to read a prepared data set)."""
@@ -131,19 +161,28 @@ class SyntheticHands(tfds.core.GeneratorBasedBuilder):
     if self._hand_model is None:
       raise ValueError('synthetic_hands: pass hand_model=... to generate the data')
     if hand_fingerprint(self._hand_model, config.tip_ids) != config.hand:
-      raise ValueError('synthetic_hands: hand_model does not match the config fingerprint '
-                       f'{config.hand}')
+      raise ValueError(
+          'synthetic_hands: hand_model does not match the config fingerprint ' f'{config.hand}'
+      )
     sizes = {'train': config.num_train, 'evaluation': config.num_eval}
-    return {split: self._generate_examples(split, count)
-            for split, count in sizes.items() if count > 0}
+    return {
+        split: self._generate_examples(split, count) for split, count in sizes.items() if count > 0
+    }
 
   def _generate_examples(self, split, count):
     config = self.builder_config
     progress_every = max(1, min(500, count // 10))
     started = time.perf_counter()
-    stream = generate.examples(self._hand_model, config.seed, 0, count, config.image_size,
-                               config.tip_ids, stream=SPLIT_STREAMS[split],
-                               orientation=config.orientation)
+    stream = generate.examples(
+        self._hand_model,
+        config.seed,
+        0,
+        count,
+        config.image_size,
+        config.tip_ids,
+        stream=SPLIT_STREAMS[split],
+        orientation=config.orientation,
+    )
     for done, example in enumerate(stream, start=1):
       if not config.with_depth:
         del example['depth']
@@ -152,8 +191,12 @@ class SyntheticHands(tfds.core.GeneratorBasedBuilder):
       yield int(example['id']), example
       if done % progress_every == 0 or done == count:
         rate = done / max(time.perf_counter() - started, 1e-9)
-        print(f'synthetic_hands/{config.name} {split}: {done}/{count} examples, '
-              f'{rate:.1f} examples/s', file=sys.stderr, flush=True)
+        print(
+            f'synthetic_hands/{config.name} {split}: {done}/{count} examples, '
+            f'{rate:.1f} examples/s',
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def builder_for(config, num_train=None):
@@ -168,11 +211,19 @@ def builder_for(config, num_train=None):
   hand_model = procedural_mano.load_hand_model(config)
   tip_ids = tuple(config.tip_vertex_ids)
   num_train = config.data.num_train if num_train is None else num_train
-  builder_config = make_config(hand_model, config.data.render_size, num_train,
-                               config.data.num_eval, config.seed, config.model.use_depth,
-                               tip_ids, config.data.orientation)
-  return SyntheticHands(config=builder_config, data_dir=config.data.tfds_data_dir,
-                        hand_model=hand_model)
+  builder_config = make_config(
+      hand_model,
+      config.data.render_size,
+      num_train,
+      config.data.num_eval,
+      config.seed,
+      config.model.use_depth,
+      tip_ids,
+      config.data.orientation,
+  )
+  return SyntheticHands(
+      config=builder_config, data_dir=config.data.tfds_data_dir, hand_model=hand_model
+  )
 
 
 def prepare(config, need_train=True):
@@ -186,8 +237,12 @@ def prepare(config, need_train=True):
   if not need_train and not builder.is_prepared():
     builder = builder_for(config, num_train=0)
   if not builder.is_prepared():
-    print(f'preparing {builder.name}/{builder.builder_config.name} in {builder.data_dir}',
-          file=sys.stderr, flush=True)
+    print(
+        f'preparing {builder.name}/{builder.builder_config.name} in {builder.data_dir}',
+        file=sys.stderr,
+        flush=True,
+    )
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
   return builder

@@ -1,3 +1,4 @@
 """Models: encoders, the cross-modality decoder and the DiffHand model."""
+
 from diffhand_jax.models.diffhand import build_model
 from diffhand_jax.models.diffhand import init_params

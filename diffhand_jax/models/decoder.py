@@ -4,6 +4,7 @@ The decoder maps a noisy mesh x_t (diffusion space), the timestep t, the image t
 the image embedding e to x0_hat. Point downsampling uses farthest point sampling computed once
 on the template mesh in numpy (`fps_level_indices`), so every shape is static under jit.
 """
+
 import math
 from typing import Any, Tuple
 
@@ -20,6 +21,7 @@ LevelIndices = Tuple[Tuple[int, ...], ...]
 
 
 # ---- Farthest point sampling (numpy, build time) ----
+
 
 def farthest_point_sampling(points: np.ndarray, num_samples: int) -> np.ndarray:
   """Greedy farthest point sampling, starting from point 0.
@@ -38,10 +40,10 @@ def farthest_point_sampling(points: np.ndarray, num_samples: int) -> np.ndarray:
   if not 1 <= num_samples <= points.shape[0]:
     raise ValueError(f'num_samples must be in [1, {points.shape[0]}], got {num_samples}')
   picked = np.zeros(num_samples, np.int64)
-  min_dist = np.sum((points - points[0])**2, axis=-1)
+  min_dist = np.sum((points - points[0]) ** 2, axis=-1)
   for i in range(1, num_samples):
     picked[i] = np.argmax(min_dist)
-    min_dist = np.minimum(min_dist, np.sum((points - points[picked[i]])**2, axis=-1))
+    min_dist = np.minimum(min_dist, np.sum((points - points[picked[i]]) ** 2, axis=-1))
   return picked.astype(np.int32)
 
 
@@ -81,6 +83,7 @@ def fps_level_indices(template: np.ndarray, rate: int, num_levels: int) -> Level
 
 # ---- Embeddings ----
 
+
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
   """Sinusoidal embedding of integer timesteps (cos | sin halves).
 
@@ -105,12 +108,14 @@ def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
 
 # ---- Blocks ----
 
+
 class AttentionBlock(nn.Module):
   """Fig. 3c: self-attention over points, + g, cross-attention to image tokens, MLP.
 
   All three sublayers are pre-norm with residuals; g is added after the self-attention
   residual, broadcast over points.
   """
+
   num_heads: int
   mlp_ratio: int
   dtype: Dtype = jnp.float32
@@ -120,8 +125,14 @@ class AttentionBlock(nn.Module):
     """Args: h: [B, n, C] points; g: [B, C]; tokens: [B, P, C]. Returns: [B, n, C]."""
     width = h.shape[-1]
     attention = lambda name: nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=DENSE_INIT, force_fp32_for_softmax=True, deterministic=True, name=name)
+        num_heads=self.num_heads,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=DENSE_INIT,
+        force_fp32_for_softmax=True,
+        deterministic=True,
+        name=name,
+    )
     x = _layer_norm(self.dtype, 'norm_self')(h)
     h = h + attention('self_attention')(x, x)
     h = h + g[:, None, :].astype(h.dtype)
@@ -133,6 +144,7 @@ class AttentionBlock(nn.Module):
 
 class FeatureBlock(nn.Module):
   """Fig. 3b: pre-norm MLP over channels (each point separately) with a residual."""
+
   mlp_ratio: int
   dtype: Dtype = jnp.float32
 
@@ -145,6 +157,7 @@ class FeatureBlock(nn.Module):
 
 class PointUpsample(nn.Module):
   """Learned linear map over the point axis: [B, n_in, C] -> [B, n_out, C]."""
+
   num_points: int
   dtype: Dtype = jnp.float32
 
@@ -170,6 +183,7 @@ class VertexBlock(nn.Module):
   Attributes:
     level_indices: `fps_level_indices(...)`: level k's indices into level k-1's points.
   """
+
   level_indices: LevelIndices
   num_heads: int
   mlp_ratio: int
@@ -181,8 +195,11 @@ class VertexBlock(nn.Module):
     down = [h]
     for level, indices in enumerate(self.level_indices, start=1):
       x = jnp.take(down[-1], np.asarray(indices, np.int32), axis=1)
-      down.append(AttentionBlock(self.num_heads, self.mlp_ratio, self.dtype,
-                                 name=f'down_attention_{level}')(x, g, tokens))
+      down.append(
+          AttentionBlock(
+              self.num_heads, self.mlp_ratio, self.dtype, name=f'down_attention_{level}'
+          )(x, g, tokens)
+      )
     up = down[-1]
     for level in range(len(self.level_indices), 0, -1):
       target = down[level - 1]
@@ -208,6 +225,7 @@ class Decoder(nn.Module):
       attention runs, not how often.
     dtype: computation dtype (parameters are float32; the output is float32).
   """
+
   num_points: int
   width: int
   num_heads: int
@@ -218,8 +236,9 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_t: jax.Array, t: jax.Array, tokens: jax.Array,
-               embedding: jax.Array) -> jax.Array:
+  def __call__(
+      self, x_t: jax.Array, t: jax.Array, tokens: jax.Array, embedding: jax.Array
+  ) -> jax.Array:
     """Predicts x0.
 
     Args:
@@ -240,22 +259,33 @@ class Decoder(nn.Module):
     if self.kind not in ('cross_modality', 'vanilla'):
       raise ValueError(f"decoder kind must be 'cross_modality' or 'vanilla', got {self.kind!r}")
 
-    position = self.param('position_embedding', nn.initializers.normal(0.02),
-                          (self.num_points, self.width), jnp.float32)
+    position = self.param(
+        'position_embedding',
+        nn.initializers.normal(0.02),
+        (self.num_points, self.width),
+        jnp.float32,
+    )
     h = dense(self.width, self.dtype, 'vertex_embed')(x_t) + position.astype(self.dtype)
     time_features = Mlp(self.width, dtype=self.dtype, name='time_mlp')(
-        timestep_embedding(t, self.width))
+        timestep_embedding(t, self.width)
+    )
     g = dense(self.width, self.dtype, 'global_embed')(embedding) + time_features
     tokens = dense(self.width, self.dtype, 'token_proj')(tokens)
 
     for block in range(self.num_blocks):
       if self.kind == 'cross_modality':
-        h = VertexBlock(self.level_indices, self.num_heads, self.mlp_ratio, self.dtype,
-                        name=f'vertex_block_{block}')(h, g, tokens)
+        h = VertexBlock(
+            self.level_indices,
+            self.num_heads,
+            self.mlp_ratio,
+            self.dtype,
+            name=f'vertex_block_{block}',
+        )(h, g, tokens)
         h = FeatureBlock(self.mlp_ratio, self.dtype, name=f'feature_block_{block}')(h)
       else:
         for layer in range(max(1, len(self.level_indices))):
-          h = AttentionBlock(self.num_heads, self.mlp_ratio, self.dtype,
-                             name=f'layer_{block}_{layer}')(h, g, tokens)
+          h = AttentionBlock(
+              self.num_heads, self.mlp_ratio, self.dtype, name=f'layer_{block}_{layer}'
+          )(h, g, tokens)
     h = _layer_norm(self.dtype, 'norm_out')(h)
     return dense(3, self.dtype, 'out')(h).astype(jnp.float32)

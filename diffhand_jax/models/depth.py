@@ -15,6 +15,7 @@ and even were it to move, the all-equal weights keep every channel of a layer id
 `zero_init='last'` (ControlNet's "zero convolution") zeroes only the last layer: the output is
 still exactly zero at initialisation, but the last kernel sees non-zero features and learns.
 """
+
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -37,6 +38,7 @@ class DepthBranch(nn.Module):
     zero_init: 'all' (DESIGN: every kernel and bias zero) or 'last' (only the last layer).
     dtype: computation dtype.
   """
+
   out_dim: int
   num_downsamples: int
   zero_init: str = 'all'
@@ -63,8 +65,16 @@ class DepthBranch(nn.Module):
       width = self.out_dim if last else min(16 * 2**i, 128)
       zero = last or self.zero_init == 'all'
       conv_kwargs = dict(kernel_init=zeros, bias_init=zeros) if zero else {}
-      x = nn.Conv(width, (3, 3), strides=(s, s), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                  param_dtype=jnp.float32, name=f'conv{i}', **conv_kwargs)(x)
+      x = nn.Conv(
+          width,
+          (3, 3),
+          strides=(s, s),
+          padding=((1, 1), (1, 1)),
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          name=f'conv{i}',
+          **conv_kwargs,
+      )(x)
       if not last:
         x = nn.silu(x)
     return x
@@ -91,5 +101,6 @@ def check_depth(depth: Optional[jax.Array], image_shape: Sequence[int], use_dept
   if not use_depth and depth is not None:
     raise ValueError('depth was given but the encoder has no depth branch (use_depth=False)')
   if depth is not None:  # shapes only: encoders run traced
-    checks.check_array('depth (to match the images)', depth, tuple(image_shape[:3]) + (1,),
-                       finite=False)
+    checks.check_array(
+        'depth (to match the images)', depth, tuple(image_shape[:3]) + (1,), finite=False
+    )

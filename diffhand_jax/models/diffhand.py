@@ -4,6 +4,7 @@
 `init_params(model, rng, images)` its parameters. Use with
 `model.apply({'params': params}, ..., method=...)`; see docs/ARCHITECTURE.md "Model".
 """
+
 import hashlib
 from typing import Any, Optional
 
@@ -38,8 +39,7 @@ class StaticArray:
     array = np.array(array)  # a private copy
     array.setflags(write=False)
     self._array = array
-    self._hash = hash((array.shape, array.dtype.str,
-                       hashlib.sha1(array.tobytes()).hexdigest()))
+    self._hash = hash((array.shape, array.dtype.str, hashlib.sha1(array.tobytes()).hexdigest()))
 
   @property
   def array(self) -> np.ndarray:
@@ -53,9 +53,12 @@ class StaticArray:
     return self._hash
 
   def __eq__(self, other):
-    return (isinstance(other, StaticArray) and self._hash == other._hash
-            and self._array.shape == other._array.shape
-            and np.array_equal(self._array, other._array))
+    return (
+        isinstance(other, StaticArray)
+        and self._hash == other._hash
+        and self._array.shape == other._array.shape
+        and np.array_equal(self._array, other._array)
+    )
 
   def __repr__(self):
     return f'StaticArray(shape={self._array.shape}, dtype={self._array.dtype})'
@@ -87,6 +90,7 @@ class JointHead(nn.Module):
     num_joints: joints to predict (21).
     dtype: computation dtype.
   """
+
   num_joints: int = 21
   dtype: Any = jnp.float32
 
@@ -112,6 +116,7 @@ class DiffHand(nn.Module):
     aux_head: a `JointHead` (DESIGN §5, L_aux) on the image embedding, or None.
     dtype: computation dtype of the camera and auxiliary heads.
   """
+
   encoder: nn.Module
   decoder: decoder_lib.Decoder
   joint_regressor: StaticArray
@@ -140,8 +145,9 @@ class DiffHand(nn.Module):
     tokens, embedding = self.encoder(images, depth)
     return tokens, embedding
 
-  def denoise(self, x_t: jax.Array, t: jax.Array, tokens: jax.Array,
-              embedding: jax.Array) -> jax.Array:
+  def denoise(
+      self, x_t: jax.Array, t: jax.Array, tokens: jax.Array, embedding: jax.Array
+  ) -> jax.Array:
     """Decoder step: x0_hat [B, N, 3] (float32, diffusion space) from x_t [B, N, 3], t [B]."""
     return self.decoder(x_t, t, tokens, embedding)
 
@@ -168,8 +174,9 @@ class DiffHand(nn.Module):
       raise ValueError('this model has no auxiliary joint head (config.model.aux_head=False)')
     return self.aux_head(embedding)
 
-  def __call__(self, images: jax.Array, x_t: jax.Array, t: jax.Array,
-               depth: Optional[jax.Array] = None):
+  def __call__(
+      self, images: jax.Array, x_t: jax.Array, t: jax.Array, depth: Optional[jax.Array] = None
+  ):
     """Training forward pass.
 
     Args:
@@ -206,13 +213,15 @@ def build_model(config) -> DiffHand:
   """
   hand = procedural_mano.load_hand_model(config)
   regressor = mano.joint_regressor21(hand, tuple(config.tip_vertex_ids))
-  encoder = encoder_lib.build_encoder(config.model, compute_dtype(config.model.dtype),
-                                      int(config.data.image_size))
+  encoder = encoder_lib.build_encoder(
+      config.model, compute_dtype(config.model.dtype), int(config.data.image_size)
+  )
   return assemble_model(config, encoder, hand.v_template, regressor)
 
 
-def assemble_model(config, encoder: nn.Module, template: np.ndarray,
-                   joint_regressor: np.ndarray) -> DiffHand:
+def assemble_model(
+    config, encoder: nn.Module, template: np.ndarray, joint_regressor: np.ndarray
+) -> DiffHand:
   """DiffHand from explicit parts (what `build_model` uses; tests pass stand-ins).
 
   Reads config.model (width, num_heads, num_blocks, downsample_rate, num_levels, mlp_ratio,
@@ -229,30 +238,42 @@ def assemble_model(config, encoder: nn.Module, template: np.ndarray,
   """
   dtype = compute_dtype(config.model.dtype)
   if config.decoder not in ('cross_modality', 'vanilla'):
-    raise ValueError(f"config.decoder must be 'cross_modality' or 'vanilla', "
-                     f'got {config.decoder!r}')
+    raise ValueError(
+        f"config.decoder must be 'cross_modality' or 'vanilla', " f'got {config.decoder!r}'
+    )
   template = checks.check_array('template', template, ('num_vertices', 3), dtype=np.float64)
-  joint_regressor = checks.check_array('joint_regressor', joint_regressor,
-                                       (21, template.shape[0]), dtype=np.float32)
+  joint_regressor = checks.check_array(
+      'joint_regressor', joint_regressor, (21, template.shape[0]), dtype=np.float32
+  )
   level_indices = decoder_lib.fps_level_indices(
-      template, config.model.downsample_rate, config.model.num_levels)
+      template, config.model.downsample_rate, config.model.num_levels
+  )
   decoder = decoder_lib.Decoder(
-      num_points=template.shape[0], width=config.model.width,
-      num_heads=config.model.num_heads, num_blocks=config.model.num_blocks,
-      mlp_ratio=config.model.mlp_ratio, level_indices=level_indices, kind=config.decoder,
-      dtype=dtype)
-  return DiffHand(encoder=encoder, decoder=decoder,
-                  joint_regressor=StaticArray(joint_regressor),
-                  vertex_scale=float(config.vertex_scale), diffusion=bool(config.diffusion),
-                  num_timesteps=int(config.schedule.num_timesteps),
-                  cosine_s=float(config.schedule.cosine_s),
-                  aux_head=(JointHead(joint_regressor.shape[0], dtype)
-                            if config.model.aux_head else None),
-                  dtype=dtype)
+      num_points=template.shape[0],
+      width=config.model.width,
+      num_heads=config.model.num_heads,
+      num_blocks=config.model.num_blocks,
+      mlp_ratio=config.model.mlp_ratio,
+      level_indices=level_indices,
+      kind=config.decoder,
+      dtype=dtype,
+  )
+  return DiffHand(
+      encoder=encoder,
+      decoder=decoder,
+      joint_regressor=StaticArray(joint_regressor),
+      vertex_scale=float(config.vertex_scale),
+      diffusion=bool(config.diffusion),
+      num_timesteps=int(config.schedule.num_timesteps),
+      cosine_s=float(config.schedule.cosine_s),
+      aux_head=(JointHead(joint_regressor.shape[0], dtype) if config.model.aux_head else None),
+      dtype=dtype,
+  )
 
 
-def init_params(model: DiffHand, rng: jax.Array, images: jax.Array,
-                depth: Optional[jax.Array] = None):
+def init_params(
+    model: DiffHand, rng: jax.Array, images: jax.Array, depth: Optional[jax.Array] = None
+):
   """Initialises the parameters (float32) with a zero x_t and t = 0.
 
   Args:

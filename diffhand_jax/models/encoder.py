@@ -14,6 +14,7 @@ A ViT without pretrained weights (pretrained_path empty) gets its position embed
 input grid: resampling a from-scratch 14x14 table to 8x8 on every call shrinks its std to
 ~0.008 against ~1 for the patch embedding (a bag of patches at the start).
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -24,8 +25,12 @@ from diffhand_jax.models import resnet
 from diffhand_jax.models import vit
 
 ENCODERS = ('vit', 'deit', 'hrnet', 'resnet')
-_SIZES = {'vit': vit.VIT_SIZES, 'deit': vit.VIT_SIZES, 'hrnet': hrnet.HRNET_SIZES,
-          'resnet': resnet.RESNET_SIZES}
+_SIZES = {
+    'vit': vit.VIT_SIZES,
+    'deit': vit.VIT_SIZES,
+    'hrnet': hrnet.HRNET_SIZES,
+    'resnet': resnet.RESNET_SIZES,
+}
 
 
 def _check_name(model_config):
@@ -35,8 +40,9 @@ def _check_name(model_config):
     raise ValueError(f'model.encoder={name!r}; expected one of {ENCODERS}')
   sizes = _SIZES[name]
   if size not in sizes:
-    raise ValueError(f'model.encoder_size={size!r} is not a {name} size; expected one of '
-                     f'{tuple(sizes)}')
+    raise ValueError(
+        f'model.encoder_size={size!r} is not a {name} size; expected one of ' f'{tuple(sizes)}'
+    )
   # The distillation token is DeiT's; HRNet has no tokens to add it to.
   if model_config.distilled and name != 'deit':
     raise ValueError(f'model.distilled=True needs model.encoder="deit", got {name!r}')
@@ -67,7 +73,7 @@ def num_tokens(model_config, image_size: int) -> int:
   stride = encoder_stride(model_config)
   if image_size % stride:
     raise ValueError(f'image_size={image_size} is not a multiple of the encoder stride {stride}')
-  return (image_size // stride)**2
+  return (image_size // stride) ** 2
 
 
 def build_encoder(model_config, dtype: Any = jnp.float32, image_size: int = 0) -> nn.Module:
@@ -85,17 +91,33 @@ def build_encoder(model_config, dtype: Any = jnp.float32, image_size: int = 0) -
   name, size = _check_name(model_config)
   dtype = jnp.dtype(dtype)
   if name == 'resnet':
-    return resnet.ResNet(spec=resnet.RESNET_SIZES[size], use_depth=model_config.use_depth,
-                         depth_zero_init=model_config.depth_zero_init, dtype=dtype)
+    return resnet.ResNet(
+        spec=resnet.RESNET_SIZES[size],
+        use_depth=model_config.use_depth,
+        depth_zero_init=model_config.depth_zero_init,
+        dtype=dtype,
+    )
   if name == 'hrnet':
-    return hrnet.HRNet(spec=hrnet.HRNET_SIZES[size], use_depth=model_config.use_depth,
-                       depth_zero_init=model_config.depth_zero_init,
-                       norm=model_config.hrnet_norm, dtype=dtype)
+    return hrnet.HRNet(
+        spec=hrnet.HRNET_SIZES[size],
+        use_depth=model_config.use_depth,
+        depth_zero_init=model_config.depth_zero_init,
+        norm=model_config.hrnet_norm,
+        dtype=dtype,
+    )
   depth, width, num_heads = vit.VIT_SIZES[size]
   return vit.VisionTransformer(
-      width=width, depth=depth, num_heads=num_heads, patch_size=model_config.patch_size,
+      width=width,
+      depth=depth,
+      num_heads=num_heads,
+      patch_size=model_config.patch_size,
       distilled=model_config.distilled,
-      pretrained_image_size=(image_size if image_size and not model_config.pretrained_path
-                             else model_config.pretrained_image_size),
-      use_depth=model_config.use_depth, depth_zero_init=model_config.depth_zero_init,
-      dtype=dtype)
+      pretrained_image_size=(
+          image_size
+          if image_size and not model_config.pretrained_path
+          else model_config.pretrained_image_size
+      ),
+      use_depth=model_config.use_depth,
+      depth_zero_init=model_config.depth_zero_init,
+      dtype=dtype,
+  )

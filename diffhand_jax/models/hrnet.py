@@ -31,6 +31,7 @@ layer1.{n} -> layer1_block{n}, transition{k}.{b} -> transition{k}_{b},
 stage{k}.{m}.branches.{b}.{n} -> stage{k}_module{m}/branch{b}_block{n},
 stage{k}.{m}.fuse_layers.{i}.{j} -> .../fuse{i}_{j} (coarser j) or fuse{i}_{j}_{k} (finer j).
 """
+
 import dataclasses
 import math
 from typing import Any, Optional, Sequence, Tuple
@@ -44,7 +45,7 @@ from diffhand_jax.models import depth as depth_lib
 
 Dtype = Any
 
-STEM_STRIDE = 4        # the stem's two stride-2 convolutions: the high-resolution branch stride
+STEM_STRIDE = 4  # the stem's two stride-2 convolutions: the high-resolution branch stride
 BOTTLENECK_EXPANSION = 4
 
 
@@ -60,6 +61,7 @@ class HRNetSpec:
     num_modules: HR modules in stages 2, 3, 4.
     num_blocks: basic blocks per branch in every HR module.
   """
+
   stem_width: int = 64
   stage1_planes: int = 64
   stage1_blocks: int = 4
@@ -71,8 +73,14 @@ class HRNetSpec:
 NORMS = ('group', 'frozen_bn')
 
 HRNET_SIZES = {
-    'w8': HRNetSpec(stem_width=16, stage1_planes=8, stage1_blocks=1, widths=(8, 16, 32, 64),
-                    num_modules=(1, 1, 1), num_blocks=1),  # tests and smoke runs only
+    'w8': HRNetSpec(
+        stem_width=16,
+        stage1_planes=8,
+        stage1_blocks=1,
+        widths=(8, 16, 32, 64),
+        num_modules=(1, 1, 1),
+        num_blocks=1,
+    ),  # tests and smoke runs only
     'w32': HRNetSpec(widths=(32, 64, 128, 256)),
     'w48': HRNetSpec(widths=(48, 96, 192, 384)),
     'w64': HRNetSpec(widths=(64, 128, 256, 512)),
@@ -87,6 +95,7 @@ class FrozenBatchNorm(nn.Module):
   Attributes:
     dtype: computation dtype.
   """
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -109,6 +118,7 @@ class ConvNorm(nn.Module):
     norm: 'group' or 'frozen_bn' (module docstring).
     dtype: computation dtype.
   """
+
   features: int
   kernel: int = 3
   stride: int = 1
@@ -120,12 +130,24 @@ class ConvNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x: [batch, H, W, C]. Returns: [batch, H/stride, W/stride, features]."""
     pad = self.kernel // 2
-    x = nn.Conv(self.features, (self.kernel,) * 2, strides=(self.stride,) * 2,
-                padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype,
-                param_dtype=jnp.float32, name='conv')(x)
+    x = nn.Conv(
+        self.features,
+        (self.kernel,) * 2,
+        strides=(self.stride,) * 2,
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name='conv',
+    )(x)
     if self.norm == 'group':
-      x = nn.GroupNorm(num_groups=math.gcd(32, self.features), epsilon=1e-5, dtype=self.dtype,
-                       param_dtype=jnp.float32, name='norm')(x)
+      x = nn.GroupNorm(
+          num_groups=math.gcd(32, self.features),
+          epsilon=1e-5,
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          name='norm',
+      )(x)
     elif self.norm == 'frozen_bn':
       x = FrozenBatchNorm(dtype=self.dtype, name='bn')(x)
     else:
@@ -135,6 +157,7 @@ class ConvNorm(nn.Module):
 
 class BasicBlock(nn.Module):
   """Two 3x3 ConvNorms with a residual (1x1 projection when the width changes)."""
+
   features: int
   norm: str = 'group'
   dtype: Dtype = jnp.float32
@@ -145,13 +168,15 @@ class BasicBlock(nn.Module):
     y = ConvNorm(self.features, norm=self.norm, dtype=self.dtype, name='conv1')(x)
     y = ConvNorm(self.features, relu=False, norm=self.norm, dtype=self.dtype, name='conv2')(y)
     if x.shape[-1] != self.features:
-      x = ConvNorm(self.features, 1, relu=False, norm=self.norm, dtype=self.dtype,
-                   name='downsample')(x)
+      x = ConvNorm(
+          self.features, 1, relu=False, norm=self.norm, dtype=self.dtype, name='downsample'
+      )(x)
     return nn.relu(x + y)
 
 
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 -> 1x1 (4x wider) ConvNorms with a residual."""
+
   planes: int
   norm: str = 'group'
   dtype: Dtype = jnp.float32
@@ -164,8 +189,7 @@ class Bottleneck(nn.Module):
     y = ConvNorm(self.planes, 3, norm=self.norm, dtype=self.dtype, name='conv2')(y)
     y = ConvNorm(out, 1, relu=False, norm=self.norm, dtype=self.dtype, name='conv3')(y)
     if x.shape[-1] != out:
-      x = ConvNorm(out, 1, relu=False, norm=self.norm, dtype=self.dtype,
-                   name='downsample')(x)
+      x = ConvNorm(out, 1, relu=False, norm=self.norm, dtype=self.dtype, name='downsample')(x)
     return nn.relu(x + y)
 
 
@@ -188,6 +212,7 @@ class HRModule(nn.Module):
     norm: 'group' or 'frozen_bn'.
     dtype: computation dtype.
   """
+
   widths: Sequence[int]
   num_blocks: int
   num_outputs: int
@@ -200,22 +225,29 @@ class HRModule(nn.Module):
     ys = []
     for b, (x, width) in enumerate(zip(xs, self.widths)):
       for n in range(self.num_blocks):
-        x = BasicBlock(width, norm=self.norm, dtype=self.dtype,
-                       name=f'branch{b}_block{n}')(x)
+        x = BasicBlock(width, norm=self.norm, dtype=self.dtype, name=f'branch{b}_block{n}')(x)
       ys.append(x)
     fused = []
     for i in range(self.num_outputs):
       total = ys[i]
       for j, y in enumerate(ys):
         if j > i:
-          y = ConvNorm(self.widths[i], 1, relu=False, norm=self.norm, dtype=self.dtype,
-                       name=f'fuse{i}_{j}')(y)
-          total = total + _upsample_nearest(y, 2**(j - i))
+          y = ConvNorm(
+              self.widths[i], 1, relu=False, norm=self.norm, dtype=self.dtype, name=f'fuse{i}_{j}'
+          )(y)
+          total = total + _upsample_nearest(y, 2 ** (j - i))
         elif j < i:
           for k in range(i - j):
             last = k == i - j - 1
-            y = ConvNorm(self.widths[i] if last else self.widths[j], 3, stride=2, relu=not last,
-                         norm=self.norm, dtype=self.dtype, name=f'fuse{i}_{j}_{k}')(y)
+            y = ConvNorm(
+                self.widths[i] if last else self.widths[j],
+                3,
+                stride=2,
+                relu=not last,
+                norm=self.norm,
+                dtype=self.dtype,
+                name=f'fuse{i}_{j}_{k}',
+            )(y)
           total = total + y
       fused.append(nn.relu(total))
     return tuple(fused)
@@ -231,6 +263,7 @@ class HRNet(nn.Module):
     norm: 'group' (from scratch) or 'frozen_bn' (timm weights); see the module docstring.
     dtype: computation dtype (parameters stay float32).
   """
+
   spec: HRNetSpec
   use_depth: bool = False
   depth_zero_init: str = 'all'
@@ -238,8 +271,9 @@ class HRNet(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images: jax.Array,
-               depth: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+  def __call__(
+      self, images: jax.Array, depth: Optional[jax.Array] = None
+  ) -> Tuple[jax.Array, jax.Array]:
     """Encodes images.
 
     Args:
@@ -251,23 +285,27 @@ class HRNet(nn.Module):
     """
     spec, dtype = self.spec, self.dtype
     checks.check_array('images', images, ('batch', 'H', 'W', 3), finite=False)
-    coarsest = STEM_STRIDE * 2**(len(spec.widths) - 1)
+    coarsest = STEM_STRIDE * 2 ** (len(spec.widths) - 1)
     if images.shape[1] % coarsest or images.shape[2] % coarsest:
       raise ValueError(f'image size {images.shape[1:3]} is not a multiple of {coarsest}')
     depth_lib.check_depth(depth, images.shape, self.use_depth)
 
     if self.norm not in NORMS:
       raise ValueError(f'HRNet norm={self.norm!r}; expected one of {NORMS}')
-    x = ConvNorm(spec.stem_width, 3, stride=2, norm=self.norm, dtype=dtype,
-                 name='conv1')(images.astype(dtype))
+    x = ConvNorm(spec.stem_width, 3, stride=2, norm=self.norm, dtype=dtype, name='conv1')(
+        images.astype(dtype)
+    )
     x = ConvNorm(spec.stem_width, 3, stride=2, norm=self.norm, dtype=dtype, name='conv2')(x)
     if self.use_depth:
-      x = x + depth_lib.DepthBranch(spec.stem_width, depth_lib.num_downsamples(STEM_STRIDE),
-                                    zero_init=self.depth_zero_init, dtype=dtype,
-                                    name='depth')(depth)
+      x = x + depth_lib.DepthBranch(
+          spec.stem_width,
+          depth_lib.num_downsamples(STEM_STRIDE),
+          zero_init=self.depth_zero_init,
+          dtype=dtype,
+          name='depth',
+      )(depth)
     for n in range(spec.stage1_blocks):
-      x = Bottleneck(spec.stage1_planes, norm=self.norm, dtype=dtype,
-                     name=f'layer1_block{n}')(x)
+      x = Bottleneck(spec.stage1_planes, norm=self.norm, dtype=dtype, name=f'layer1_block{n}')(x)
 
     xs = [x]
     for stage, num_modules in enumerate(spec.num_modules):
@@ -276,17 +314,21 @@ class HRNet(nn.Module):
       xs = self._transition(xs, widths, name=f'transition{stage + 1}')
       for m in range(num_modules):
         final = stage == len(spec.num_modules) - 1 and m == num_modules - 1
-        xs = HRModule(widths, spec.num_blocks, 1 if final else num_branches, norm=self.norm,
-                      dtype=dtype,
-                      name=f'stage{stage + 2}_module{m}')(xs)
+        xs = HRModule(
+            widths,
+            spec.num_blocks,
+            1 if final else num_branches,
+            norm=self.norm,
+            dtype=dtype,
+            name=f'stage{stage + 2}_module{m}',
+        )(xs)
 
     high = xs[0]
     tokens = high.reshape(high.shape[0], -1, high.shape[-1])
     embedding = tokens.mean(axis=1)
     return tokens, embedding
 
-  def _transition(self, xs: Sequence[jax.Array], widths: Sequence[int],
-                  name: str) -> list:
+  def _transition(self, xs: Sequence[jax.Array], widths: Sequence[int], name: str) -> list:
     """Adapts existing branches to `widths` and adds a stride-2 branch from the coarsest.
 
     Args:
@@ -301,6 +343,9 @@ class HRNet(nn.Module):
       if x.shape[-1] != widths[b]:
         x = ConvNorm(widths[b], 3, norm=self.norm, dtype=self.dtype, name=f'{name}_{b}')(x)
       out.append(x)
-    out.append(ConvNorm(widths[len(xs)], 3, stride=2, norm=self.norm, dtype=self.dtype,
-                        name=f'{name}_{len(xs)}')(xs[-1]))
+    out.append(
+        ConvNorm(
+            widths[len(xs)], 3, stride=2, norm=self.norm, dtype=self.dtype, name=f'{name}_{len(xs)}'
+        )(xs[-1])
+    )
     return out

@@ -4,6 +4,7 @@ Parameters are float32 (`param_dtype`); computation runs in `dtype` (e.g. bfloat
 precision). Submodule names follow timm (`fc1`, `fc2`, `qkv`, `proj`) so that importing timm
 weights is a mechanical renaming (kernel = weight.T).
 """
+
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -21,8 +22,7 @@ def dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
 
   Call it inside a compact method: the layer is a submodule `name` of the calling module.
   """
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=DENSE_INIT,
-                  name=name)
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=DENSE_INIT, name=name)
 
 
 def exact_gelu(x: jax.Array) -> jax.Array:
@@ -38,6 +38,7 @@ class Mlp(nn.Module):
     out_dim: output width; None keeps the input width.
     dtype: computation dtype.
   """
+
   hidden_dim: int
   out_dim: Optional[int] = None
   dtype: Dtype = jnp.float32
@@ -61,6 +62,7 @@ class SelfAttention(nn.Module):
     num_heads: number of heads; must divide the token width.
     dtype: computation dtype.
   """
+
   num_heads: int
   dtype: Dtype = jnp.float32
 

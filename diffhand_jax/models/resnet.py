@@ -20,6 +20,7 @@ size it was initialised with.
 GroupNorm (no batch statistics) keeps the module pure, and per-example results independent of
 the batch, like the rest of the model.
 """
+
 import dataclasses
 from typing import Any, Optional, Tuple
 
@@ -39,6 +40,7 @@ STEM_STRIDE = 2
 @dataclasses.dataclass(frozen=True)
 class ResNetSpec:
   """widths: channels of stages 1-4; blocks: basic blocks per stage; stem: stem channels."""
+
   widths: Tuple[int, int, int, int]
   blocks: Tuple[int, int, int, int]
   stem: int
@@ -54,6 +56,7 @@ RESNET_SIZES = {
 
 class ResidualBlock(nn.Module):
   """Two 3x3 ConvNorms with a residual; the first conv (and a 1x1 shortcut) may stride."""
+
   features: int
   stride: int = 1
   dtype: Dtype = jnp.float32
@@ -64,8 +67,7 @@ class ResidualBlock(nn.Module):
     y = ConvNorm(self.features, 3, self.stride, dtype=self.dtype, name='conv1')(x)
     y = ConvNorm(self.features, 3, relu=False, dtype=self.dtype, name='conv2')(y)
     if self.stride != 1 or x.shape[-1] != self.features:
-      x = ConvNorm(self.features, 1, self.stride, relu=False, dtype=self.dtype,
-                   name='shortcut')(x)
+      x = ConvNorm(self.features, 1, self.stride, relu=False, dtype=self.dtype, name='shortcut')(x)
     return nn.relu(x + y)
 
 
@@ -78,14 +80,16 @@ class ResNet(nn.Module):
     depth_zero_init: see `depth.DepthBranch.zero_init`.
     dtype: computation dtype (parameters stay float32).
   """
+
   spec: ResNetSpec
   use_depth: bool = False
   depth_zero_init: str = 'last'
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images: jax.Array,
-               depth: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+  def __call__(
+      self, images: jax.Array, depth: Optional[jax.Array] = None
+  ) -> Tuple[jax.Array, jax.Array]:
     """Encodes images.
 
     Args:
@@ -100,26 +104,35 @@ class ResNet(nn.Module):
     if images.shape[1] % 32 or images.shape[2] % 32:
       raise ValueError(f'image size {images.shape[1:3]} is not a multiple of 32 (resnet)')
     depth_lib.check_depth(depth, images.shape, self.use_depth)
-    x = ConvNorm(self.spec.stem, 3, STEM_STRIDE, dtype=self.dtype,
-                 name='stem')(images.astype(self.dtype))
+    x = ConvNorm(self.spec.stem, 3, STEM_STRIDE, dtype=self.dtype, name='stem')(
+        images.astype(self.dtype)
+    )
     if self.use_depth:
-      x = x + depth_lib.DepthBranch(self.spec.stem, depth_lib.num_downsamples(STEM_STRIDE),
-                                    zero_init=self.depth_zero_init, dtype=self.dtype,
-                                    name='depth')(depth)
+      x = x + depth_lib.DepthBranch(
+          self.spec.stem,
+          depth_lib.num_downsamples(STEM_STRIDE),
+          zero_init=self.depth_zero_init,
+          dtype=self.dtype,
+          name='depth',
+      )(depth)
     token_map = None
     for stage, (width, count) in enumerate(zip(self.spec.widths, self.spec.blocks), start=1):
       for block in range(count):
-        x = ResidualBlock(width, 2 if block == 0 else 1, dtype=self.dtype,
-                          name=f'stage{stage}_block{block}')(x)
+        x = ResidualBlock(
+            width, 2 if block == 0 else 1, dtype=self.dtype, name=f'stage{stage}_block{block}'
+        )(x)
       if stage == 3:
         token_map = x
     out_dim = self.spec.widths[3]
-    tokens = nn.Conv(out_dim, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
-                     name='token_proj')(token_map)
+    tokens = nn.Conv(out_dim, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name='token_proj')(
+        token_map
+    )
     batch, height, width, _ = tokens.shape
-    position = self.param('token_pos_embed', nn.initializers.normal(0.02),
-                          (height * width, out_dim), jnp.float32)
+    position = self.param(
+        'token_pos_embed', nn.initializers.normal(0.02), (height * width, out_dim), jnp.float32
+    )
     tokens = tokens.reshape(batch, height * width, out_dim) + position.astype(tokens.dtype)
-    embedding = nn.Dense(out_dim, dtype=self.dtype, param_dtype=jnp.float32,
-                         name='embed_pool')(x.reshape(batch, -1))
+    embedding = nn.Dense(out_dim, dtype=self.dtype, param_dtype=jnp.float32, name='embed_pool')(
+        x.reshape(batch, -1)
+    )
     return tokens, embedding

@@ -18,6 +18,7 @@ Conv kernel = weight.transpose(2, 3, 1, 0); LayerNorm weight -> scale):
   head, head_dist                  -> (dropped: no classifier)
 The depth branch (`depth/...`) has no timm counterpart.
 """
+
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -44,8 +45,12 @@ VIT_SIZES = {
 MLP_RATIO = 4
 
 
-def resample_pos_embed(pos_embed: jax.Array, old_grid: Sequence[int],
-                       new_grid: Sequence[int], num_prefix_tokens: int = 0) -> jax.Array:
+def resample_pos_embed(
+    pos_embed: jax.Array,
+    old_grid: Sequence[int],
+    new_grid: Sequence[int],
+    num_prefix_tokens: int = 0,
+) -> jax.Array:
   """Bicubically resamples the patch part of a position embedding to a new patch grid.
 
   Matches timm's `resample_abs_pos_embed` with its defaults (bicubic, antialias=True), which
@@ -66,15 +71,21 @@ def resample_pos_embed(pos_embed: jax.Array, old_grid: Sequence[int],
   old_h, old_w = old_grid
   new_h, new_w = new_grid
   if pos_embed.ndim != 3 or pos_embed.shape[1] != num_prefix_tokens + old_h * old_w:
-    raise ValueError(f'pos_embed of shape {pos_embed.shape} does not hold {num_prefix_tokens} '
-                     f'prefix tokens and a {old_h}x{old_w} grid')
+    raise ValueError(
+        f'pos_embed of shape {pos_embed.shape} does not hold {num_prefix_tokens} '
+        f'prefix tokens and a {old_h}x{old_w} grid'
+    )
   if (old_h, old_w) == (new_h, new_w):
     return pos_embed
   prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
   grid = grid.reshape(grid.shape[0], old_h, old_w, grid.shape[-1])
   # float32 whatever the compute dtype: the grid is tiny, and bf16 would blur pretrained values.
-  grid = jax.image.resize(grid.astype(jnp.float32), (grid.shape[0], new_h, new_w, grid.shape[-1]),
-                          method='cubic', antialias=True).astype(pos_embed.dtype)
+  grid = jax.image.resize(
+      grid.astype(jnp.float32),
+      (grid.shape[0], new_h, new_w, grid.shape[-1]),
+      method='cubic',
+      antialias=True,
+  ).astype(pos_embed.dtype)
   grid = grid.reshape(grid.shape[0], new_h * new_w, grid.shape[-1])
   return jnp.concatenate([prefix, grid], axis=1)
 
@@ -87,6 +98,7 @@ class EncoderBlock(nn.Module):
     mlp_dim: hidden width of the MLP.
     dtype: computation dtype.
   """
+
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
@@ -94,8 +106,9 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x: [batch, tokens, D]. Returns: [batch, tokens, D]."""
-    norm = lambda name: nn.LayerNorm(LAYER_NORM_EPS, dtype=self.dtype,
-                                     param_dtype=jnp.float32, name=name)
+    norm = lambda name: nn.LayerNorm(
+        LAYER_NORM_EPS, dtype=self.dtype, param_dtype=jnp.float32, name=name
+    )
     x = x + layers.SelfAttention(self.num_heads, dtype=self.dtype, name='attn')(norm('norm1')(x))
     return x + layers.Mlp(self.mlp_dim, dtype=self.dtype, name='mlp')(norm('norm2')(x))
 
@@ -116,6 +129,7 @@ class VisionTransformer(nn.Module):
     depth_zero_init: see `depth.DepthBranch.zero_init`.
     dtype: computation dtype (parameters stay float32).
   """
+
   width: int
   depth: int
   num_heads: int
@@ -132,8 +146,9 @@ class VisionTransformer(nn.Module):
     return 2 if self.distilled else 1
 
   @nn.compact
-  def __call__(self, images: jax.Array,
-               depth: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+  def __call__(
+      self, images: jax.Array, depth: Optional[jax.Array] = None
+  ) -> Tuple[jax.Array, jax.Array]:
     """Encodes images.
 
     Args:
@@ -150,18 +165,30 @@ class VisionTransformer(nn.Module):
       raise ValueError(f'image size {height}x{width_px} is not a multiple of patch {p}')
     depth_lib.check_depth(depth, images.shape, self.use_depth)
 
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                param_dtype=jnp.float32, name='patch_embed')(images.astype(self.dtype))
+    x = nn.Conv(
+        self.width,
+        (p, p),
+        strides=(p, p),
+        padding='VALID',
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name='patch_embed',
+    )(images.astype(self.dtype))
     if self.use_depth:
-      x = x + depth_lib.DepthBranch(self.width, depth_lib.num_downsamples(p),
-                                    zero_init=self.depth_zero_init, dtype=self.dtype,
-                                    name='depth')(depth)
+      x = x + depth_lib.DepthBranch(
+          self.width,
+          depth_lib.num_downsamples(p),
+          zero_init=self.depth_zero_init,
+          dtype=self.dtype,
+          name='depth',
+      )(depth)
     grid = x.shape[1:3]
     x = x.reshape(batch, grid[0] * grid[1], self.width)
 
     if self.pretrained_image_size % p:
-      raise ValueError(f'pretrained_image_size={self.pretrained_image_size} is not a multiple '
-                       f'of patch {p}')
+      raise ValueError(
+          f'pretrained_image_size={self.pretrained_image_size} is not a multiple ' f'of patch {p}'
+      )
     # The position embedding lives on the pretraining grid (so that timm checkpoints load
     # as they are) and is resampled to the input's grid on every call.
     init_grid = (self.pretrained_image_size // p,) * 2
@@ -169,18 +196,21 @@ class VisionTransformer(nn.Module):
     prefix = [self.param('cls_token', embed_init, (1, 1, self.width), jnp.float32)]
     if self.distilled:
       prefix.append(self.param('dist_token', embed_init, (1, 1, self.width), jnp.float32))
-    pos_embed = self.param('pos_embed', embed_init,
-                           (1, self.num_prefix_tokens + init_grid[0] * init_grid[1], self.width),
-                           jnp.float32)
+    pos_embed = self.param(
+        'pos_embed',
+        embed_init,
+        (1, self.num_prefix_tokens + init_grid[0] * init_grid[1], self.width),
+        jnp.float32,
+    )
     pos_embed = resample_pos_embed(pos_embed, init_grid, grid, self.num_prefix_tokens)
     prefix = [jnp.broadcast_to(t, (batch, 1, self.width)).astype(self.dtype) for t in prefix]
     x = jnp.concatenate(prefix + [x], axis=1) + pos_embed.astype(self.dtype)
 
     for i in range(self.depth):
-      x = EncoderBlock(self.num_heads, self.mlp_ratio * self.width, dtype=self.dtype,
-                       name=f'block{i}')(x)
+      x = EncoderBlock(
+          self.num_heads, self.mlp_ratio * self.width, dtype=self.dtype, name=f'block{i}'
+      )(x)
     x = nn.LayerNorm(LAYER_NORM_EPS, dtype=self.dtype, param_dtype=jnp.float32, name='norm')(x)
-    tokens = x[:, self.num_prefix_tokens:]
-    embedding = x[:, :self.num_prefix_tokens].mean(axis=1)
+    tokens = x[:, self.num_prefix_tokens :]
+    embedding = x[:, : self.num_prefix_tokens].mean(axis=1)
     return tokens, embedding
-
