@@ -10,8 +10,10 @@
 Re-running the same training command with the same --workdir resumes it.
 """
 
+import importlib.util
 import os
 import shutil
+import sys
 
 from absl import app
 from absl import flags
@@ -117,6 +119,60 @@ def _config_argument() -> str:
   return FLAGS['config'].serialize().partition('=')[2]
 
 
+def unknown_config_keys(config, argv) -> list[str]:
+  """The `--config.a.b=...` overrides in argv whose key path `config` does not have."""
+  unknown = []
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    path = arg[len('--config.') :].partition('=')[0]
+    node = config
+    for part in path.split('.'):
+      if not hasattr(node, 'keys') or part not in node.keys():
+        known = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else '(not a group)'
+        unknown.append(f'unknown config key {path!r} (no {part!r}; known here: {known})')
+        break
+      node = node[part]
+  return unknown
+
+
+def parse_flags(argv):
+  """absl flag parsing with errors that name the offending argument instead of a traceback.
+
+  An unknown `--config.x.y` key (ml_collections raises a bare AttributeError) or a config file
+  that fails to load (e.g. an unknown FILE:variant) ends the program with one clear message.
+  """
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as error:
+    config_args = [a for a in argv if a.startswith('--config=')]
+    reasons = []
+    if config_args:
+      try:  # load the config file alone to tell an unknown key from a broken file
+        reasons = unknown_config_keys(_load_config_file(config_args[-1]), argv)
+      except (OSError, ImportError, AttributeError, KeyError, ValueError, TypeError) as inner:
+        reasons = [f'{config_args[-1]}: {_last_line(inner)}']
+    message = '; '.join(reasons) or _last_line(error)
+    sys.exit(f'launch.py: bad command line: {message}\nPass --helpshort for the flags.')
+
+
+def _load_config_file(config_arg: str):
+  """get_config(variant) of '--config=FILE[:variant]', without any override applied."""
+  path, _, variant = config_arg.partition('=')[2].partition(':')
+  spec = importlib.util.spec_from_file_location('_config_file', path)
+  if spec is None:
+    raise ValueError(f'cannot read the config file {path!r}')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant or None)
+
+
+def _last_line(error) -> str:
+  """The last non-empty line of an error's text (config-file errors carry a traceback)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[-1] if lines else repr(error)
+
+
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,6 +1,9 @@
 """launch.py helpers, cluster detection and the config files."""
 
 import importlib
+import os
+import subprocess
+import sys
 
 from absl import flags
 import pytest
@@ -105,3 +108,48 @@ def test_real_dataset_configs_are_available(name):
   input_pipeline.check_dataset_available(
       importlib.import_module(f'configs.{name}').get_config('smoke')
   )
+
+
+def test_unknown_config_keys_are_named():
+  config = importlib.import_module('configs.synthetic').get_config('smoke')
+  argv = [
+      'launch.py',
+      '--config=configs/synthetic.py:smoke',
+      '--config.train.num_steps=3',
+      '--config.train.nonexistent=1',
+      '--config.bogus.x=2',
+      '--workdir=w',
+  ]
+  found = launch.unknown_config_keys(config, argv)
+  assert len(found) == 2
+  assert "'train.nonexistent'" in found[0] and 'num_steps' in found[0]
+  assert "'bogus.x'" in found[1]
+  assert not launch.unknown_config_keys(config, argv[:3])
+
+
+@pytest.mark.parametrize(
+    'args, expected',
+    [
+        (
+            ['--config=configs/synthetic.py:smoke', '--config.train.nonexistent=1'],
+            "unknown config key 'train.nonexistent'",
+        ),
+        (['--config=configs/synthetic.py:bogus'], "unknown variant 'bogus'"),
+        (
+            ['--config=configs/synthetic.py:smoke', '--config.train.num_steps=abc'],
+            '--config.train.num_steps=abc',
+        ),
+    ],
+)
+def test_bad_command_lines_fail_with_one_clear_line(args, expected, tmp_path):
+  result = subprocess.run(
+      [sys.executable, 'launch.py', *args, f'--workdir={tmp_path}'],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
+  assert result.returncode != 0
+  assert 'launch.py: bad command line:' in result.stderr and expected in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not os.listdir(tmp_path)  # nothing was started
