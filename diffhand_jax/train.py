@@ -465,6 +465,15 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
   )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """`--mode=train`: trains DiffHand per `config` in `workdir` (resuming)."""
-  return run_training(config, workdir, build_task(config, workdir))
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, periodic_eval: bool = True
+) -> TrainState:
+  """`--mode=train`: trains DiffHand per `config` in `workdir` (resuming).
+
+  periodic_eval=False skips the evaluations during and at the end of training (the demo
+  evaluates on an unseen seed afterwards instead).
+  """
+  task = build_task(config, workdir)
+  if not periodic_eval:
+    task = task._replace(evaluate=None)
+  return run_training(config, workdir, task)
