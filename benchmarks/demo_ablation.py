@@ -10,6 +10,7 @@ baseline of that split. Runs go to <root>/<variant>; a finished run is reused.
 Prints a table (markdown) and writes <root>/results.json.
 """
 
+import ast
 import json
 import os
 import subprocess
@@ -74,22 +75,32 @@ def _run(variant, workdir):
 
 
 def _config(variant):
-  """The variant's config, parsed as launch.py would."""
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  """The variant's config: configs/synthetic.py with the same overrides as its training run.
 
-  holder = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, '', flag_values=holder)
-  holder(
-      [
-          sys.argv[0],
-          '--config=configs/synthetic.py',
-          f'--config.train.num_steps={FLAGS.steps}',
-          f'--config.optim.warmup_steps={max(1, FLAGS.steps // 10)}',
-          *VARIANTS[variant][1],
-          *FLAGS.extra,
-      ]
-  )
-  return holder.config
+  (ml_collections' config flags read overrides from sys.argv only, so they are applied here
+  by hand: values parse as Python literals, else stay strings.)
+  """
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+
+  config = synthetic.get_config()
+  overrides = [
+      f'--config.train.num_steps={FLAGS.steps}',
+      f'--config.optim.warmup_steps={max(1, FLAGS.steps // 10)}',
+      *VARIANTS[variant][1],
+      *FLAGS.extra,
+  ]
+  for override in overrides:
+    path, _, text = override[len('--config.') :].partition('=')
+    *parents, key = path.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    node[key] = value
+  return config
 
 
 def main(argv):
