@@ -204,3 +204,42 @@ def load_params_into(params, workdir: str):
         ', '.join(missing[:10]),
     )
   return flax.traverse_util.unflatten_dict(flat)
+
+
+def export_params(workdir: str, out_workdir: str, step: Optional[int] = None) -> int:
+  """Writes a small evaluation-only copy of a run: the parameters and the config.
+
+  `out_workdir/checkpoints/<step>` holds {'params'} (the EMA when the run kept one) and the
+  run's config: what `restore_params` (so --mode=eval / predict) and `init_from` read, a
+  third of a full checkpoint (no optimiser moments, no RNG state). Training cannot resume
+  from it; fine-tune with --config.init_from=out_workdir instead.
+
+  Returns:
+    The exported step.
+  """
+  with make_manager(workdir, read_only=True) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint under {checkpoint_dir(workdir)} to export')
+    config = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[
+        CONFIG
+    ]
+  params = restore_params(workdir, step)
+  with make_manager(out_workdir, keep=1) as out:
+    out.save(
+        step,
+        args=ocp.args.Composite(
+            **{STATE: ocp.args.StandardSave({'params': params}), CONFIG: ocp.args.JsonSave(config)}
+        ),
+        force=True,
+    )
+    out.wait_until_finished()
+  return step
+
+
+if __name__ == '__main__':
+  import sys  # pylint: disable=g-import-not-at-top
+
+  if len(sys.argv) != 4 or sys.argv[1] != 'export':
+    sys.exit('usage: python -m diffhand_jax.checkpointing export WORKDIR OUT_WORKDIR')
+  print(f'exported step {export_params(sys.argv[2], sys.argv[3])} to {sys.argv[3]}')

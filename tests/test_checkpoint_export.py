@@ -1,0 +1,50 @@
+"""checkpointing.export_params: a small evaluation-only copy of a run."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import synthetic
+from diffhand_jax import checkpointing
+
+
+def _folder_bytes(path):
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+@pytest.mark.parametrize('with_ema', [False, True])
+def test_export_keeps_the_evaluated_params_and_the_config(tmp_path, with_ema):
+  rng = np.random.default_rng(0)
+  params = {'layer': {'kernel': rng.normal(size=(64, 32)).astype(np.float32)}}
+  ema = {'layer': {'kernel': rng.normal(size=(64, 32)).astype(np.float32)}}
+  state = {
+      'step': jnp.asarray(7, jnp.int32),
+      'params': params,
+      'opt_state': {'mu': params, 'nu': params},
+      'ema_params': ema if with_ema else None,
+      'rng': jax.random.PRNGKey(0),
+  }
+  config = synthetic.get_config('smoke')
+  run, out = str(tmp_path / 'run'), str(tmp_path / 'out')
+  with checkpointing.make_manager(run) as manager:
+    checkpointing.save(manager, 7, state, config)
+    manager.wait_until_finished()
+
+  assert checkpointing.export_params(run, out) == 7
+  exported = checkpointing.restore_params(out)
+  expected = ema if with_ema else params
+  np.testing.assert_array_equal(exported['layer']['kernel'], expected['layer']['kernel'])
+  assert checkpointing.latest_step(out) == 7
+  assert _folder_bytes(out) < _folder_bytes(run)
+  with checkpointing.make_manager(out, read_only=True) as manager:
+    saved = manager.restore(7, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+  assert saved['model']['width'] == config.model.width
+
+
+def test_export_without_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no checkpoint'):
+    checkpointing.export_params(str(tmp_path / 'empty'), str(tmp_path / 'out'))
