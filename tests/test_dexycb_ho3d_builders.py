@@ -13,13 +13,14 @@ from datasets.ho3d import ho3d
 from datasets.ho3d import testing as ho3d_testing
 from diffhand_jax import input_pipeline
 from diffhand_jax import mano
+from diffhand_jax import procedural_mano
 
 
 @pytest.fixture(scope='module')
 def mano_dir(tmp_path_factory):
   folder = tmp_path_factory.mktemp('mano')
-  mano.save_mano(mano.synthetic_mano(0), folder / 'MANO_RIGHT.pkl')
-  mano.save_mano(mano.synthetic_mano(1), folder / 'MANO_LEFT.pkl')
+  mano.save_mano(procedural_mano.procedural_hand(0), folder / 'MANO_RIGHT.pkl')
+  mano.save_mano(procedural_mano.procedural_hand(1), folder / 'MANO_LEFT.pkl')
   return folder
 
 

@@ -7,6 +7,7 @@ from datasets import dexycb
 from datasets.dexycb import reader
 from datasets.dexycb import testing
 from diffhand_jax import mano
+from diffhand_jax import procedural_mano
 
 
 @pytest.fixture(scope='module')
@@ -14,8 +15,8 @@ def layout(tmp_path_factory):
   root = tmp_path_factory.mktemp('dexycb')
   mano_dir = tmp_path_factory.mktemp('mano')
   # Two different MANO-format models, so that using the wrong side's file shows.
-  mano.save_mano(mano.synthetic_mano(0), mano_dir / 'MANO_RIGHT.pkl')
-  mano.save_mano(mano.synthetic_mano(1), mano_dir / 'MANO_LEFT.pkl')
+  mano.save_mano(procedural_mano.procedural_hand(0), mano_dir / 'MANO_RIGHT.pkl')
+  mano.save_mano(procedural_mano.procedural_hand(1), mano_dir / 'MANO_LEFT.pkl')
   written = testing.write_layout(root, mano_dir)
   return root, mano_dir, written
 

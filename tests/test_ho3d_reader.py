@@ -11,13 +11,14 @@ import pytest
 from datasets import ho3d
 from datasets.ho3d import testing
 from diffhand_jax import mano
+from diffhand_jax import procedural_mano
 
 
 @pytest.fixture(scope='module')
 def layout(tmp_path_factory):
   root = tmp_path_factory.mktemp('ho3d')
   mano_dir = tmp_path_factory.mktemp('mano')
-  mano.save_mano(mano.synthetic_mano(0), mano_dir / 'MANO_RIGHT.pkl')
+  mano.save_mano(procedural_mano.procedural_hand(0), mano_dir / 'MANO_RIGHT.pkl')
   return root, mano_dir, testing.write_layout(root)
 
 
@@ -51,7 +52,7 @@ def test_training_example_flips_and_reorders(layout):
   assert example['joints2d'][4, 0] == pytest.approx(u, rel=1e-5)
   assert example['is_right'] and example['has_targets']
   # Vertices: MANO with the full pose (flat_hand_mean=True) + handTrans, then the flip.
-  model = mano.synthetic_mano(0)
+  model = procedural_mano.procedural_hand(0)
   verts, _ = mano.mano_forward(
       model,
       meta['handPose'][None],

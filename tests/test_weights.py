@@ -14,7 +14,7 @@ import pytest
 from safetensors import numpy as safetensors_numpy
 
 from diffhand_jax import weights
-from test_encoders_helpers import model_config
+from encoder_testing import model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH, DEPTH, PATCH = 64, 2, 16  # the 'micro' ViT

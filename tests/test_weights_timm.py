@@ -27,7 +27,7 @@ safetensors_torch = pytest.importorskip(
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffhand_jax import weights
 from diffhand_jax.models import encoder as encoder_lib
-from test_encoders_helpers import model_config
+from encoder_testing import model_config
 
 TOLERANCE = 1e-4
 
