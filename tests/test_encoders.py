@@ -292,7 +292,7 @@ def test_vit_rejects_bad_images(shape, match):
 @pytest.mark.parametrize(
     'changes,match',
     [
-        (dict(encoder='resnet'), 'model.encoder'),
+        (dict(encoder='convnext'), 'model.encoder'),
         (dict(encoder_size='huge'), 'encoder_size'),
         (dict(encoder_size='w32'), 'encoder_size'),
         (dict(distilled=True), 'deit'),

@@ -132,7 +132,8 @@ def test_bfloat16_compute_float32_params_and_outputs():
 
 
 def test_gradients_reach_every_parameter():
-  """A training-style loss (DESIGN §5 shape: x0 term + 2D camera term) touches every leaf."""
+  """A training-style loss (DESIGN §5 shape: x0, 2D camera and auxiliary-head terms) touches
+  every leaf."""
   config = _config()
   model = build_model(config)
   images = _images()
@@ -148,7 +149,8 @@ def test_gradients_reach_every_parameter():
     out = model.apply({'params': p}, images, x_t, t)
     joints = jnp.einsum('jn,bnd->bjd', regressor, out['x0'] * model.vertex_scale)
     uv = out['camera'][:, None, :1] * joints[..., :2] + out['camera'][:, None, 1:]
-    return jnp.mean((out['x0'] - x0) ** 2) + jnp.mean((uv - joints2d) ** 2)
+    aux = jnp.mean((out['aux_joints'] - jnp.einsum('jn,bnd->bjd', regressor, x0)) ** 2)
+    return jnp.mean((out['x0'] - x0) ** 2) + jnp.mean((uv - joints2d) ** 2) + aux
 
   grads = jax.jit(jax.grad(loss_fn))(params)
   norms = {
@@ -210,4 +212,4 @@ def test_encoder_variants_shapes(encoder, size, distilled, use_depth):
   out = jax.eval_shape(lambda p, *a: model.apply({'params': p}, *a), params, images, x_t, t, depth)
   assert out['x0'].shape == (2, 778, 3) and out['x0'].dtype == jnp.float32
   assert out['camera'].shape == (2, 3)
-  assert set(params) == {'encoder', 'decoder', 'camera_head'}
+  assert set(params) == {'encoder', 'decoder', 'camera_head', 'aux_head'}

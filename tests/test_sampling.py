@@ -192,14 +192,15 @@ def test_ddim_loop_is_one_scan_holding_the_decoder_and_flat_in_steps():
 
 
 def test_encoder_runs_once_whatever_steps_and_hypotheses():
-  # The micro ViT has one convolution (its patch embedding); the decoder has none.
+  # Convolutions belong to the encoder (the smoke ResNet has several); the decoder has none.
   encoder_jaxpr = jax.make_jaxpr(lambda p: MODEL.apply({'params': p}, IMAGES, method='encode'))(
       _params()
   ).jaxpr
-  assert _count(encoder_jaxpr, 'conv_general_dilated') == 1
+  encoder_convs = _count(encoder_jaxpr, 'conv_general_dilated')
+  assert encoder_convs >= 1
   for steps, hypotheses in ((1, 1), (2, 1), (5, 4), (10, 16)):
     jaxpr = _sample_jaxpr(steps, hypotheses)
-    assert _count(jaxpr, 'conv_general_dilated') == 1, (steps, hypotheses)
+    assert _count(jaxpr, 'conv_general_dilated') == encoder_convs, (steps, hypotheses)
     scan = next(e for e in _equations(jaxpr) if e.primitive.name == 'scan')
     assert _count(scan.params['jaxpr'].jaxpr, 'conv_general_dilated') == 0
 
