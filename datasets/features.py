@@ -15,6 +15,7 @@ Every example is a dict with these keys (metres, camera frame; FreiHAND joint or
   id        int64: the example's index within its split
 """
 
+import numpy as np
 import tensorflow_datasets as tfds
 import tensorflow as tf
 
@@ -63,8 +64,6 @@ def to_record(example, with_depth):
   The image is passed as its file path, so TFDS stores the released bytes unchanged (no
   second lossy JPEG encoding).
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
   image_shape = example['image'].shape
   record = {
       'image': example['image_path'],

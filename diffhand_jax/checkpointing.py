@@ -15,6 +15,7 @@ import json
 import logging as py_logging
 import math
 import os
+import sys
 from typing import Any, Mapping, Optional
 
 from absl import logging
@@ -238,8 +239,6 @@ def export_params(workdir: str, out_workdir: str, step: Optional[int] = None) ->
 
 
 if __name__ == '__main__':
-  import sys  # pylint: disable=g-import-not-at-top
-
   if len(sys.argv) != 4 or sys.argv[1] != 'export':
     sys.exit('usage: python -m diffhand_jax.checkpointing export WORKDIR OUT_WORKDIR')
   print(f'exported step {export_params(sys.argv[2], sys.argv[3])} to {sys.argv[3]}')

@@ -89,6 +89,7 @@ def prediction_grid(predictions: dict, faces, count: int = NUM_SHOWN, factor: in
 
 def plot_training_curve(workdir: str, path: str):
   """training_curve.png: losses per step and the periodic evaluation's MPJPE."""
+  # Imported here: only the demo draws plots, and matplotlib takes a second to import.
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use('Agg')  # no display needed

@@ -47,6 +47,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import numpy as safetensors_numpy
 
 from diffhand_jax.models import encoder as encoder_lib
 from diffhand_jax.models import hrnet
@@ -86,8 +87,6 @@ def read_state_dict(path: str) -> StateDict:
   if not path.is_file():
     raise FileNotFoundError(f'pretrained checkpoint not found: {path}')
   if path.suffix == '.safetensors':
-    from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-
     raw = safetensors_numpy.load_file(os.fspath(path))
   elif path.suffix in TORCH_SUFFIXES:
     raw = _read_torch_state_dict(path)
@@ -105,7 +104,7 @@ def read_state_dict(path: str) -> StateDict:
 
 def _read_torch_state_dict(path: pathlib.Path) -> Dict[str, np.ndarray]:
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top  (optional extra: only .pth/.bin need it)
   except ImportError as e:
     raise ImportError(
         f'{path}: reading a PyTorch checkpoint needs torch (make venv-torch, or convert the '

@@ -35,11 +35,13 @@ import functools
 import logging
 import os
 import pathlib
+import sys
 
 import numpy as np
 import yaml
 
 from datasets.freihand import reader as freihand_reader
+from diffhand_jax import mano
 
 SUBJECTS = tuple(
     f'{date}-subject-{i:02d}'
@@ -166,7 +168,6 @@ def count_annotated(root, split, setup='s0'):
 @functools.lru_cache(maxsize=4)
 def load_mano_side(mano_dir, side):
   """The MANO model of one side (MANO_RIGHT.pkl / MANO_LEFT.pkl in mano_dir), cached."""
-  from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
 
   path = pathlib.Path(mano_dir) / f'MANO_{side.upper()}.pkl'
   if not path.is_file():
@@ -183,7 +184,6 @@ def mano_vertices(mano_dir, side, pose_m, betas):
     pose_m: [51] global axis-angle | 45 PCA coefficients | translation.
     betas: [10].
   """
-  from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
 
   model = load_mano_side(os.fspath(mano_dir), side)
   pose_m = np.asarray(pose_m, np.float64).reshape(51)
@@ -274,8 +274,6 @@ def examples(root, split, *, setup='s0', mano_dir, depth_dir=None, skip_unannota
 
 
 if __name__ == '__main__':
-  import sys  # pylint: disable=g-import-not-at-top
-
   if len(sys.argv) not in (3, 4) or sys.argv[1] != 'count':
     raise SystemExit('usage: python -m datasets.dexycb.reader count DEXYCB_ROOT [train|val|test]')
   split_name = sys.argv[3] if len(sys.argv) == 4 else 'train'

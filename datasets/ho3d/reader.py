@@ -30,7 +30,9 @@ import zipfile
 
 import numpy as np
 
+from datasets.dexycb import reader as dexycb_reader
 from datasets.freihand import reader as freihand_reader
+from diffhand_jax import mano
 
 # FreiHAND joint k = HO-3D (MANO order) joint HO3D_TO_FREIHAND[k].
 HO3D_TO_FREIHAND = (0, 13, 14, 15, 16, 1, 2, 3, 17, 4, 5, 6, 18, 10, 11, 12, 19, 7, 8, 9, 20)
@@ -71,7 +73,6 @@ def frame_list(root, split):
 
 def read_meta(path):
   """One meta/*.pkl as a dict (restricted unpickler: arrays and plain values only)."""
-  from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
 
   return mano.read_restricted_pickle(path, what='HO-3D meta pickle')
 
@@ -87,8 +88,6 @@ def _array(meta, key, shape, path):
 
 def mano_vertices(mano_dir, hand_pose, hand_beta, hand_trans):
   """Vertices [778,3] in the OpenCV frame from HO-3D's MANO parameters (OpenGL frame)."""
-  from datasets.dexycb import reader as dexycb_reader  # pylint: disable=g-import-not-at-top
-  from diffhand_jax import mano  # pylint: disable=g-import-not-at-top
 
   model = dexycb_reader.load_mano_side(os.fspath(mano_dir), 'right')
   verts, _ = mano.mano_forward(
