@@ -97,7 +97,9 @@ def plot_training_curve(workdir: str, path: str):
 
   train_log = logging_utils.read_scalars(workdir, 'train')
   eval_log = logging_utils.read_scalars(workdir, 'eval')
-  figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  # The demo trains without periodic evaluation: then the losses alone.
+  figure, axes = plt.subplots(1, 2 if eval_log else 1, figsize=(11 if eval_log else 6, 4))
+  left, right = (axes[0], axes[1]) if eval_log else (axes, None)
   for key in ('loss', 'loss_x0', 'loss_x0_tmax', 'loss_aux', 'loss_2d'):
     points = [(r['step'], r[key]) for r in train_log if key in r]
     if points:
@@ -106,18 +108,19 @@ def plot_training_curve(workdir: str, path: str):
   left.set_xlabel('step')
   left.set_title('training losses (diffusion units)')
   left.legend()
-  for key, label in (
-      ('mpjpe', 'MPJPE (DDIM)'),
-      ('pa_mpjpe', 'PA-MPJPE (DDIM)'),
-      ('mean_hand_mpjpe', 'mean-hand MPJPE'),
-  ):
-    points = [(r['step'], r[key]) for r in eval_log if key in r]
-    if points:
-      right.plot(*zip(*points), marker='o', label=label)
-  right.set_xlabel('step')
-  right.set_ylabel('mm')
-  right.set_title('held-out evaluation (training seed)')
-  right.legend()
+  if right is not None:
+    for key, label in (
+        ('mpjpe', 'MPJPE (DDIM)'),
+        ('pa_mpjpe', 'PA-MPJPE (DDIM)'),
+        ('mean_hand_mpjpe', 'mean-hand MPJPE'),
+    ):
+      points = [(r['step'], r[key]) for r in eval_log if key in r]
+      if points:
+        right.plot(*zip(*points), marker='o', label=label)
+    right.set_xlabel('step')
+    right.set_ylabel('mm')
+    right.set_title('held-out evaluation (training seed)')
+    right.legend()
   figure.tight_layout()
   figure.savefig(path, dpi=90)
   plt.close(figure)
