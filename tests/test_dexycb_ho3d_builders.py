@@ -92,10 +92,13 @@ def test_evaluation_crop_follows_the_given_box():
       'has_targets': False,
       'bbox': np.array([40, 20, 60, 30], np.float32),
   }
-  data_config = ml_collections.ConfigDict(dict(crop_margin=1.0, use_depth=False, flip=False))
-  out = input_pipeline.transform_example(
-      {k: tf.constant(v) for k, v in example.items()}, data_config, 20
+  config = ml_collections.ConfigDict(
+      dict(
+          data=dict(crop_margin=1.0, flip=False, image_size=20),
+          model=dict(use_depth=False),
+      )
   )
+  out = input_pipeline.transform_example({k: tf.constant(v) for k, v in example.items()}, config)
   crop = input_pipeline.denormalize_image(out['image'].numpy())
   # A 20x20 crop centred on (50, 25): the box fills the middle 10 rows, every column.
   assert crop[8:12, :].mean() > 200 and crop[:3].mean() < 30 and crop[-3:].mean() < 30
