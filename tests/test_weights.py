@@ -168,6 +168,7 @@ def test_cli_convert_then_msgpack_loads_the_same(tmp_path):
           os.fspath(src),
           os.fspath(out),
           f'--config={ROOT}/configs/synthetic.py:smoke',
+          '--config.model.encoder=vit',
           '--config.model.pretrained_image_size=64',
       ],
       cwd=ROOT,
@@ -190,6 +191,7 @@ def test_pretrained_path_loads_at_initialisation(tmp_path):
 
   sd = timm_vit_state_dict(seed=4)
   config = synthetic.get_config('smoke')
+  config.model.encoder = 'vit'  # the timm checkpoint is a ViT (the smoke default is the ResNet)
   config.model.pretrained_image_size = 64
   config.model.pretrained_path = os.fspath(save(sd, tmp_path / 'vit.safetensors'))
   task = train.build_task(config, os.fspath(tmp_path / 'run'))
@@ -207,6 +209,7 @@ def test_load_pretrained_encoder_replaces_the_encoder_only(tmp_path):
   sd = timm_vit_state_dict(seed=5)
   config = synthetic.get_config('smoke')
   config.model.update(
+      encoder='vit',
       pretrained_image_size=64,
       use_depth=True,
       pretrained_path=os.fspath(save(sd, tmp_path / 'vit.safetensors')),
