@@ -10,17 +10,16 @@ baseline of that split. Runs go to <root>/<variant>; a finished run is reused.
 Prints a table (markdown) and writes <root>/results.json.
 """
 
-import ast
 import json
 import os
-import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import runs
 
 # name -> (what is switched off, config overrides)
 VARIANTS = {
@@ -54,68 +53,17 @@ flags.DEFINE_list(
 FLAGS = flags.FLAGS
 
 
-def _run(variant, workdir):
-  """Trains (or resumes) one variant in a subprocess; returns its wall time in seconds."""
-  command = [
-      sys.executable,
-      'launch.py',
-      '--config=configs/synthetic.py',
-      f'--workdir={workdir}',
-      f'--config.train.num_steps={FLAGS.steps}',
-      f'--config.train.eval_every={FLAGS.steps}',
-      f'--config.train.checkpoint_every={FLAGS.steps}',
-      f'--config.optim.warmup_steps={max(1, FLAGS.steps // 10)}',
-      *VARIANTS[variant][1],
-      *FLAGS.extra,
-  ]
-  started = time.perf_counter()
-  with open(os.path.join(workdir, 'train.log'), 'a') as log:
-    subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
-  return time.perf_counter() - started
-
-
-def _config(variant):
-  """The variant's config: configs/synthetic.py with the same overrides as its training run.
-
-  (ml_collections' config flags read overrides from sys.argv only, so they are applied here
-  by hand: values parse as Python literals, else stay strings.)
-  """
-  from configs import synthetic  # pylint: disable=g-import-not-at-top
-
-  config = synthetic.get_config()
-  overrides = [
-      f'--config.train.num_steps={FLAGS.steps}',
-      f'--config.optim.warmup_steps={max(1, FLAGS.steps // 10)}',
-      *VARIANTS[variant][1],
-      *FLAGS.extra,
-  ]
-  for override in overrides:
-    path, _, text = override[len('--config.') :].partition('=')
-    *parents, key = path.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    node[key] = value
-  return config
-
-
 def main(argv):
   del argv
-  from diffhand_jax import demo  # pylint: disable=g-import-not-at-top
-
   os.makedirs(FLAGS.root, exist_ok=True)
   rows = []
   for variant in FLAGS.variants:
     if variant not in VARIANTS:
       raise app.UsageError(f'unknown variant {variant!r}; known: {list(VARIANTS)}')
     workdir = os.path.join(FLAGS.root, variant)
-    os.makedirs(workdir, exist_ok=True)
-    seconds = _run(variant, workdir)
-    scores, _ = demo.evaluate_unseen(_config(variant), workdir)
+    overrides = [*runs.budget_overrides(FLAGS.steps), *VARIANTS[variant][1], *FLAGS.extra]
+    seconds = runs.train(workdir, overrides)
+    scores = runs.score(workdir, overrides)
     rows.append(
         dict(
             variant=variant,
