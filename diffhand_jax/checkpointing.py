@@ -15,7 +15,9 @@ import json
 import logging as py_logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 from typing import Any, Mapping, Optional
 
 from absl import logging
@@ -31,10 +33,63 @@ STATE = 'state'
 CONFIG = 'config'
 # Orbax logs this warning for every read-only manager; eval and predict always open one.
 _READ_ONLY_NOTICE = 'Given directory is read only'
+# Checkpoints that cannot be read are moved here (by training only), out of orbax's way.
+UNREADABLE_DIR = 'unreadable_checkpoints'
+# Free space asked of the checkpoint folder at start, on top of what the checkpoints need.
+MIN_FREE_BYTES = 64 << 20
+
+
+class WorkdirError(OSError):
+  """The workdir or its checkpoint folder cannot take checkpoints (unwritable, disk full)."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """An asynchronous checkpoint save failed; the checkpoints written before are intact."""
+
+
+class UnreadableCheckpointError(ValueError):
+  """Checkpoints exist but none of them can be read."""
 
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def check_writable(workdir: str, needed_bytes: int = 0):
+  """Fails fast, before any training time is spent, when checkpoints could not be written.
+
+  Creates the workdir and its checkpoint folder, writes and removes a probe file in each,
+  and asks for `needed_bytes` + MIN_FREE_BYTES of free space in the checkpoint folder.
+
+  Raises:
+    WorkdirError: naming the folder and what is wrong with it.
+  """
+  folders = (os.path.abspath(workdir), checkpoint_dir(workdir))
+  for folder in folders:
+    try:
+      os.makedirs(folder, exist_ok=True)
+      with tempfile.TemporaryFile(dir=folder, prefix='.write_probe_') as probe:
+        probe.write(b'0')
+        probe.flush()
+        os.fsync(probe.fileno())
+    except OSError as e:
+      raise WorkdirError(
+          f'cannot write to {folder} ({type(e).__name__}: {e.strerror or e}); '
+          'checkpoints need a writable --workdir'
+      ) from e
+  free = shutil.disk_usage(folders[1]).free
+  wanted = int(needed_bytes) + MIN_FREE_BYTES
+  if free < wanted:
+    raise WorkdirError(
+        f'not enough free disk space in {folders[1]}: {free / 2**20:.1f} MiB free, '
+        f'{wanted / 2**20:.1f} MiB needed (two checkpoints of {needed_bytes / 2**20:.1f} MiB '
+        'each, and a margin)'
+    )
+
+
+def tree_nbytes(tree) -> int:
+  """Bytes of the arrays in `tree` (a checkpoint of it takes about as much)."""
+  return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def make_manager(
@@ -69,6 +124,9 @@ def make_manager(
       create=not read_only,
       read_only=read_only,
       save_interval_steps=0 if read_only else 1,
+      # The step folder is made in `save` itself: made in the background, a failure leaves
+      # orbax's writer threads waiting 20 minutes for it, and the process cannot exit.
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
   )
   # Explicit handlers (not just item names): metadata can then be read
   # before a restore, which `restore_state(target=None)` needs.
@@ -122,6 +180,69 @@ def save(
   )
 
 
+class AsyncSaver:
+  """Asynchronous saves whose failure surfaces at the next `check` rather than the next save.
+
+  Orbax finishes a save in background threads and, on failure, logs it and moves on; the
+  error would otherwise only surface at the next save (maybe hours later). `check` is cheap
+  (a lock and a flag while a save is in flight); call it every step.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self.manager = manager
+    self._unchecked_step = None  # the last save not yet known to have succeeded
+
+  def save(self, step, state, config, metrics=None):
+    self.check()
+    try:
+      save(self.manager, step, state, config, metrics=metrics)
+    except Exception as e:  # an unwritable folder fails here, in this thread
+      raise self._error(step, e) from e
+    self._unchecked_step = step
+
+  def check(self):
+    """Raises CheckpointSaveError when the last save has finished and failed."""
+    if self._unchecked_step is None or self.manager.is_saving_in_progress():
+      return
+    step, self._unchecked_step = self._unchecked_step, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._error(step, e) from e
+
+  def close(self):
+    """Waits for the save in flight and closes the manager, even when that save failed."""
+    step, self._unchecked_step = self._unchecked_step, None
+    error = None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      error = self._error(step, e)
+      error.__cause__ = e
+    # The failure is raised once per thread: close() now winds down orbax's threads.
+    self.manager.close()
+    if error is not None:
+      raise error
+
+  def _error(self, step, cause):
+    try:
+      intact = self.manager.all_steps(read=True)
+    except Exception:  # the folder itself may be gone
+      intact = []
+    intact = [s for s in intact if s != step]
+    return CheckpointSaveError(
+        f'saving the checkpoint of step {step} to {self.manager.directory} failed '
+        f'({type(cause).__name__}: {_first_line(cause)}); training stopped. Checkpoints '
+        f'written before are intact: latest step {max(intact) if intact else None}.'
+    )
+
+
+def _first_line(error, limit=400):
+  text = str(error).strip().splitlines()
+  text = text[0] if text else ''
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
 def restore_state(manager: ocp.CheckpointManager, step: int, target: Any = None) -> Any:
   """Restores the state saved at `step`.
 
@@ -144,6 +265,69 @@ def restore_state(manager: ocp.CheckpointManager, step: int, target: Any = None)
   return restored[STATE]
 
 
+def restore_latest_good(
+    manager: ocp.CheckpointManager, target: Any = None, *, move_unreadable: bool = False
+):
+  """The newest checkpoint that can be read, falling back past unreadable ones.
+
+  A checkpoint that fails to restore (a truncated or corrupt file, missing metadata, a
+  missing item) is skipped with a warning naming its folder and the error.
+
+  Args:
+    target: as for `restore_state`.
+    move_unreadable: (training) move each unreadable step folder to
+      <workdir>/unreadable_checkpoints/<step>, so that the step can be saved again; nothing is
+      deleted. Eval and predict leave the folder as it is.
+  Returns:
+    (step, state), or (None, None) when there is no checkpoint at all.
+  Raises:
+    UnreadableCheckpointError: checkpoints exist and none is readable (names the folder).
+  """
+  directory = os.fspath(manager.directory)
+  problems = []
+  steps = sorted(manager.all_steps(read=True), reverse=True)
+  for step in steps:
+    try:
+      state = restore_state(manager, step, target)
+    except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint
+      problem = f'{os.path.join(directory, str(step))}: {type(e).__name__}: {_first_line(e)}'
+      logging.warning('Unreadable checkpoint %s; trying the previous one.', problem)
+      problems.append(problem)
+      if move_unreadable:
+        _move_aside(manager, step)
+      continue
+    if problems:
+      logging.warning(
+          'Using the checkpoint of step %d in %s: %d newer checkpoint(s) could not be read (%s).',
+          step,
+          directory,
+          len(problems),
+          '; '.join(problems),
+      )
+    return step, state
+  if problems:
+    raise UnreadableCheckpointError(
+        f'no readable checkpoint in {directory}: ' + '; '.join(problems)
+    )
+  return None, None
+
+
+def _move_aside(manager, step):
+  """Moves an unreadable step folder to <workdir>/unreadable_checkpoints (process 0)."""
+  if jax.process_index() == 0:
+    source = os.path.join(os.fspath(manager.directory), str(step))
+    target_dir = os.path.join(os.path.dirname(os.fspath(manager.directory)), UNREADABLE_DIR)
+    os.makedirs(target_dir, exist_ok=True)
+    target = os.path.join(target_dir, str(step))
+    suffix = 1
+    while os.path.exists(target):
+      target = os.path.join(target_dir, f'{step}.{suffix}')
+      suffix += 1
+    os.replace(source, target)
+    logging.warning('Moved the unreadable checkpoint %s to %s.', source, target)
+  manager.reload()
+
+
 def latest_step(workdir: str) -> Optional[int]:
   """The newest saved step under workdir/checkpoints, None when there is none."""
   if not os.path.isdir(checkpoint_dir(workdir)):
@@ -163,17 +347,26 @@ def restore_params(workdir: str, step: Optional[int] = None):
 
   Raises:
     FileNotFoundError: the workdir has no checkpoint.
+    UnreadableCheckpointError: none of its checkpoints can be read.
   """
+  return restore_latest_params(workdir, step)[1]
+
+
+def restore_latest_params(workdir: str, step: Optional[int] = None):
+  """(step, params) of `restore_params`; without `step`, the newest readable checkpoint
+  (unreadable newer ones are skipped with a warning, see `restore_latest_good`)."""
   with make_manager(workdir, read_only=True) as manager:
-    step = manager.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(
-          f'no checkpoint under {checkpoint_dir(workdir)}: train first (--mode=train) or '
-          'point --workdir at a trained run'
-      )
-    raw = restore_state(manager, step)
+      step, raw = restore_latest_good(manager)
+    else:
+      raw = restore_state(manager, step)
+  if step is None:
+    raise FileNotFoundError(
+        f'no checkpoint under {checkpoint_dir(workdir)}: train first (--mode=train) or '
+        'point --workdir at a trained run'
+    )
   ema = raw.get('ema_params')
-  return jax.device_get(ema if ema else raw['params'])
+  return step, jax.device_get(ema if ema else raw['params'])
 
 
 def load_params_into(params, workdir: str):

@@ -223,12 +223,18 @@ def run_training(
   state = create_train_state(task.init_params(init_rng), optimizer, state_rng, ema_decay)
 
   # ---- Checkpoints: resume ----
+  # Before any training time is spent: an unwritable workdir or a full disk fails here.
+  checkpointing.check_writable(workdir, 2 * checkpointing.tree_nbytes(state))
   manager = checkpointing.make_manager(
       workdir, keep=int(train_config.keep_checkpoints), best_metric=train_config.best_metric or None
   )
-  start_step = manager.latest_step() or 0
+  # The newest readable checkpoint: unreadable newer ones are moved aside with a warning.
+  start_step, restored = checkpointing.restore_latest_good(
+      manager, target=state, move_unreadable=is_writer
+  )
+  start_step = start_step or 0
   if start_step:
-    state = checkpointing.restore_state(manager, start_step, target=state)
+    state = restored
     logging.info('Resumed from %s at step %d', manager.directory, start_step)
   elif config.init_from:
     state = state.replace(params=checkpointing.load_params_into(state.params, config.init_from))
@@ -263,15 +269,18 @@ def run_training(
   pending = None  # (step index, device metrics): checked one step late so
   #                  the host never waits on the step it has just dispatched.
 
+  saver = checkpointing.AsyncSaver(manager)
+
   def save(step, metrics=None):
     nonlocal last_saved
-    checkpointing.save(manager, step, runner.get_state(placed), config, metrics=metrics)
+    saver.save(step, runner.get_state(placed), config, metrics=metrics)
     last_saved = step
 
   # An error (e.g. a non-finite loss) must not lose the async saves in flight.
   try:
     with PreemptionFlag() as preemption:
       for step in range(start_step, num_steps):
+        saver.check()  # a failed async save stops training at once
         placed, metrics = runner.step(placed, runner.put_batch(next(batches)))
         if pending is not None:
           check_finite(pending[0], jax.device_get(pending[1]), last_saved)
@@ -312,9 +321,10 @@ def run_training(
       if pending is not None:
         check_finite(pending[0], jax.device_get(pending[1]), last_saved)
   finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
+    try:
+      saver.close()  # raises CheckpointSaveError if the last save failed
+    finally:
+      writer.close()
   return runner.get_state(placed)
 
 
@@ -473,6 +483,7 @@ def train_and_evaluate(
   periodic_eval=False skips the evaluations during and at the end of training (the demo
   evaluates on an unseen seed afterwards instead).
   """
+  checkpointing.check_writable(workdir)  # before the data set is built
   task = build_task(config, workdir)
   if not periodic_eval:
     task = task._replace(evaluate=None)
