@@ -6,7 +6,7 @@ Pipeline: two sources, each through its TFDS builder into a temporary directory 
 `input_pipeline.create_train_iterator` with the default config's augmentation, at 224 px and at
 the default image size: FreiHAND-layout files (textured 224 px JPEGs) and the synthetic data
 set (rendered at config.data.render_size, PNG). Training: the jitted train step
-(`train.train_step` with `train.make_loss_fn`, forward + backward + AdamW) of the default config
+(`train_step_lib.train_step` with `train_step_lib.make_loss_fn`, forward + backward + AdamW) of the default config
 on a batch of that pipeline. Both run on this machine's CPU; the target ratio is >= 5x.
 """
 
@@ -30,7 +30,7 @@ from diffhand_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 from diffhand_jax import models  # pylint: disable=g-import-not-at-top
 from diffhand_jax import optim  # pylint: disable=g-import-not-at-top
 from diffhand_jax import procedural_mano  # pylint: disable=g-import-not-at-top
-from diffhand_jax import train  # pylint: disable=g-import-not-at-top
+from diffhand_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
 
 
 def pipeline_examples_per_second(config, num_batches):
@@ -51,12 +51,18 @@ def train_step_examples_per_second(config, batch, num_steps):
   params = models.init_params(model, jax.random.PRNGKey(0), jnp.asarray(batch['image'][:1]))
   total_steps = int(config.train.num_steps)
   optimizer = optim.make_optimizer(config.optim, total_steps)
-  state = train.create_train_state(params, optimizer, jax.random.PRNGKey(1), 0.0)
-  loss_fn = train.make_loss_fn(model, config, procedural_mano.load_hand_model(config).faces)
+  state = train_step_lib.create_train_state(params, optimizer, jax.random.PRNGKey(1), 0.0)
+  loss_fn = train_step_lib.make_loss_fn(
+      model, config, procedural_mano.load_hand_model(config).faces
+  )
   schedule = optim.learning_rate_schedule(config.optim, total_steps)
   step = jax.jit(
       functools.partial(
-          train.train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, ema_decay=0.0
+          train_step_lib.train_step,
+          loss_fn=loss_fn,
+          optimizer=optimizer,
+          schedule=schedule,
+          ema_decay=0.0,
       ),
       donate_argnums=0,
   )
@@ -136,7 +142,7 @@ def main():
     print(
         f'CPU, {os.cpu_count()} cores shared with other jobs (1-min load average {load:.1f} '
         'at the end), jax/tf on CPU; TFDS builders -> `create_train_iterator` with the '
-        'default augmentation; the train step is the jitted `train.train_step`.\n'
+        'default augmentation; the train step is the jitted `train_step_lib.train_step`.\n'
     )
     print('| what | examples/s |\n| --- | --- |')
     for name, rate in rows:

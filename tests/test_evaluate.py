@@ -21,7 +21,7 @@ from diffhand_jax import models
 from diffhand_jax import optim
 from diffhand_jax import parallel
 from diffhand_jax import predict
-from diffhand_jax import train
+from diffhand_jax import train_step as train_step_lib
 
 NUM_EVAL = 3
 TRAIN_DEVICES = 2
@@ -48,7 +48,7 @@ def save_checkpoint_on(devices, config, workdir, step=4):
   model = models.build_model(config)
   size = config.data.image_size
   params = models.init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
-  state = train.create_train_state(
+  state = train_step_lib.create_train_state(
       params, optim.make_optimizer(config.optim, config.train.num_steps), jax.random.PRNGKey(1), 0.0
   )
   placed = parallel.replicate(state, parallel.make_data_mesh(devices))

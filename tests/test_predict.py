@@ -15,7 +15,7 @@ from diffhand_jax import models
 from diffhand_jax import optim
 from diffhand_jax import predict
 from diffhand_jax import procedural_mano
-from diffhand_jax import train
+from diffhand_jax import train_step as train_step_lib
 
 _GOOD = {'a_hand.png': (80, 96), 'b_hand.jpg': (64, 64)}  # name: (height, width)
 
@@ -51,7 +51,7 @@ def setup(tmp_path_factory):
   params = models.init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
   workdir = str(root / 'run')
   # A checkpoint as training writes it, so predict takes the restore path (no params given).
-  state = train.create_train_state(
+  state = train_step_lib.create_train_state(
       params, optim.make_optimizer(config.optim, config.train.num_steps), jax.random.PRNGKey(1), 0.0
   )
   with checkpointing.make_manager(workdir) as manager:

@@ -16,7 +16,7 @@ from diffhand_jax import procedural_mano
 from diffhand_jax import models
 from diffhand_jax import optim
 from diffhand_jax import parallel
-from diffhand_jax import train
+from diffhand_jax import train_step as train_step_lib
 
 BATCH = 4
 
@@ -58,7 +58,9 @@ def model_and_loss(decoder='cross_modality', use_diffusion=True, encoder=None):
   if encoder is not None:
     config.model.encoder = encoder
   model = models.build_model(config)
-  loss_fn = train.make_loss_fn(model, config, procedural_mano.load_hand_model(config).faces)
+  loss_fn = train_step_lib.make_loss_fn(
+      model, config, procedural_mano.load_hand_model(config).faces
+  )
   params = models.init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
   return config, model, loss_fn, params
 
@@ -67,8 +69,8 @@ def model_and_loss(decoder='cross_modality', use_diffusion=True, encoder=None):
 def test_noisy_input_is_q_sample_with_the_example_keys(t_max_fraction):
   schedule = diffusion.cosine_schedule(1000)
   x0 = jnp.ones((3, 5, 3))
-  keys = train.example_keys(jax.random.PRNGKey(1), 0, 3)
-  x_t, t = train.noisy_input(schedule, x0, keys, True, t_max_fraction)
+  keys = train_step_lib.example_keys(jax.random.PRNGKey(1), 0, 3)
+  x_t, t = train_step_lib.noisy_input(schedule, x0, keys, True, t_max_fraction)
   for i in range(3):  # independent re-derivation per example
     t_key, max_key, noise_key = jax.random.split(keys[i], 3)
     t_i = jax.random.randint(t_key, (), 0, 1000)
@@ -80,15 +82,15 @@ def test_noisy_input_is_q_sample_with_the_example_keys(t_max_fraction):
         x_t[i], np.sqrt(a) * 1.0 + np.sqrt(1 - a) * noise, rtol=1e-5, atol=1e-6
     )
     assert int(t[i]) == int(t_i)
-  x_t, t = train.noisy_input(schedule, x0, keys, False)
+  x_t, t = train_step_lib.noisy_input(schedule, x0, keys, False)
   assert not np.any(x_t) and not np.any(t)
 
 
 def test_t_max_fraction_share():
   schedule = diffusion.cosine_schedule(1000)
-  keys = train.example_keys(jax.random.PRNGKey(3), 0, 4000)
+  keys = train_step_lib.example_keys(jax.random.PRNGKey(3), 0, 4000)
   for fraction in (0.0, 0.3, 1.0):
-    _, t = train.noisy_input(schedule, jnp.zeros((4000, 2, 3)), keys, True, fraction)
+    _, t = train_step_lib.noisy_input(schedule, jnp.zeros((4000, 2, 3)), keys, True, fraction)
     share = float(np.mean(np.asarray(t) == 999))
     # Uniform t alone lands on 999 with probability 1/1000.
     expected = fraction + (1 - fraction) / 1000
@@ -98,7 +100,7 @@ def test_t_max_fraction_share():
 def test_x0_loss_by_timestep_matches_a_loop():
   per_example = jnp.asarray([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
   t = jnp.asarray([0, 249, 250, 999, 998, 999])
-  got = train.x0_loss_by_timestep(per_example, t, 1000)
+  got = train_step_lib.x0_loss_by_timestep(per_example, t, 1000)
   expected = {
       'loss_x0_t0': 1.5,
       'loss_x0_t250': 3.0,
@@ -113,7 +115,7 @@ def test_x0_loss_by_timestep_matches_a_loop():
 def test_loss_terms(use_diffusion):
   config, _, loss_fn, params = model_and_loss('vanilla', use_diffusion)
   batch = jax.tree.map(jnp.asarray, fake_batch(config, 0))
-  keys = train.example_keys(jax.random.PRNGKey(1), 0, BATCH)
+  keys = train_step_lib.example_keys(jax.random.PRNGKey(1), 0, BATCH)
   loss, aux = jax.jit(loss_fn)(params, batch, keys)
   assert np.isfinite(float(loss))
   # Both variants get the same terms (DESIGN §3); only diffusion logs x0 by timestep.
@@ -134,10 +136,14 @@ def run_real_steps(parallelism, devices, encoder=None):
   config, model, loss_fn, params = model_and_loss(encoder=encoder)
   optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
-  state = train.create_train_state(params, optimizer, jax.random.PRNGKey(2), 0.0)
+  state = train_step_lib.create_train_state(params, optimizer, jax.random.PRNGKey(2), 0.0)
   runner = parallel.data_parallel(
       functools.partial(
-          train.train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, ema_decay=0.0
+          train_step_lib.train_step,
+          loss_fn=loss_fn,
+          optimizer=optimizer,
+          schedule=schedule,
+          ema_decay=0.0,
       ),
       parallelism,
       devices,

@@ -18,6 +18,7 @@ from diffhand_jax import checkpointing
 from diffhand_jax import optim
 from diffhand_jax import parallel
 from diffhand_jax import train
+from diffhand_jax import train_step as train_step_lib
 
 FEATURES, TARGETS = 6, 3
 
@@ -84,11 +85,11 @@ def run_steps(parallelism, devices, num_steps=3):
   config = tiny_config()
   optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
-  state = train.create_train_state(
+  state = train_step_lib.create_train_state(
       tiny_init(jax.random.PRNGKey(1)), optimizer, jax.random.PRNGKey(2), 0.5
   )
   runner = parallel.data_parallel(
-      lambda s, b, axis_name: train.train_step(
+      lambda s, b, axis_name: train_step_lib.train_step(
           s,
           b,
           loss_fn=tiny_loss,
@@ -137,8 +138,8 @@ def test_jit_pmap_and_one_device_agree():
 
 def test_example_keys_depend_only_on_global_index():
   step_key = jax.random.PRNGKey(3)
-  whole = train.example_keys(step_key, 0, 8)
-  second_half = train.example_keys(step_key, 4, 4)
+  whole = train_step_lib.example_keys(step_key, 0, 8)
+  second_half = train_step_lib.example_keys(step_key, 4, 4)
   np.testing.assert_array_equal(whole[4:], second_half)
   assert len({tuple(k) for k in np.asarray(whole)}) == 8
 
