@@ -68,6 +68,7 @@ def get_config(arg=None):
   )
   config.model.aux_head = True  # auxiliary joint head on the image embedding (L_aux)
   config.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+  config.model.remat = False  # recompute decoder blocks in the backward pass (memory for time)
 
   # ---- Diffusion ----
   config.schedule = ml_collections.ConfigDict()
@@ -106,6 +107,9 @@ def get_config(arg=None):
   config.train.checkpoint_every = 250
   config.train.keep_checkpoints = 3
   config.train.best_metric = 'pa_mpvpe'  # lower is better
+  # A non-finite loss, gradient or update: False stops training naming the step; True drops
+  # that update (params and optimiser state unchanged), counts it and trains on.
+  config.train.skip_nonfinite = False
 
   # ---- Evaluation ----
   config.eval = ml_collections.ConfigDict()

@@ -201,6 +201,32 @@ def check_finite(step: int, metrics: Mapping[str, Any], last_good: Any):
       )
 
 
+def skip_nonfinite_updates(step_fn):
+  """Wraps a train step so that an update with a non-finite loss, gradient norm or new
+  parameters is dropped (config.train.skip_nonfinite).
+
+  The state keeps its params, optimiser state and EMA; only `step` advances, so the data
+  stream stays where an applied update would have left it. metrics['skipped'] is 1.0 for a
+  dropped update, else 0.0. The values checked are global averages, so every device (and
+  every process) takes the same decision.
+  """
+
+  def step(state, batch, axis_name=None):
+    new_state, metrics = step_fn(state, batch, axis_name=axis_name)
+    finite = jnp.all(
+        jnp.isfinite(jnp.stack([metrics['loss'], metrics['grad_norm'], metrics['param_norm']]))
+    )
+    kept = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (new_state.params, new_state.opt_state, new_state.ema_params),
+        (state.params, state.opt_state, state.ema_params),
+    )
+    new_state = new_state.replace(params=kept[0], opt_state=kept[1], ema_params=kept[2])
+    return new_state, dict(metrics, skipped=1.0 - finite.astype(jnp.float32))
+
+  return step
+
+
 # ---- The loop ----
 def run_training(
     config: ml_collections.ConfigDict, workdir: str, task: Task, devices=None
@@ -242,17 +268,17 @@ def run_training(
       state = state.replace(ema_params=jax.tree.map(jnp.array, state.params))
 
   # ---- Parallelism ----
-  runner = parallel.data_parallel(
-      functools.partial(
-          train_step,
-          loss_fn=task.loss_fn,
-          optimizer=optimizer,
-          schedule=schedule,
-          ema_decay=ema_decay,
-      ),
-      train_config.parallelism,
-      devices,
+  step_fn = functools.partial(
+      train_step,
+      loss_fn=task.loss_fn,
+      optimizer=optimizer,
+      schedule=schedule,
+      ema_decay=ema_decay,
   )
+  skip_nonfinite = bool(train_config.skip_nonfinite)
+  if skip_nonfinite:
+    step_fn = skip_nonfinite_updates(step_fn)
+  runner = parallel.data_parallel(step_fn, train_config.parallelism, devices)
   parallel.check_batch_divisible(
       int(train_config.global_batch_size), runner.num_devices, 'train.global_batch_size'
   )
@@ -270,6 +296,23 @@ def run_training(
   #                  the host never waits on the step it has just dispatched.
 
   saver = checkpointing.AsyncSaver(manager)
+  num_skipped = 0  # updates dropped as non-finite (train.skip_nonfinite), this session
+
+  def guard(step, metrics):
+    """check_finite, or, with train.skip_nonfinite, counts a dropped update."""
+    nonlocal num_skipped
+    if skip_nonfinite and float(metrics['skipped']):
+      num_skipped += 1
+      logging.warning(
+          'Skipped the non-finite update of train step %d (loss %s, grad_norm %s); %d '
+          'skipped so far.',
+          step,
+          float(metrics['loss']),
+          float(metrics['grad_norm']),
+          num_skipped,
+      )
+      return
+    check_finite(step, metrics, last_saved)
 
   def save(step, metrics=None):
     nonlocal last_saved
@@ -283,7 +326,7 @@ def run_training(
         saver.check()  # a failed async save stops training at once
         placed, metrics = runner.step(placed, runner.put_batch(next(batches)))
         if pending is not None:
-          check_finite(pending[0], jax.device_get(pending[1]), last_saved)
+          guard(pending[0], jax.device_get(pending[1]))
         pending = (step, metrics)
         done = step + 1
         is_last = done == num_steps
@@ -294,7 +337,9 @@ def run_training(
         if not (log_now or eval_now or save_now or preempted):
           continue
         host_metrics = jax.device_get(metrics)
-        check_finite(step, host_metrics, last_saved)
+        guard(step, host_metrics)
+        if skip_nonfinite:
+          host_metrics['skipped'] = num_skipped  # logged: the running count
         pending = None
         if log_now:
           progress.log(done, host_metrics)
@@ -319,7 +364,7 @@ def run_training(
             )
           break
       if pending is not None:
-        check_finite(pending[0], jax.device_get(pending[1]), last_saved)
+        guard(pending[0], jax.device_get(pending[1]))
   finally:
     try:
       saver.close()  # raises CheckpointSaveError if the last save failed
