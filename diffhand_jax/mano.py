@@ -307,8 +307,10 @@ def _read_pickle(path, what='MANO pickle'):
   with open(path, 'rb') as f:
     try:
       data = _RestrictedUnpickler(f, encoding='latin1').load()
-    except ValueError:
-      raise
+    except RecursionError as e:  # deeply nested containers: a hostile or broken file
+      raise ValueError(f'{path}: not a readable {what} (nested too deeply)') from e
+    except ValueError as e:  # the allow-list's refusals, and numpy's on bad array data
+      raise ValueError(f'{path}: {e}') from e
     except Exception as e:  # corrupt or truncated files raise many different types
       raise ValueError(f'{path}: not a readable {what} ({type(e).__name__}: {e})') from e
   if not isinstance(data, dict):
@@ -337,9 +339,7 @@ def _read_npz(path):
   try:
     with np.load(path, allow_pickle=False) as data:
       return {key: data[key] for key in data.files}
-  except ValueError:
-    raise
-  except Exception as e:
+  except Exception as e:  # numpy's messages (e.g. too little data for a shape) lack the path
     raise ValueError(f'{path}: not a readable .npz file ({type(e).__name__}: {e})') from e
 
 

@@ -27,6 +27,7 @@ Choices, written down:
 """
 
 import json
+import math
 import os
 from typing import Any, Optional
 
@@ -46,6 +47,9 @@ from diffhand_jax import procedural_mano
 from diffhand_jax import render
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+# Larger images are decoded downscaled where the format allows it (JPEG), else refused: the
+# network sees a crop of config.data.image_size px, and an 8000 x 8000 image took 5.7 GB.
+MAX_IMAGE_PIXELS = 4096 * 4096
 OUTPUT_SUBDIR = 'predictions'
 # Keys of each <stem>.json; V = number of mesh vertices (778), shapes per image.
 JSON_KEYS = {
@@ -104,11 +108,26 @@ def output_paths(output_dir: str, image_path: str) -> dict:
 def read_image(path: str) -> np.ndarray:
   """uint8 [H, W, 3] RGB, EXIF orientation applied.
 
+  An image of more than MAX_IMAGE_PIXELS is decoded downscaled (by 2, 4 or 8) to at most that
+  many pixels where its format can (JPEG); otherwise it is refused before it is decoded.
+
   Raises:
-    ValueError: the file is not a readable image (the message names it and says why).
+    ValueError: the file is not a readable image, or too large (the message names it and says
+      why).
   """
   try:
     with Image.open(path) as image:
+      width, height = image.size
+      if width * height > MAX_IMAGE_PIXELS:
+        # JPEG decodes at 1/2, 1/4 or 1/8 scale: the largest that is at least the size asked.
+        scale = 2 ** math.ceil(math.log2((width * height / MAX_IMAGE_PIXELS) ** 0.5))
+        image.draft(image.mode, (math.ceil(width / scale), math.ceil(height / scale)))
+        if image.size[0] * image.size[1] > MAX_IMAGE_PIXELS:
+          raise ValueError(
+              f'image of {width} x {height} pixels is larger than predict reads '
+              f'({MAX_IMAGE_PIXELS} pixels, e.g. 4096 x 4096) and its format cannot be decoded '
+              'downscaled: resize it first'
+          )
       image = ImageOps.exif_transpose(image)
       return np.asarray(image.convert('RGB'), dtype=np.uint8)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:

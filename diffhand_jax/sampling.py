@@ -30,6 +30,8 @@ def _variables(params):
 def _check_options(model, images, depth, intrinsics, num_sampling_steps, num_hypotheses, aggregate):
   """Raises ValueError for bad input, before anything is traced."""
   diffhand.check_images(images, depth)
+  if images.shape[0] == 0:
+    raise ValueError(f'images has a batch of 0 (shape {tuple(images.shape)}): nothing to sample')
   if not isinstance(num_sampling_steps, (int, np.integer)) or num_sampling_steps < 1:
     raise ValueError(f'num_sampling_steps must be an integer >= 1, got {num_sampling_steps!r}')
   if num_sampling_steps > model.num_timesteps:

@@ -87,7 +87,10 @@ def read_state_dict(path: str) -> StateDict:
   if not path.is_file():
     raise FileNotFoundError(f'pretrained checkpoint not found: {path}')
   if path.suffix == '.safetensors':
-    raw = safetensors_numpy.load_file(os.fspath(path))
+    try:
+      raw = safetensors_numpy.load_file(os.fspath(path))
+    except Exception as e:  # a corrupt or truncated file: SafetensorError, OSError, ...
+      raise ValueError(f'{path}: not a readable .safetensors file ({type(e).__name__}: {e})') from e
   elif path.suffix in TORCH_SUFFIXES:
     raw = _read_torch_state_dict(path)
   else:
@@ -366,8 +369,13 @@ def _read_msgpack(path, model_config) -> Params:
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f'pretrained checkpoint not found: {path}')
-  params = flax.serialization.msgpack_restore(path.read_bytes())
-  flat = flax.traverse_util.flatten_dict(params)
+  try:
+    params = flax.serialization.msgpack_restore(path.read_bytes())
+    if not isinstance(params, dict):
+      raise TypeError(f'expected a dict of parameters, got {type(params).__name__}')
+    flat = flax.traverse_util.flatten_dict(params)
+  except Exception as e:  # a corrupt or truncated file: msgpack's errors, bad array records
+    raise ValueError(f'{path}: not a readable .msgpack file ({type(e).__name__}: {e})') from e
   shapes = {p: s for p, s in expected_shapes(model_config).items() if not _is_depth_branch(p)}
   for p, shape in shapes.items():
     if p not in flat:
