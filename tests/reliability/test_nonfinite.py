@@ -17,12 +17,8 @@ from diffhand_jax import optim
 from diffhand_jax import parallel
 from configs import synthetic
 from diffhand_jax import train
+from diffhand_jax import train_step as train_step_lib
 import test_train_loop as tiny
-
-try:
-  from diffhand_jax import train_step as train_step_lib
-except ImportError:  # before the step moved from train.py to train_step.py
-  train_step_lib = train
 
 
 def six_step_config(**overrides):
