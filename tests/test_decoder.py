@@ -191,7 +191,7 @@ def test_feature_block_matches_numpy_reference():
 # ---- The decoder ----
 
 
-def _decoder(kind, dtype=jnp.float32, num_blocks=2):
+def _decoder(kind, dtype=jnp.float32, num_blocks=2, remat=False):
   template = np.random.default_rng(0).normal(size=(778, 3))
   return decoder_lib.Decoder(
       num_points=778,
@@ -202,6 +202,7 @@ def _decoder(kind, dtype=jnp.float32, num_blocks=2):
       level_indices=decoder_lib.fps_level_indices(template, 4, 2),
       kind=kind,
       dtype=dtype,
+      remat=remat,
   )
 
 
@@ -253,6 +254,30 @@ def test_decoder_shapes_layer_counts_and_inputs(kind):
         'layer_1_0',
         'layer_1_1',
     ]
+
+
+@pytest.mark.parametrize('kind', ['cross_modality', 'vanilla'])
+def test_decoder_remat_same_parameters_outputs_and_gradients(kind):
+  x_t, t, tokens, embedding = _decoder_inputs()
+  plain, remat = _decoder(kind), _decoder(kind, remat=True)
+  params = plain.init(jax.random.key(3), x_t, t, tokens, embedding)['params']
+  remat_params = remat.init(jax.random.key(3), x_t, t, tokens, embedding)['params']
+  # Same parameter tree (names, shapes, initial values): checkpoints load either way.
+  jax.tree.map(np.testing.assert_array_equal, params, remat_params)
+
+  def loss(module):
+    return lambda p: jnp.mean(module.apply({'params': p}, x_t, t, tokens, embedding) ** 2)
+
+  value, grads = jax.jit(jax.value_and_grad(loss(plain)))(params)
+  remat_value, remat_grads = jax.jit(jax.value_and_grad(loss(remat)))(params)
+  np.testing.assert_allclose(remat_value, value, rtol=1e-6)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), remat_grads, grads
+  )
+  # The backward pass really recomputes: the remat jaxpr holds checkpoint (remat) primitives.
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss(remat)))(params))
+  assert 'checkpoint' in jaxpr or 'remat' in jaxpr
+  assert not ('checkpoint' in str(jax.make_jaxpr(jax.grad(loss(plain)))(params)))
 
 
 def test_decoder_bfloat16_keeps_float32_params_and_output():

@@ -224,6 +224,8 @@ class Decoder(nn.Module):
       cross-modality decoder (at least one per block), so the ablation changes where
       attention runs, not how often.
     dtype: computation dtype (parameters are float32; the output is float32).
+    remat: recompute each block's activations in the backward pass instead of keeping them
+      (`nn.remat`): less memory per step for about one more forward pass; same parameters.
   """
 
   num_points: int
@@ -234,6 +236,7 @@ class Decoder(nn.Module):
   level_indices: LevelIndices
   kind: str = 'cross_modality'
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(
@@ -272,19 +275,25 @@ class Decoder(nn.Module):
     g = dense(self.width, self.dtype, 'global_embed')(embedding) + time_features
     tokens = dense(self.width, self.dtype, 'token_proj')(tokens)
 
+    wrap = nn.remat if self.remat else (lambda module: module)
+    vertex_block, feature_block, attention_block = (
+        wrap(VertexBlock),
+        wrap(FeatureBlock),
+        wrap(AttentionBlock),
+    )
     for block in range(self.num_blocks):
       if self.kind == 'cross_modality':
-        h = VertexBlock(
+        h = vertex_block(
             self.level_indices,
             self.num_heads,
             self.mlp_ratio,
             self.dtype,
             name=f'vertex_block_{block}',
         )(h, g, tokens)
-        h = FeatureBlock(self.mlp_ratio, self.dtype, name=f'feature_block_{block}')(h)
+        h = feature_block(self.mlp_ratio, self.dtype, name=f'feature_block_{block}')(h)
       else:
         for layer in range(max(1, len(self.level_indices))):
-          h = AttentionBlock(
+          h = attention_block(
               self.num_heads, self.mlp_ratio, self.dtype, name=f'layer_{block}_{layer}'
           )(h, g, tokens)
     h = _layer_norm(self.dtype, 'norm_out')(h)

@@ -225,7 +225,7 @@ def assemble_model(
   """DiffHand from explicit parts (what `build_model` uses; tests pass stand-ins).
 
   Reads config.model (width, num_heads, num_blocks, downsample_rate, num_levels, mlp_ratio,
-  aux_head, dtype), config.decoder, config.diffusion, config.vertex_scale and config.schedule.
+  aux_head, dtype, remat), config.decoder, config.diffusion, config.vertex_scale and config.schedule.
 
   Args:
     config: the experiment ConfigDict.
@@ -257,6 +257,7 @@ def assemble_model(
       level_indices=level_indices,
       kind=config.decoder,
       dtype=dtype,
+      remat=bool(config.model.get('remat', False)),
   )
   return DiffHand(
       encoder=encoder,
