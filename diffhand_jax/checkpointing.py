@@ -226,7 +226,8 @@ class AsyncSaver:
 
   def _error(self, step, cause):
     try:
-      intact = self.manager.all_steps(read=True)
+      self.manager.reload()
+      intact = self.manager.all_steps()
     except Exception:  # the folder itself may be gone
       intact = []
     intact = [s for s in intact if s != step]
@@ -285,7 +286,8 @@ def restore_latest_good(
   """
   directory = os.fspath(manager.directory)
   problems = []
-  steps = sorted(manager.all_steps(read=True), reverse=True)
+  manager.reload()  # the steps on disk now
+  steps = sorted(manager.all_steps(), reverse=True)
   for step in steps:
     try:
       state = restore_state(manager, step, target)
