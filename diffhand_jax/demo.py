@@ -126,8 +126,19 @@ def plot_training_curve(workdir: str, path: str):
   plt.close(figure)
 
 
-def evaluate_unseen(config: ml_collections.ConfigDict, workdir: str):
+def evaluate_unseen(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    params=None,
+    sample_fn=None,
+    keep_hypotheses: bool = False,
+):
   """Scores the latest checkpoint of `workdir` on the evaluation split of an unseen seed.
+
+  `params` (restored from `workdir` when None), `sample_fn` (`evaluate.make_sample_fn` of the
+  config when None) and `keep_hypotheses` go to `evaluate.predict_split`: the benchmarks
+  compare samplers on the same hands with them.
 
   Returns:
     (scores: `evaluate.score_predictions`, predictions: `evaluate.predict_split` output).
@@ -139,13 +150,16 @@ def evaluate_unseen(config: ml_collections.ConfigDict, workdir: str):
       flush=True,
   )
   model = models.build_model(unseen)
-  params = checkpointing.restore_params(workdir)
+  if params is None:
+    params = checkpointing.restore_params(workdir)
   predictions = evaluate_lib.predict_split(
       unseen,
       params,
       model,
       input_pipeline.create_eval_iterator(unseen),
+      sample_fn=sample_fn,
       diagnostics_fn=evaluate_lib.make_diagnostics_fn(model),
+      keep_hypotheses=keep_hypotheses,
   )
   scores = evaluate_lib.score_predictions(predictions)
   print(evaluate_lib.format_diagnostics(scores), flush=True)

@@ -17,6 +17,11 @@ Choices, written down:
   When a batch has no K, the root-relative prediction plus the GT root is
   written instead (and metrics.json says so). Mirrored left hands are mirrored
   back (x negated) so the file is in the captured frame.
+- With K = config.sampling.num_hypotheses > 1 (or several TTA rotations),
+  eval/uncertainty.npz holds 'vertex_std' [N, 778] (metres; rows in pred.json's
+  order, 'index' beside it): the RMS distance of each vertex's K root-relative
+  hypotheses to their mean (`sampling.hypothesis_spread`), on the scale of the
+  per-vertex error of the scored (mean) prediction.
 - Sampling noise comes from PRNGKey(config.seed) folded with the batch number:
   the same checkpoint always gives the same numbers.
 - Devices: the batch is split over a mesh of all devices and the parameters are
@@ -47,6 +52,7 @@ from diffhand_jax import render
 from diffhand_jax import sampling
 
 NUM_OVERLAYS = 4  # example images drawn for TensorBoard per evaluation
+UNCERTAINTY_FILE = 'uncertainty.npz'  # written beside pred.json when K > 1
 
 
 def make_sample_fn(model, config: ml_collections.ConfigDict):
@@ -140,11 +146,13 @@ def predict_split(
     batches,
     sample_fn=None,
     diagnostics_fn=None,
+    keep_hypotheses: bool = False,
 ) -> dict:
   """Runs the sampler over `batches`; returns the valid rows, sorted by index.
 
   `sample_fn` (from make_sample_fn) may be passed to reuse its compilation;
-  with `diagnostics_fn` (make_diagnostics_fn) its outputs are kept too.
+  with `diagnostics_fn` (make_diagnostics_fn) its outputs are kept too; with
+  `keep_hypotheses` the K root-relative hypotheses ('hypotheses' [N, K, 778, 3]).
   `params` may live anywhere (host, one device, another mesh): they are
   replicated over the mesh of all devices that the batches are split over.
 
@@ -202,6 +210,7 @@ def predict_split(
             'verts_camera': verts_cam[keep],
             'joints_camera': joints_cam[keep],
             'vertex_std': out['vertex_std'][keep],
+            **({'hypotheses': out['hypotheses'][keep]} if keep_hypotheses else {}),
             'gt_verts': gt['verts'][keep],
             'gt_joints': gt['joints3d'][keep],
             **{k: out[k][keep] for k in ('onestep_joints', 'aux_joints') if k in out},
@@ -220,6 +229,28 @@ def predict_split(
   merged['root_from'] = root_from
   merged['overlay_batch'] = overlay_batch
   return merged
+
+
+def num_samples_per_image(config: ml_collections.ConfigDict) -> int:
+  """Meshes the sampler draws per image: K hypotheses times the test-time rotations."""
+  return int(config.sampling.num_hypotheses) * max(1, len(config.eval.tta_angles))
+
+
+def write_uncertainty(path: str, predictions: dict):
+  """Writes eval/uncertainty.npz: the per-vertex uncertainty of every evaluated image.
+
+  Arrays, in the order of pred.json (rows sorted by 'index'):
+    'vertex_std' [N, 778] float32, metres: `sampling.hypothesis_spread`, the RMS distance of
+      the image's K hypotheses (x rotations with TTA) to their mean, all root-relative (wrist
+      at the origin). It is on the scale of the per-vertex error |v_pred - v_gt| of the
+      root-relative mean prediction that metrics.json scores.
+    'index' [N] int: the example index of each row.
+  """
+  np.savez(
+      path,
+      vertex_std=np.asarray(predictions['vertex_std'], np.float32),
+      index=np.asarray(predictions['index']),
+  )
 
 
 def overlays(predictions: dict, faces, count: int = NUM_OVERLAYS) -> np.ndarray:
@@ -313,6 +344,7 @@ def evaluate(
               pred_json_root=predictions['root_from'],
               tta_angles=list(config.eval.tta_angles),
               num_sampling_steps=int(config.sampling.num_sampling_steps),
+              num_hypotheses=int(config.sampling.num_hypotheses),
           ),
           f,
           indent=2,
@@ -324,6 +356,8 @@ def evaluate(
       metrics_lib.write_pred_json(
           pred_json, predictions['joints_camera'], predictions['verts_camera']
       )
+      if num_samples_per_image(config) > 1:
+        write_uncertainty(os.path.join(out_dir, UNCERTAINTY_FILE), predictions)
       if config.data.name == 'ho3d':
         # The online server's format: HO-3D joint order, OpenGL frame, zipped pred.json.
         ho3d_reader.write_submission(

@@ -235,6 +235,39 @@ def joint_errors(pred_joints, gt_joints):
   }
 
 
+def per_example_errors(pred_joints, pred_verts, gt_joints, gt_verts):
+  """Errors of every example apart (what `freihand_metrics` averages over examples).
+
+  For ranking examples and vertices (oracle choice among hypotheses, uncertainty checks).
+
+  Args:
+    pred_joints: [N, 21, 3] metres.
+    pred_verts: [N, 778, 3] metres.
+    gt_joints: [N, 21, 3] metres.
+    gt_verts: [N, 778, 3] metres.
+
+  Returns:
+    dict of float64 arrays: 'mpjpe', 'pa_mpjpe', 'mpvpe', 'pa_mpvpe' [N] in millimetres (their
+    means are `freihand_metrics`' values) and 'vertex_errors' [N, 778] in metres (unaligned
+    distance of every vertex).
+  """
+  pred_joints = _check_points('pred_joints', pred_joints, NUM_JOINTS)
+  num_samples = pred_joints.shape[0]
+  pred_verts = _check_points('pred_verts', pred_verts, NUM_VERTICES, num_samples)
+  gt_joints = _check_points('gt_joints', gt_joints, NUM_JOINTS, num_samples)
+  gt_verts = _check_points('gt_verts', gt_verts, NUM_VERTICES, num_samples)
+  vertex_errors = _point_errors(gt_verts, pred_verts)
+  return {
+      'mpjpe': _point_errors(gt_joints, pred_joints).mean(axis=1) * _M_TO_MM,
+      'pa_mpjpe': _point_errors(gt_joints, align_w_scale(gt_joints, pred_joints)).mean(axis=1)
+      * _M_TO_MM,
+      'mpvpe': vertex_errors.mean(axis=1) * _M_TO_MM,
+      'pa_mpvpe': _point_errors(gt_verts, align_w_scale(gt_verts, pred_verts)).mean(axis=1)
+      * _M_TO_MM,
+      'vertex_errors': vertex_errors,
+  }
+
+
 def mean_hand_baseline(gt_joints):
   """Errors of predicting the split's mean root-relative hand for every example (mm).
 

@@ -47,7 +47,9 @@ def _check_options(model, images, depth, intrinsics, num_sampling_steps, num_hyp
     checks.check_array('intrinsics', intrinsics, (images.shape[0], 3, 3), finite=False)
 
 
-def _hypotheses(model, params, images, rng, num_sampling_steps, num_hypotheses, depth, eta):
+def _hypotheses(
+    model, params, images, rng, num_sampling_steps, num_hypotheses, depth, eta, noise_scale=1.0
+):
   """K meshes per image (metres, as predicted) and the camera.
 
   Returns:
@@ -74,7 +76,7 @@ def _hypotheses(model, params, images, rng, num_sampling_steps, num_hypotheses, 
   tokens_k = jnp.repeat(tokens, k, axis=0)
   embedding_k = jnp.repeat(embedding, k, axis=0)
   noise_key, ddim_key = jax.random.split(rng)
-  x_T = jax.random.normal(noise_key, (batch * k, n, 3), jnp.float32)
+  x_T = noise_scale * jax.random.normal(noise_key, (batch * k, n, 3), jnp.float32)
   schedule = diffusion.cosine_schedule(model.num_timesteps, model.cosine_s)
   timesteps = diffusion.ddim_timesteps(model.num_timesteps, num_sampling_steps)
   denoise_fn = lambda x_t, t: model.apply(
@@ -106,6 +108,47 @@ def place_root(camera: jax.Array, intrinsics: jax.Array, image_size: int) -> jax
   return jnp.concatenate([xy, depth[:, None]], axis=-1)
 
 
+def hypothesis_spread(hypotheses: jax.Array) -> jax.Array:
+  """Per-vertex uncertainty: RMS distance of the K hypotheses to their mean.
+
+  vertex_std[b, n] = sqrt(mean_k |h[b, k, n] - mean_k' h[b, k', n]|^2), in the units of the
+  hypotheses (exactly 0 for K = 1). It estimates the error of the mean aggregate: were the
+  hypotheses draws from the posterior, the expected squared error of their mean would be this
+  spread squared (plus its own 1/K sampling term).
+
+  Args:
+    hypotheses: [B, K, N, 3] (root-relative, as `sample` returns them).
+
+  Returns:
+    [B, N].
+  """
+  mean = jnp.mean(hypotheses, axis=1, keepdims=True)
+  return jnp.sqrt(jnp.mean(jnp.sum((hypotheses - mean) ** 2, axis=-1), axis=1))
+
+
+def aggregate_hypotheses(hypotheses: jax.Array, aggregate: str = 'mean') -> jax.Array:
+  """One mesh per image from K hypotheses: their mean, or their medoid.
+
+  The medoid is the hypothesis with the smallest summed mean-vertex distance to the others.
+
+  Args:
+    hypotheses: [B, K, N, 3].
+    aggregate: 'mean' or 'medoid'.
+
+  Returns:
+    [B, N, 3].
+  """
+  if aggregate not in AGGREGATES:
+    raise ValueError(f'aggregate must be one of {AGGREGATES}, got {aggregate!r}')
+  if aggregate == 'mean':
+    return jnp.mean(hypotheses, axis=1)
+  pairwise = jnp.mean(
+      jnp.linalg.norm(hypotheses[:, :, None] - hypotheses[:, None, :], axis=-1), axis=-1
+  )  # [B, K, K]
+  best = jnp.argmin(jnp.sum(pairwise, axis=-1), axis=-1)
+  return jnp.take_along_axis(hypotheses, best[:, None, None, None], axis=1)[:, 0]
+
+
 def _summarise(model, hypotheses, camera, aggregate, intrinsics, image_size):
   """Root-centres the hypotheses, aggregates them and adds joints (and camera placement)."""
   regressor = jnp.asarray(model.joint_regressor.array)
@@ -113,18 +156,8 @@ def _summarise(model, hypotheses, camera, aggregate, intrinsics, image_size):
   # wrist makes joint 0 exactly zero, as in the ground truth.
   root = jnp.einsum('n,bknd->bkd', regressor[0], hypotheses)
   hypotheses = hypotheses - root[:, :, None, :]
-  mean = jnp.mean(hypotheses, axis=1)
-  # RMS distance to the mean over K per vertex (exactly 0 for K = 1).
-  vertex_std = jnp.sqrt(jnp.mean(jnp.sum((hypotheses - mean[:, None]) ** 2, -1), axis=1))
-  if aggregate == 'mean':
-    vertices = mean
-  else:
-    # Medoid: the hypothesis with the smallest summed mean-vertex distance to the others.
-    pairwise = jnp.mean(
-        jnp.linalg.norm(hypotheses[:, :, None] - hypotheses[:, None, :], axis=-1), axis=-1
-    )  # [B, K, K]
-    best = jnp.argmin(jnp.sum(pairwise, axis=-1), axis=-1)
-    vertices = jnp.take_along_axis(hypotheses, best[:, None, None, None], axis=1)[:, 0]
+  vertices = aggregate_hypotheses(hypotheses, aggregate)
+  vertex_std = hypothesis_spread(hypotheses)
   out = {
       'vertices': vertices,
       'joints': jnp.einsum('jn,bnd->bjd', regressor, vertices),
@@ -151,6 +184,7 @@ def sample(
     aggregate: str = 'mean',
     eta: float = 0.0,
     intrinsics: Optional[jax.Array] = None,
+    noise_scale: float = 1.0,
 ) -> dict:
   """Reconstructs hand meshes: encoder once, DDIM with `num_sampling_steps` decoder steps.
 
@@ -165,6 +199,8 @@ def sample(
     aggregate: 'mean' or 'medoid' of the K hypotheses.
     eta: DDIM eta (0 = deterministic given the key).
     intrinsics: optional [B, 3, 3] of the crop; adds camera-frame outputs.
+    noise_scale: standard deviation of the starting noise x_T (training saw 1; larger values
+      spread the hypotheses, an experiment of benchmarks/uncertainty.py).
 
   Returns:
     dict with 'vertices' [B, N, 3] and 'joints' [B, 21, 3] (metres, root-relative: joint 0 is
@@ -174,7 +210,7 @@ def sample(
   """
   _check_options(model, images, depth, intrinsics, num_sampling_steps, num_hypotheses, aggregate)
   hypotheses, camera = _hypotheses(
-      model, params, images, rng, num_sampling_steps, num_hypotheses, depth, eta
+      model, params, images, rng, num_sampling_steps, num_hypotheses, depth, eta, noise_scale
   )
   return _summarise(model, hypotheses, camera, aggregate, intrinsics, images.shape[1])
 
