@@ -56,7 +56,8 @@ $(TORCH_STAMP): requirements-torch.txt $(STAMP)
 
 test-torch: $(TORCH_STAMP)
 	$(TORCH_PY) -m pytest -q tests/test_weights_timm.py \
-	    tests/test_encoders.py::test_resample_matches_pytorch_when_installed
+	    tests/test_encoders.py::test_resample_matches_pytorch_when_installed \
+	    tests/test_torch_reference.py
 
 demo: $(STAMP)
 	$(PY) launch.py --config=configs/synthetic.py --workdir=runs/demo --mode=demo $(if $(RETRAIN),--overwrite)
