@@ -41,7 +41,7 @@ from diffhand_jax import models
 from diffhand_jax import procedural_mano
 from diffhand_jax import sampling
 
-VARIANT_KEYS = {'eta': float, 'noise_scale': float, 'steps': int}
+VARIANT_KEYS = {'eta': float, 'noise_scale': float, 'steps': int, 'hypotheses': int}
 TARGET = 0.3  # issue 10: both Spearman figures at least this
 
 
@@ -89,6 +89,33 @@ def uncertainty_scores(vertex_std, vertex_errors) -> dict:
   }
 
 
+def diagnostics(hypotheses, gt_verts) -> dict:
+  """Why the per-hand ranking is what it is (hypotheses [N, K, V, 3], gt_verts [N, V, 3], m).
+
+  Returns:
+    'split_half': Spearman between the per-hand mean spread of the first and of the second
+      half of the K hypotheses: how reproducible the per-hand uncertainty is at K / 2 (a
+      noisy estimate cannot rank hands, whatever it measures);
+    'per_hand_vs_sample': Spearman(per-hand mean spread, per-hand MPVPE averaged over the
+      single hypotheses): does the spread rank the error of one sample rather than of the mean;
+    'bias_share': sum |mean - truth|^2 / sum mean_k |h_k - truth|^2 over all vertices (the
+      squared error of a single hypothesis is bias^2 + spread^2: the share the spread cannot
+      see).
+  """
+  hypotheses = np.asarray(hypotheses, np.float64)
+  half = hypotheses.shape[1] // 2
+  first = np.asarray(sampling.hypothesis_spread(hypotheses[:, :half])).mean(axis=1)
+  second = np.asarray(sampling.hypothesis_spread(hypotheses[:, half : 2 * half])).mean(axis=1)
+  spread = np.asarray(sampling.hypothesis_spread(hypotheses)).mean(axis=1)
+  sample_errors = np.linalg.norm(hypotheses - gt_verts[:, None], axis=-1)  # [N, K, V]
+  bias = np.sum((hypotheses.mean(axis=1) - gt_verts) ** 2, axis=-1)  # [N, V]
+  return {
+      'split_half': spearman(first, second),
+      'per_hand_vs_sample': spearman(spread, sample_errors.mean(axis=(1, 2))),
+      'bias_share': float(bias.sum() / np.sum(np.mean(sample_errors**2, axis=1))),
+  }
+
+
 def parse_variants(text: str) -> list[dict]:
   """'eta=0;eta=1,noise_scale=1.5' -> [{'eta': 0.0}, {'eta': 1.0, 'noise_scale': 1.5}]."""
   variants = []
@@ -107,6 +134,7 @@ def run_variant(config, params, variant, num_hypotheses, num_sampling_steps):
   """Samples the unseen hands with one sampler setting; returns (row, arrays)."""
   model = models.build_model(config)
   steps = variant.get('steps', num_sampling_steps)
+  num_hypotheses = variant.get('hypotheses', num_hypotheses)
   fn = functools.partial(
       sampling.sample,
       model,
@@ -119,7 +147,9 @@ def run_variant(config, params, variant, num_hypotheses, num_sampling_steps):
       lambda p, images, rng, depth, k: fn(p, images, rng, depth=depth, intrinsics=k)
   )
   start = time.perf_counter()
-  scores, predictions = demo.evaluate_unseen(config, None, params=params, sample_fn=sample_fn)
+  scores, predictions = demo.evaluate_unseen(
+      config, None, params=params, sample_fn=sample_fn, keep_hypotheses=True
+  )
   seconds = time.perf_counter() - start
   errors = metrics.per_example_errors(
       predictions['joints'], predictions['verts'], predictions['gt_joints'], predictions['gt_verts']
@@ -134,12 +164,15 @@ def run_variant(config, params, variant, num_hypotheses, num_sampling_steps):
       mpvpe=scores['mpvpe'],
       seconds=seconds,
       **uncertainty_scores(predictions['vertex_std'], errors['vertex_errors']),
+      **diagnostics(predictions['hypotheses'], predictions['gt_verts']),
   )
   arrays = {
       'vertex_std': predictions['vertex_std'],
       'vertex_errors': errors['vertex_errors'],
       'verts': predictions['verts'],
       'index': predictions['index'],
+      'hypotheses': predictions['hypotheses'],
+      'gt_verts': predictions['gt_verts'],
   }
   return row, arrays
 
@@ -207,18 +240,27 @@ def draw_figure(path, arrays, faces, row, num_hands=4):
 
 def markdown(rows) -> str:
   """The results as a markdown table."""
-  lines = [
-      '| eta | x_T std | S | K | pooled ρ | per-hand ρ | within-hand ρ | mean std (mm) |'
-      ' MPVPE | MPJPE | PA-MPJPE | hands | wall (s) |',
-      '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
-  ]
+  columns = (
+      ('eta', lambda r: f'{r.get("eta", 0.0):g}'),
+      ('x_T std', lambda r: f'{r.get("noise_scale", 1.0):g}'),
+      ('S', lambda r: str(r['steps'])),
+      ('K', lambda r: str(r['hypotheses'])),
+      ('pooled ρ', lambda r: f'{r["pooled"]:.3f}'),
+      ('per-hand ρ', lambda r: f'{r["per_hand"]:.3f}'),
+      ('within-hand ρ', lambda r: f'{r["within_hand"]:.3f}'),
+      ('split-half ρ', lambda r: f'{r["split_half"]:.3f}'),
+      ('per-hand ρ vs one sample', lambda r: f'{r["per_hand_vs_sample"]:.3f}'),
+      ('bias share', lambda r: f'{r["bias_share"]:.2f}'),
+      ('mean std (mm)', lambda r: f'{r["mean_std_mm"]:.1f}'),
+      ('MPVPE', lambda r: f'{r["mpvpe"]:.1f}'),
+      ('MPJPE', lambda r: f'{r["mpjpe"]:.1f}'),
+      ('PA-MPJPE', lambda r: f'{r["pa_mpjpe"]:.1f}'),
+      ('hands', lambda r: str(r['hands'])),
+      ('wall (s)', lambda r: f'{r["seconds"]:.0f}'),
+  )
+  lines = ['| ' + ' | '.join(name for name, _ in columns) + ' |', '|---' * len(columns) + '|']
   for r in rows:
-    lines.append(
-        f'| {r.get("eta", 0.0):g} | {r.get("noise_scale", 1.0):g} | {r["steps"]} |'
-        f' {r["hypotheses"]} | {r["pooled"]:.3f} | {r["per_hand"]:.3f} |'
-        f' {r["within_hand"]:.3f} | {r["mean_std_mm"]:.1f} | {r["mpvpe"]:.1f} |'
-        f' {r["mpjpe"]:.1f} | {r["pa_mpjpe"]:.1f} | {r["hands"]} | {r["seconds"]:.0f} |'
-    )
+    lines.append('| ' + ' | '.join(cell(r) for _, cell in columns) + ' |')
   return '\n'.join(lines)
 
 
@@ -237,6 +279,7 @@ def main():
   )
   parser.add_argument('--figure', default='', help='PNG of the first variant (e.g. docs/...)')
   parser.add_argument('--json', default='', help='write the rows here')
+  parser.add_argument('--save', default='', help='folder for <variant number>.npz (arrays)')
   args = parser.parse_args()
 
   config = synthetic.get_config(args.config_variant)
@@ -248,6 +291,9 @@ def main():
     row, arrays = run_variant(config, params, variant, args.hypotheses, args.steps)
     rows.append(row)
     print(json.dumps(row), flush=True)
+    if args.save:
+      os.makedirs(args.save, exist_ok=True)
+      np.savez(os.path.join(args.save, f'{number}.npz'), **arrays)
     if number == 0 and args.figure:
       faces = np.asarray(procedural_mano.load_hand_model(config).faces)
       draw_figure(args.figure, arrays, faces, row)

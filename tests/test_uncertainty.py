@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from benchmarks import steps_hypotheses
 from benchmarks import uncertainty
 from configs import synthetic
 from datasets.freihand import testing
@@ -159,3 +160,52 @@ def test_eval_with_one_hypothesis_writes_no_uncertainty(evaluated, tmp_path):
   config.sampling.num_hypotheses = 1
   evaluate.evaluate(config, checkpointing.restore_params(workdir), workdir=str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'eval')) == ['metrics.json', 'pred.json', 'scores.txt']
+
+
+def test_steps_hypotheses_mean_medoid_and_oracle_errors():
+  rng = np.random.default_rng(4)
+  regressor = rng.uniform(size=(21, 778))
+  regressor /= regressor.sum(axis=1, keepdims=True)
+  gt_verts = rng.normal(scale=0.05, size=(3, 778, 3))
+  gt_joints = np.einsum('jn,bnd->bjd', regressor, gt_verts)
+  hypotheses = gt_verts[:, None] + rng.normal(scale=0.02, size=(3, 4, 778, 3))
+  out = steps_hypotheses.aggregate_errors(hypotheses, gt_joints, gt_verts, regressor)
+  for hand in range(3):
+    mpjpe = [
+        1000 * np.linalg.norm(regressor @ hypotheses[hand, k] - gt_joints[hand], axis=-1).mean()
+        for k in range(4)
+    ]
+    best = int(np.argmin(mpjpe))
+    np.testing.assert_allclose(out['oracle']['mpjpe'][hand], min(mpjpe), rtol=1e-5)
+    mpvpe = 1000 * np.linalg.norm(hypotheses[hand, best] - gt_verts[hand], axis=-1).mean()
+    np.testing.assert_allclose(out['oracle']['mpvpe'][hand], mpvpe, rtol=1e-5)
+    mean = hypotheses[hand].mean(axis=0)
+    np.testing.assert_allclose(
+        out['mean']['mpvpe'][hand],
+        1000 * np.linalg.norm(mean - gt_verts[hand], axis=-1).mean(),
+        rtol=1e-5,
+    )
+  # The mean of 4 noisy copies is closer than any one of them; the oracle beats the medoid.
+  assert np.all(out['mean']['mpvpe'] < out['oracle']['mpvpe'])
+  assert np.all(out['oracle']['mpjpe'] <= out['medoid']['mpjpe'] * (1 + 1e-5))  # float32 medoid
+
+
+def test_uncertainty_diagnostics_against_loops():
+  rng = np.random.default_rng(5)
+  gt_verts = rng.normal(scale=0.05, size=(7, 778, 3))
+  scale = rng.uniform(0.005, 0.03, size=(7, 1, 1, 1))  # per-hand spread
+  hypotheses = gt_verts[:, None] + 0.01 + scale * rng.normal(size=(7, 6, 778, 3))
+  out = uncertainty.diagnostics(hypotheses, gt_verts)
+  spread = lambda h: np.sqrt(((h - h.mean(0)) ** 2).sum(-1).mean(0)).mean()  # h: [K, V, 3]
+  first = [spread(h[:3]) for h in hypotheses]
+  second = [spread(h[3:]) for h in hypotheses]
+  np.testing.assert_allclose(out['split_half'], stats.spearmanr(first, second)[0], rtol=1e-9)
+  assert out['split_half'] > 0.9  # the per-hand scales differ by up to 6x: easy to rank
+  one_sample = [np.linalg.norm(h - g, axis=-1).mean() for h, g in zip(hypotheses, gt_verts)]
+  full = [spread(h) for h in hypotheses]
+  np.testing.assert_allclose(
+      out['per_hand_vs_sample'], stats.spearmanr(full, one_sample)[0], rtol=1e-9
+  )
+  bias = sum(((h.mean(0) - g) ** 2).sum() for h, g in zip(hypotheses, gt_verts))
+  total = sum(((h - g) ** 2).sum() / len(h) for h, g in zip(hypotheses, gt_verts))
+  np.testing.assert_allclose(out['bias_share'], bias / total, rtol=1e-9)
