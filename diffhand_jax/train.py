@@ -1,4 +1,4 @@
-"""Training: train state, the diffusion train step, data parallelism, the loop.
+"""Training: the loop over a Task (data parallelism, checkpoints, guards) and the DiffHand task.
 
 The loop (`run_training`) is generic over a `Task` (init, loss, data, eval) so
 that its machinery (jit/pmap, checkpoints, resume, preemption, NaN guard) is
@@ -13,55 +13,29 @@ import threading
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
 
 from absl import logging
-import flax
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from diffhand_jax import checkpointing
-from diffhand_jax import diffusion as diffusion_lib
 from diffhand_jax import evaluate as evaluate_lib
 from diffhand_jax import input_pipeline
 from diffhand_jax import logging_utils
-from diffhand_jax import losses
 from diffhand_jax import models
 from diffhand_jax import optim
 from diffhand_jax import parallel
 from diffhand_jax import procedural_mano
+from diffhand_jax import train_step as train_step_lib
 from diffhand_jax import weights
-
-# loss_fn(params, batch, example_keys [B] keys) -> (loss scalar, aux scalars)
-LossFn = Callable[
-    [Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]
-]
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a resumed run needs; the data position is `step` itself.
-
-  step: int32 [], number of updates applied.
-  params: model parameters (float32).
-  opt_state: optax state.
-  ema_params: EMA of params (config.optim.ema_decay > 0), else None.
-  rng: uint32 [2], fixed for the run; step keys are fold_in(rng, step).
-  """
-
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  ema_params: Any
-  rng: jax.Array
 
 
 class Task(NamedTuple):
   """What the generic loop trains.
 
   init_params: rng -> params.
-  loss_fn: see LossFn; averages over its batch.
+  loss_fn: see train_step.LossFn; averages over its batch.
   train_iterator: start_step -> iterator of per-process numpy batches, the
     same batches from step k on whatever the start (ARCHITECTURE.md).
   evaluate: (params, step) -> dict of metrics (lower-is-better
@@ -69,88 +43,9 @@ class Task(NamedTuple):
   """
 
   init_params: Callable[[jax.Array], Any]
-  loss_fn: LossFn
+  loss_fn: train_step_lib.LossFn
   train_iterator: Callable[[int], Iterator[Mapping[str, np.ndarray]]]
   evaluate: Optional[Callable[[Any, int], Mapping[str, float]]] = None
-
-
-def create_train_state(
-    params, optimizer: optax.GradientTransformation, rng: jax.Array, ema_decay: float
-) -> TrainState:
-  """Step 0: `params`, a fresh optimizer state, the EMA (a copy of `params`
-  when ema_decay > 0) and the run's key `rng`."""
-  return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=optimizer.init(params),
-      ema_params=jax.tree.map(jnp.array, params) if ema_decay > 0 else None,
-      rng=rng,
-  )
-
-
-def eval_params(state: TrainState):
-  """The parameters to evaluate: the EMA when kept, else the raw params."""
-  return state.params if state.ema_params is None else state.ema_params
-
-
-# ---- The train step ----
-def example_keys(step_key: jax.Array, first_index, batch_size: int) -> jax.Array:
-  """One key per example, from its index in the global batch.
-
-  Keying by the global example index (not by device) makes the noise a
-  function of the example alone, so jit over any mesh, pmap and a single
-  device draw the same noise for the same global batch.
-
-  Returns:
-    [batch_size, 2] uint32 keys.
-  """
-  indices = first_index + jnp.arange(batch_size)
-  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, indices)
-
-
-def train_step(
-    state: TrainState,
-    batch: Mapping[str, jax.Array],
-    *,
-    loss_fn: LossFn,
-    optimizer: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    ema_decay: float,
-    axis_name: Optional[str] = None,
-):
-  """One optimiser update.
-
-  Args:
-    state: the TrainState (donated by the compiled versions).
-    batch: jit: the global batch; pmap: this device's slice.
-    axis_name: the pmap axis to average gradients/metrics over, or None.
-  Returns:
-    (new state, metrics: loss, aux losses, grad_norm, lr — global averages).
-  """
-  batch_size = jax.tree.leaves(batch)[0].shape[0]
-  first = 0 if axis_name is None else (jax.lax.axis_index(axis_name) * batch_size)
-  keys = example_keys(jax.random.fold_in(state.rng, state.step), first, batch_size)
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, keys)
-  if axis_name is not None:
-    # Equal per-device batches without padding (training batches are all
-    # valid): the mean of the device means is the global mean.
-    grads, loss, aux = jax.lax.pmean((grads, loss, aux), axis_name)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = state.ema_params
-  if ema is not None:
-    ema = optim.update_ema(ema, params, ema_decay, state.step + 1)
-  # param_norm is finite iff the new params are: the NaN guard checks it so a
-  # diverged state (finite loss, overflowing update) is never saved.
-  metrics = dict(
-      aux,
-      loss=loss,
-      grad_norm=optax.global_norm(grads),
-      param_norm=optax.global_norm(params),
-      lr=schedule(state.step),
-  )
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-  return new_state, metrics
 
 
 # ---- Guards: preemption and non-finite losses ----
@@ -230,7 +125,7 @@ def skip_nonfinite_updates(step_fn):
 # ---- The loop ----
 def run_training(
     config: ml_collections.ConfigDict, workdir: str, task: Task, devices=None
-) -> TrainState:
+) -> train_step_lib.TrainState:
   """Trains `task` to config.train.num_steps, resuming from workdir if possible.
 
   Returns the final (single-copy) TrainState; on SIGTERM saves and returns the
@@ -246,7 +141,9 @@ def run_training(
   optimizer = optim.make_optimizer(config.optim, num_steps)
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
-  state = create_train_state(task.init_params(init_rng), optimizer, state_rng, ema_decay)
+  state = train_step_lib.create_train_state(
+      task.init_params(init_rng), optimizer, state_rng, ema_decay
+  )
 
   # ---- Checkpoints: resume ----
   # Before any training time is spent: an unwritable workdir or a full disk fails here.
@@ -269,7 +166,7 @@ def run_training(
 
   # ---- Parallelism ----
   step_fn = functools.partial(
-      train_step,
+      train_step_lib.train_step,
       loss_fn=task.loss_fn,
       optimizer=optimizer,
       schedule=schedule,
@@ -346,7 +243,7 @@ def run_training(
           writer.scalars(done, host_metrics)
         eval_metrics = None
         if eval_now:  # the task writes its own eval summaries
-          eval_metrics = task.evaluate(eval_params(runner.get_state(placed)), done)
+          eval_metrics = task.evaluate(train_step_lib.eval_params(runner.get_state(placed)), done)
           best = train_config.best_metric
           if eval_metrics and best and best not in eval_metrics:
             raise ValueError(
@@ -380,104 +277,6 @@ def _scalar_metrics(metrics):
 
 
 # ---- The DiffHand task ----
-# Timestep buckets of the logged x0 loss: [0, 250), [250, 500), [500, 750), [750, T - 1) and
-# t = T - 1 alone (pure noise, where only the image can tell the hand).
-T_BUCKET_EDGES = (0, 250, 500, 750)
-
-
-def noisy_input(
-    schedule, x0: jax.Array, keys: jax.Array, diffusion: bool, t_max_fraction: float = 0.0
-):
-  """x_t and t for the training forward pass (DESIGN §2, §5).
-
-  Each example's t is T - 1 with probability `t_max_fraction`, else uniform in [0, T): with
-  t uniform, x_t reveals the hand's orientation for most t, and the decoder can learn to
-  ignore the image; at t = T - 1 the image is the only source of the answer.
-
-  Args:
-    schedule: diffusion.Schedule.
-    x0: [B, N, 3] clean vertices in diffusion space.
-    keys: [B, 2] per-example keys (timestep and noise drawn from each).
-    diffusion: False (the regressor ablation): x_t = 0, t = 0.
-    t_max_fraction: in [0, 1].
-  Returns:
-    x_t [B, N, 3], t [B] int32.
-  """
-  if not 0.0 <= t_max_fraction <= 1.0:
-    raise ValueError(f't_max_fraction must be in [0, 1], got {t_max_fraction}')
-  if not diffusion:
-    return jnp.zeros_like(x0), jnp.zeros((x0.shape[0],), jnp.int32)
-  last = schedule.num_timesteps - 1
-
-  def draw(key):
-    t_key, max_key, noise_key = jax.random.split(key, 3)
-    t = jax.random.randint(t_key, (), 0, schedule.num_timesteps)
-    t = jnp.where(jax.random.uniform(max_key) < t_max_fraction, last, t)
-    return t, jax.random.normal(noise_key, x0.shape[1:], x0.dtype)
-
-  t, noise = jax.vmap(draw)(keys)
-  return diffusion_lib.q_sample(schedule, x0, t, noise), t.astype(jnp.int32)
-
-
-def x0_loss_by_timestep(per_example: jax.Array, t: jax.Array, num_timesteps: int):
-  """Mean per-example x0 loss in each timestep bucket (T_BUCKET_EDGES, then t = T - 1).
-
-  Args:
-    per_example: [B] x0 losses.
-    t: [B] int timesteps.
-    num_timesteps: T.
-  Returns:
-    {'loss_x0_t{low}': mean over the examples with low <= t < next edge (t < T - 1 for the
-    last), 'loss_x0_tmax': mean over t = T - 1}; 0 for a bucket without examples.
-  """
-  last = num_timesteps - 1
-  highs = T_BUCKET_EDGES[1:] + (last,)
-  buckets = {f'loss_x0_t{low}': (t >= low) & (t < high) for low, high in zip(T_BUCKET_EDGES, highs)}
-  buckets['loss_x0_tmax'] = t == last
-  return {
-      name: jnp.sum(jnp.where(inside, per_example, 0.0)) / jnp.maximum(jnp.sum(inside), 1)
-      for name, inside in buckets.items()
-  }
-
-
-def make_loss_fn(model, config: ml_collections.ConfigDict, faces) -> LossFn:
-  """DESIGN §5 losses of one training forward pass on a batch.
-
-  The vertex scale, the schedule and the diffusion switch are the model's; config gives the
-  loss weights (config.loss) and config.train.t_max_fraction.
-
-  Args:
-    model: the DiffHand module.
-    faces: [F, 3] int mesh faces (for the normal-consistency term).
-  """
-  schedule = diffusion_lib.cosine_schedule(model.num_timesteps, model.cosine_s)
-  regressor = jnp.asarray(model.joint_regressor.array)
-  faces = np.asarray(faces, np.int32)
-  t_max_fraction = float(config.train.t_max_fraction)
-
-  def loss_fn(params, batch, keys):
-    x0 = batch['verts'] / model.vertex_scale
-    x_t, t = noisy_input(schedule, x0, keys, model.diffusion, t_max_fraction)
-    out = model.apply({'params': params}, batch['image'], x_t, t, depth=batch.get('depth'))
-    loss, terms = losses.compute_losses(
-        out,
-        batch,
-        regressor=regressor,
-        faces=faces,
-        vertex_scale=model.vertex_scale,
-        weights=config.loss,
-    )
-    if model.diffusion:
-      terms.update(
-          x0_loss_by_timestep(
-              losses.per_example_squared_error(out['x0'], x0), t, model.num_timesteps
-          )
-      )
-    return loss, terms
-
-  return loss_fn
-
-
 def build_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
   """The DiffHand model, losses, train stream and periodic evaluation."""
   input_pipeline.check_dataset_available(config)
@@ -512,7 +311,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
 
   return Task(
       init_params=init,
-      loss_fn=make_loss_fn(model, config, faces),
+      loss_fn=train_step_lib.make_loss_fn(model, config, faces),
       train_iterator=lambda start: iter(
           input_pipeline.create_train_iterator(config, start_step=start)
       ),
@@ -522,7 +321,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
 
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, periodic_eval: bool = True
-) -> TrainState:
+) -> train_step_lib.TrainState:
   """`--mode=train`: trains DiffHand per `config` in `workdir` (resuming).
 
   periodic_eval=False skips the evaluations during and at the end of training (the demo
