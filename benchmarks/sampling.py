@@ -1,9 +1,9 @@
 """Sampling cost: encoder, one decoder step, and `sampling.sample` for S steps, K hypotheses.
 
 DESIGN.md §1 says sampling costs encoder + S x decoder (the encoder runs once per image, the
-DDIM loop is a `lax.scan`). This prints, per model, the median wall time (batch 1) of
+DDIM loop is a `lax.scan`). This prints, per model and batch B, the median wall time of
   - the whole jitted `sample` for every (S, K) of the grid,
-  - the encoder, and one decoder step at batch K (the decoder sees B*K rows), timed in
+  - the encoder, and one decoder step at batch B*K (the decoder sees B*K rows), timed in
     the same rounds as that `sample` (interleaved: the machine may be shared),
   - ratio = sample / (encoder + S x decoder step)      (target <= 1.1),
 and the compile time (lower + compile) of `sample` for S = 10 and S = 50 (target within 20%).
@@ -11,9 +11,10 @@ Random weights (timing only). The markdown tables are printed and, with --append
 to BENCHMARKS.md.
 
 Usage:
-  python benchmarks/sampling.py                        # default config (128 px, ViT-Tiny)
+  python benchmarks/sampling.py                        # configs/synthetic.py as is
   python benchmarks/sampling.py --models=default,deit_base --append
   python benchmarks/sampling.py --steps=1,10 --hypotheses=1,4 --repeats=2   # a small grid
+  python benchmarks/sampling.py --steps=10 --hypotheses=1,16 --batches=1,64   # throughput
 """
 
 import argparse
@@ -75,13 +76,13 @@ def compile_time(model, params, images, num_sampling_steps):
   return time.perf_counter() - start
 
 
-def benchmark(name, steps, hypotheses, repeats):
-  """Returns the markdown lines for one model."""
+def benchmark(name, steps, hypotheses, repeats, batch=1, with_compile=True):
+  """Returns the markdown lines for one model at batch `batch`."""
   config = model_config(name)
   model = build_model(config)
   size = config.data.image_size
-  images = jax.random.normal(jax.random.key(0), (1, size, size, 3))
-  params = init_params(model, jax.random.key(1), images)
+  images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
+  params = init_params(model, jax.random.key(1), images[:1])
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   variables = {'params': params}
 
@@ -93,8 +94,8 @@ def benchmark(name, steps, hypotheses, repeats):
 
   def denoise_fn(k):
     args = (
-        jnp.zeros((k, model.num_points, 3)),
-        jnp.full((k,), 500, jnp.int32),
+        jnp.zeros((batch * k, model.num_points, 3)),
+        jnp.full((batch * k,), 500, jnp.int32),
         jnp.repeat(tokens, k, 0),
         jnp.repeat(embedding, k, 0),
     )
@@ -103,11 +104,11 @@ def benchmark(name, steps, hypotheses, repeats):
   lines = [
       f'### {name}: {config.model.encoder}-{config.model.encoder_size} {size}x{size}, '
       f'decoder {config.decoder} width {config.model.width}, '
-      f'{num_params / 1e6:.1f} M params, batch 1',
+      f'{num_params / 1e6:.1f} M params, batch {batch}',
       '',
-      '| S | K | sample ms | encoder ms | decoder step ms (batch K) | '
-      'encoder + S x decoder ms | ratio |',
-      '| ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+      '| S | K | sample ms | ms per image | images/s | encoder ms | decoder step ms (batch '
+      'B*K) | encoder + S x decoder ms | ratio |',
+      '| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
   ]
   for s in steps:
     for k in hypotheses:
@@ -117,11 +118,14 @@ def benchmark(name, steps, hypotheses, repeats):
       sample_s, encoder_s, decoder_s = median_times([sample_fn, encode_fn, denoise_fn(k)], repeats)
       expected_s = encoder_s + s * decoder_s
       lines.append(
-          f'| {s} | {k} | {1e3 * sample_s:.1f} | {1e3 * encoder_s:.1f} | '
+          f'| {s} | {k} | {1e3 * sample_s:.1f} | {1e3 * sample_s / batch:.2f} | '
+          f'{batch / sample_s:.1f} | {1e3 * encoder_s:.1f} | '
           f'{1e3 * decoder_s:.1f} | {1e3 * expected_s:.1f} | '
           f'{sample_s / expected_s:.2f} |'
       )
       print(lines[-1], flush=True)
+  if not with_compile:
+    return lines + ['']
   compile_10 = compile_time(model, params, images, 10)
   compile_50 = compile_time(model, params, images, 50)
   lines += [
@@ -142,6 +146,8 @@ def main(argv=None):
   )
   parser.add_argument('--steps', default='1,5,10,50')
   parser.add_argument('--hypotheses', default='1,4,16')
+  parser.add_argument('--batches', default='1', help='comma-separated batch sizes')
+  parser.add_argument('--compile', default='true', help='false: skip the compile-time lines')
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--append', action='store_true', help='append the tables to BENCHMARKS.md')
   args = parser.parse_args(argv)
@@ -160,7 +166,9 @@ def main(argv=None):
       '',
   ]
   for name in args.models.split(','):
-    lines += benchmark(name, steps, hypotheses, args.repeats)
+    for batch in (int(b) for b in args.batches.split(',')):
+      with_compile = args.compile.lower() == 'true'
+      lines += benchmark(name, steps, hypotheses, args.repeats, batch, with_compile)
   text = '\n'.join(lines)
   print(text)
   if args.append:
