@@ -28,7 +28,7 @@ python3 -c 'import jax, flax, optax, torch; print("jax", jax.__version__, jax.de
 piece train_step 150 python3 benchmarks/train_step.py --configs=freihand_base,synthetic \
   --dtypes=bfloat16,float32 --steps=10 --repeats=5 --peak_tflops=989 --json="$out/train_step.json"
 # 2. PyTorch side by side (eager, torch.compile) on the same inputs.
-piece torch_reference 170 python3 benchmarks/torch_reference.py --device=cuda --repeats=10
+piece torch_reference 170 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 python3 benchmarks/torch_reference.py --device=cuda --repeats=10
 # 3. Sampling latency and throughput: S = 10, K = 1 and 16, batch 1 and 64.
 piece sampling 100 python3 benchmarks/sampling.py --models=deit_base,default --steps=10 \
   --hypotheses=1,16 --batches=1,64 --compile=false --repeats=10
