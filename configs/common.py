@@ -20,6 +20,26 @@ def steps_for(num_images: int, epochs: float, batch_size: int) -> int:
   return int(math.ceil(epochs * num_images / batch_size))
 
 
+def epoch_schedule(config, num_train_images: int):
+  """Sets the step counts of `config` from config.train.num_epochs and the training-set size.
+
+  num_steps = ceil(epochs * images / batch); warm-up = min(one epoch, num_steps // 10); a
+  checkpoint every epoch and an evaluation every 10 epochs. Pure Python (config files load
+  it before JAX is imported).
+  """
+  epochs, batch = float(config.train.num_epochs), int(config.train.global_batch_size)
+  if epochs <= 0 or num_train_images <= 0:
+    raise ValueError(
+        f'epoch_schedule needs num_epochs > 0 and training images > 0, got {epochs} and '
+        f'{num_train_images}'
+    )
+  steps_per_epoch = steps_for(num_train_images, 1, batch)
+  config.train.num_steps = steps_for(num_train_images, epochs, batch)
+  config.optim.warmup_steps = min(steps_per_epoch, config.train.num_steps // 10)
+  config.train.checkpoint_every = steps_per_epoch
+  config.train.eval_every = 10 * steps_per_epoch
+
+
 def paper_config(
     *,
     dataset: str,
@@ -56,12 +76,11 @@ def paper_config(
   config.optim.learning_rate = PAPER_LEARNING_RATE
   config.optim.weight_decay = PAPER_WEIGHT_DECAY
   config.train.global_batch_size = PAPER_GLOBAL_BATCH
-  steps_per_epoch = steps_for(num_train_images, 1, PAPER_GLOBAL_BATCH)
-  config.train.num_steps = steps_for(num_train_images, epochs, PAPER_GLOBAL_BATCH)
-  config.optim.warmup_steps = min(steps_per_epoch, config.train.num_steps // 10)
+  config.train.num_epochs = float(epochs)
+  # An estimate until training counts the prepared training split (train.py calls
+  # epoch_schedule again with that count).
+  epoch_schedule(config, num_train_images)
   config.train.log_every = 100
-  config.train.checkpoint_every = steps_per_epoch
-  config.train.eval_every = 10 * steps_per_epoch
   config.sampling.num_sampling_steps = 10
   config.eval.tta_angles = tuple(tta_angles)
 
@@ -98,6 +117,7 @@ def depth_finetune(
   epochs at a lower learning rate (our choice; the paper gives none).
   """
   config.init_from = base_workdir  # or --config.init_from=runs/<base run>
+  config.train.num_epochs = 0.0  # steps below from the written-down size (not recounted)
   config.model.use_depth = True  # the data carry depth maps too
   config.optim.learning_rate = learning_rate
   if not smoke:  # the smoke variant keeps its 4 steps

@@ -11,10 +11,10 @@ lost, and DESIGN §6 fixes 224 px only for FreiHAND and HO-3D).
 
 from configs import common
 
-# Approximate size of the filtered S0 training split (not counted here: the data cannot be
-# downloaded); only turns 100 epochs into steps. Count it from your files with
+# Approximate size of the filtered S0 training split, for the config's first estimate only:
+# training counts the prepared split (written from your files) and sets the steps for
+# config.train.num_epochs from that count (train.resolve_epochs). To see it beforehand:
 #   python -m datasets.dexycb.reader count /data/dex-ycb train
-# and pass --config.train.num_steps=ceil(100 * count / 64) when it differs.
 NUM_TRAIN_IMAGES = 406_888
 
 

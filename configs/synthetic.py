@@ -100,6 +100,10 @@ def get_config(arg=None):
   config.train = ml_collections.ConfigDict()
   config.train.global_batch_size = 32
   config.train.num_steps = 500  # make demo (the shipped model: longer)
+  # > 0: training counts the prepared training split and sets num_steps (and warm-up,
+  # checkpoint and eval intervals) for this many epochs (configs/common.epoch_schedule);
+  # the real-data configs use it. 0: num_steps as given.
+  config.train.num_epochs = 0.0
   config.train.t_max_fraction = 0.5  # share of each batch trained at t = T - 1 (DESIGN §5)
   config.train.parallelism = 'jit'  # 'jit' (NamedSharding over a 1-D data mesh) | 'pmap'
   config.train.log_every = 25

@@ -295,29 +295,47 @@ def _select(example):
 
 
 def train_dataset_from(
-    source, num_examples, config, *, batch_size, start_step=0, deterministic=True
+    source,
+    num_examples,
+    config,
+    *,
+    batch_size,
+    start_step=0,
+    deterministic=True,
+    process_index=None,
+    process_count=None,
 ):
   """The infinite, augmented, batched training stream of one process.
 
-  Each epoch is a fresh shuffle of `source` (seeded by (config.seed, epoch)) cut into
-  num_examples // batch_size batches (the remainder is dropped, a different one each epoch).
+  Each epoch is a fresh shuffle of the whole `source` (seeded by (config.seed, epoch), the
+  same on every process) cut into global batches of batch_size * process_count examples (the
+  remainder is dropped, a different one each epoch); this process decodes and yields only its
+  consecutive share of each global batch. So the global batch of step k is the same whatever
+  the number of processes (process-major, as `parallel.global_batch` assembles it).
   tf.data combines the shuffle seed with TF's global seed: do not call tf.random.set_seed
   differently between a run and its resumption (nothing in this project calls it).
 
   Args:
-    source: tf.data.Dataset of this process' examples, in a fixed order.
+    source: tf.data.Dataset of all training examples (every process reads the same), in a
+      fixed order.
     num_examples: the number of examples in `source`.
     config: the experiment config (seed, data.*).
     batch_size: the per-process batch size.
     start_step: the number of batches already consumed (resume).
     deterministic: keep the element order of parallel maps fixed (needed for bitwise resume).
+    process_index, process_count: this process and the number of processes (default: JAX's).
 
   Returns:
     tf.data.Dataset of batch dicts (ARCHITECTURE.md "Batch").
   """
-  steps_per_epoch = num_examples // batch_size
+  process_index = jax.process_index() if process_index is None else int(process_index)
+  process_count = jax.process_count() if process_count is None else int(process_count)
+  global_batch_size = batch_size * process_count
+  steps_per_epoch = num_examples // global_batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f'{num_examples} training examples cannot fill one batch of {batch_size}')
+    raise ValueError(
+        f'{num_examples} training examples cannot fill one batch of {global_batch_size}'
+    )
   start_epoch, skip_batches = divmod(int(start_step), steps_per_epoch)
   seed = int(config.seed)
   buffer_size = max(1, min(int(config.data.shuffle_buffer), num_examples))
@@ -333,9 +351,14 @@ def train_dataset_from(
     shuffle_seed = tf.cast(seed, tf.int64) * 1_000_003 + epoch
     examples = source.shuffle(buffer_size, seed=shuffle_seed, reshuffle_each_iteration=False)
     # Skipping raw examples (before the decode/augment map) makes resume cheap.
-    examples = examples.skip(
-        tf.where(epoch == start_epoch, tf.constant(skip_batches * batch_size, tf.int64), 0)
+    examples = examples.take(steps_per_epoch * global_batch_size).skip(
+        tf.where(epoch == start_epoch, tf.constant(skip_batches * global_batch_size, tf.int64), 0)
     )
+    if process_count > 1:  # this process' consecutive batch_size of every global batch
+      examples = examples.enumerate().filter(
+          lambda position, _: (position // batch_size) % process_count == process_index
+      )
+      examples = examples.map(lambda _, example: example)
     examples = examples.map(
         lambda example: augment(example, epoch),
         num_parallel_calls=tf.data.AUTOTUNE,
@@ -471,10 +494,17 @@ def _per_process(global_batch_size, what):
   return global_batch_size // jax.process_count()
 
 
+def train_split_size(config) -> int:
+  """Examples in the prepared training split (the builder counted them from the files)."""
+  return int(get_builder(config).info.splits['train'].num_examples)
+
+
 def create_train_iterator(config, *, start_step=0, deterministic=True):
   """Iterator of numpy training batches of global_batch_size // process_count examples."""
   batch_size = _per_process(config.train.global_batch_size, 'config.train.global_batch_size')
-  source, num_examples = read_split(get_builder(config), 'train')
+  # Every process reads the whole split (cheap: undecoded) and keeps its share of each global
+  # batch, so the global batches do not depend on the number of processes.
+  source, num_examples = read_split(get_builder(config), 'train', process_index=0, process_count=1)
   dataset = train_dataset_from(
       source,
       num_examples,

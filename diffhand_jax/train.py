@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from configs import common
 from diffhand_jax import checkpointing
 from diffhand_jax import evaluate as evaluate_lib
 from diffhand_jax import input_pipeline
@@ -319,6 +320,27 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
   )
 
 
+def resolve_epochs(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """With config.train.num_epochs > 0: a copy whose num_steps (and warm-up, checkpoint and eval
+  intervals) are set for that many epochs of the prepared training split, counted from it
+  (`configs/common.epoch_schedule`); else `config` itself."""
+  if float(config.train.get('num_epochs', 0.0)) <= 0:
+    return config
+  count = input_pipeline.train_split_size(config)
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  common.epoch_schedule(resolved, count)
+  if jax.process_index() == 0:
+    logging.info(
+        'Training split of %r: %d examples (counted); %g epochs at batch %d = %d steps.',
+        config.data.name,
+        count,
+        float(config.train.num_epochs),
+        int(config.train.global_batch_size),
+        resolved.train.num_steps,
+    )
+  return resolved
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, periodic_eval: bool = True
 ) -> train_step_lib.TrainState:
@@ -328,6 +350,7 @@ def train_and_evaluate(
   evaluates on an unseen seed afterwards instead).
   """
   checkpointing.check_writable(workdir)  # before the data set is built
+  config = resolve_epochs(config)
   task = build_task(config, workdir)
   if not periodic_eval:
     task = task._replace(evaluate=None)

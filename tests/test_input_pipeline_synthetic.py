@@ -5,6 +5,7 @@ import pytest
 
 from configs import synthetic as synthetic_config
 from diffhand_jax import input_pipeline
+from diffhand_jax import train
 
 
 @pytest.fixture(scope='module')
@@ -47,3 +48,21 @@ def test_synthetic_eval_covers_the_split_once(config):
   assert len(batches) == 2 and batches.has_targets
   seen = [i for b in batches for i in b['index'][b['valid'] == 1].tolist()]
   assert sorted(seen) == list(range(5))
+
+
+@pytest.mark.slow
+def test_epochs_become_steps_from_the_counted_training_split(config):
+  # The prepared split holds config.data.num_train examples: counted from the builder, not
+  # taken from the config.
+  assert input_pipeline.train_split_size(config) == config.data.num_train == 16
+  config = config.copy_and_resolve_references()
+  config.train.num_epochs = 3.0
+  config.train.global_batch_size = 4
+  resolved = train.resolve_epochs(config)
+  # ceil(3 * 16 / 4) = 12 steps; one epoch = 4 steps; warm-up min(4, 12 // 10) = 1.
+  assert resolved.train.num_steps == 12
+  assert (resolved.train.checkpoint_every, resolved.train.eval_every) == (4, 40)
+  assert resolved.optim.warmup_steps == 1
+  assert config.train.num_steps != 12  # the caller's config is left as it was
+  config.train.num_epochs = 0.0
+  assert train.resolve_epochs(config) is config

@@ -69,11 +69,15 @@ def test_paper_recipe_values():
   assert config.optim.learning_rate == 1e-4 and config.optim.weight_decay == 1e-4
   # 100 epochs of 130,240 images at 64 per step.
   assert config.train.num_steps == -(-100 * 130_240 // 64) == 203_500
+  # Training recounts the prepared split and redoes the schedule for these epochs.
+  assert config.train.num_epochs == 100
+  assert freihand.get_config('smoke').train.num_epochs == 0  # the smoke variant: 4 steps
   assert config.sampling.num_sampling_steps == 10 and len(config.eval.tta_angles) == 3
   depth = freihand_depth.get_config()
   assert depth.model.use_depth and depth.init_from
   assert 'use_depth' not in depth.data  # one knob: config.model.use_depth
   assert depth.train.num_steps == common.steps_for(130_240, 5, 64)
+  assert depth.train.num_epochs == 0  # fine-tuning keeps its written-down schedule
   assert dexycb.get_config().model.encoder == 'hrnet'
   assert ho3d.get_config().model.encoder == 'deit'
   assert ho3d.get_config('depth').model.use_depth
