@@ -100,7 +100,13 @@ def diagnostics(hypotheses, gt_verts) -> dict:
       single hypotheses): does the spread rank the error of one sample rather than of the mean;
     'bias_share': sum |mean - truth|^2 / sum mean_k |h_k - truth|^2 over all vertices (the
       squared error of a single hypothesis is bias^2 + spread^2: the share the spread cannot
-      see).
+      see);
+    'cross_half': Spearman(per-hand mean spread of one half, MPVPE of the mean of the OTHER
+      half), averaged over both directions: the per-hand ranking without the shared sampling
+      noise (an outlying hypothesis inflates both the spread and the error of its own mean);
+    'image_independent_pooled': the pooled Spearman of a predictor that ignores the image (for
+      every hand, each vertex's spread averaged over all hands): what vertex geometry alone
+      (fingertips far from the wrist) gives.
   """
   hypotheses = np.asarray(hypotheses, np.float64)
   half = hypotheses.shape[1] // 2
@@ -109,10 +115,18 @@ def diagnostics(hypotheses, gt_verts) -> dict:
   spread = np.asarray(sampling.hypothesis_spread(hypotheses)).mean(axis=1)
   sample_errors = np.linalg.norm(hypotheses - gt_verts[:, None], axis=-1)  # [N, K, V]
   bias = np.sum((hypotheses.mean(axis=1) - gt_verts) ** 2, axis=-1)  # [N, V]
+  halves = hypotheses[:, :half], hypotheses[:, half : 2 * half]
+  half_errors = [np.linalg.norm(h.mean(axis=1) - gt_verts, axis=-1).mean(axis=1) for h in halves]
+  vertex_std = np.asarray(sampling.hypothesis_spread(hypotheses))
+  vertex_errors = np.linalg.norm(hypotheses.mean(axis=1) - gt_verts, axis=-1)
   return {
       'split_half': spearman(first, second),
       'per_hand_vs_sample': spearman(spread, sample_errors.mean(axis=(1, 2))),
       'bias_share': float(bias.sum() / np.sum(np.mean(sample_errors**2, axis=1))),
+      'cross_half': (spearman(first, half_errors[1]) + spearman(second, half_errors[0])) / 2,
+      'image_independent_pooled': spearman(
+          np.broadcast_to(vertex_std.mean(axis=0), vertex_std.shape), vertex_errors
+      ),
   }
 
 
@@ -250,6 +264,8 @@ def markdown(rows) -> str:
       ('within-hand ρ', lambda r: f'{r["within_hand"]:.3f}'),
       ('split-half ρ', lambda r: f'{r["split_half"]:.3f}'),
       ('per-hand ρ vs one sample', lambda r: f'{r["per_hand_vs_sample"]:.3f}'),
+      ('cross-half per-hand ρ', lambda r: f'{r["cross_half"]:.3f}'),
+      ('image-blind pooled ρ', lambda r: f'{r["image_independent_pooled"]:.3f}'),
       ('bias share', lambda r: f'{r["bias_share"]:.2f}'),
       ('mean std (mm)', lambda r: f'{r["mean_std_mm"]:.1f}'),
       ('MPVPE', lambda r: f'{r["mpvpe"]:.1f}'),

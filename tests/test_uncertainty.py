@@ -209,3 +209,13 @@ def test_uncertainty_diagnostics_against_loops():
   bias = sum(((h.mean(0) - g) ** 2).sum() for h, g in zip(hypotheses, gt_verts))
   total = sum(((h - g) ** 2).sum() / len(h) for h, g in zip(hypotheses, gt_verts))
   np.testing.assert_allclose(out['bias_share'], bias / total, rtol=1e-9)
+  error_of_mean = lambda h, g: np.linalg.norm(h.mean(0) - g, axis=-1).mean()
+  cross = (
+      stats.spearmanr(first, [error_of_mean(h[3:], g) for h, g in zip(hypotheses, gt_verts)])[0]
+      + stats.spearmanr(second, [error_of_mean(h[:3], g) for h, g in zip(hypotheses, gt_verts)])[0]
+  ) / 2
+  np.testing.assert_allclose(out['cross_half'], cross, rtol=1e-9)
+  std = np.stack([np.sqrt(((h - h.mean(0)) ** 2).sum(-1).mean(0)) for h in hypotheses])
+  errors = np.stack([np.linalg.norm(h.mean(0) - g, axis=-1) for h, g in zip(hypotheses, gt_verts)])
+  blind = stats.spearmanr(np.tile(std.mean(0), 7), errors.ravel())[0]
+  np.testing.assert_allclose(out['image_independent_pooled'], blind, rtol=1e-6)
