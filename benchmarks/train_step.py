@@ -287,7 +287,16 @@ def main():
   parser.add_argument('--peak_tflops', type=float, default=0.0, help='nominal device peak')
   parser.add_argument('--fit_batch', action='store_true', help='find the largest batch')
   parser.add_argument('--json', default='', help='also write the rows here')
+  parser.add_argument(
+      '--compilation_cache',
+      default='',
+      help="JAX's persistent compilation cache folder: run twice to time a cold and a warm "
+      '(cache hit) compile',
+  )
   args = parser.parse_args()
+  if args.compilation_cache:
+    jax.config.update('jax_compilation_cache_dir', args.compilation_cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
   device = jax.devices()[0]
   dtypes = args.dtypes.split(',')
