@@ -27,6 +27,8 @@ Usage:
   .venv/bin/python benchmarks/train_step.py --configs=freihand_base --batch=8 --repeats=2
   python benchmarks/train_step.py --configs=synthetic,freihand_base --dtypes=float32,bfloat16 \
       --remat=false,true --peak_tflops=989 --fit_batch          # on a GPU
+  .venv/bin/python benchmarks/train_step.py --configs=synthetic --compilation_cache=/tmp/xla
+      # twice: the first compile is cold, the second a cache hit
 """
 
 import argparse
