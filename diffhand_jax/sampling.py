@@ -29,7 +29,7 @@ def _variables(params):
 
 def _check_options(model, images, depth, intrinsics, num_sampling_steps, num_hypotheses, aggregate):
   """Raises ValueError for bad input, before anything is traced."""
-  diffhand.check_images(images, depth)
+  diffhand.check_images(images, depth, model.image_size)
   if images.shape[0] == 0:
     raise ValueError(f'images has a batch of 0 (shape {tuple(images.shape)}): nothing to sample')
   if not isinstance(num_sampling_steps, (int, np.integer)) or num_sampling_steps < 1:

@@ -21,6 +21,7 @@ STATIC = ('model', 'num_sampling_steps', 'num_hypotheses', 'aggregate')
 
 def _config(use_diffusion=True):
   config = synthetic.get_config('smoke')
+  config.data.image_size = IMAGE_SIZE
   config.diffusion = use_diffusion
   return config
 

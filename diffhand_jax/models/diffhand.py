@@ -71,12 +71,16 @@ def compute_dtype(name: str):
   return _DTYPES[name]
 
 
-def check_images(images: jax.Array, depth: Optional[jax.Array] = None):
+def check_images(
+    images: jax.Array, depth: Optional[jax.Array] = None, image_size: Optional[int] = None
+):
   """Raises ValueError unless images is float [B, H, W, 3] and depth None or [B, H, W, 1].
 
-  Concrete (untraced) inputs must also be finite (`checks.check_array`).
+  Concrete (untraced) inputs must also be finite (`checks.check_array`). With `image_size`,
+  H = W = image_size (the input size the model was built and trained for).
   """
-  checks.check_array('images', images, ('batch', 'height', 'width', 3), kind=jnp.floating)
+  height, width = ('height', 'width') if image_size is None else (image_size, image_size)
+  checks.check_array('images', images, ('batch', height, width, 3), kind=jnp.floating)
   if depth is not None:
     checks.check_array('depth', depth, tuple(images.shape[:3]) + (1,), kind=jnp.floating)
 
@@ -115,6 +119,8 @@ class DiffHand(nn.Module):
     cosine_s: offset s of the cosine schedule.
     aux_head: a `JointHead` (DESIGN §5, L_aux) on the image embedding, or None.
     dtype: computation dtype of the camera and auxiliary heads.
+    image_size: S of the [B, S, S, 3] crops the model is built for (config.data.image_size);
+      `sampling.sample` refuses other sizes. None: not recorded (any size).
   """
 
   encoder: nn.Module
@@ -126,6 +132,7 @@ class DiffHand(nn.Module):
   cosine_s: float = 0.008
   aux_head: Optional[nn.Module] = None
   dtype: Any = jnp.float32
+  image_size: Optional[int] = None
 
   @property
   def num_points(self) -> int:
@@ -225,7 +232,8 @@ def assemble_model(
   """DiffHand from explicit parts (what `build_model` uses; tests pass stand-ins).
 
   Reads config.model (width, num_heads, num_blocks, downsample_rate, num_levels, mlp_ratio,
-  aux_head, dtype, remat), config.decoder, config.diffusion, config.vertex_scale and config.schedule.
+  aux_head, dtype, remat), config.decoder, config.diffusion, config.vertex_scale, config.schedule
+  and config.data.image_size.
 
   Args:
     config: the experiment ConfigDict.
@@ -269,6 +277,7 @@ def assemble_model(
       cosine_s=float(config.schedule.cosine_s),
       aux_head=(JointHead(joint_regressor.shape[0], dtype) if config.model.aux_head else None),
       dtype=dtype,
+      image_size=int(config.data.image_size),
   )
 
 

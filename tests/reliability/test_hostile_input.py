@@ -304,6 +304,29 @@ def test_non_image_files_are_refused_naming_them(tmp_path):
     predict.read_image(os.fspath(path))
 
 
+@pytest.mark.parametrize(
+    'name,data',
+    [
+        ('empty.png', b''),
+        ('text.jpg', b'just some words'),
+        ('truncated.png', b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00'),
+        ('archive.jpeg', b'PK\x03\x04' + bytes(64)),
+    ],
+)
+def test_non_image_content_behind_an_image_name_is_refused_naming_it(tmp_path, name, data):
+  (tmp_path / name).write_bytes(data)
+  with pytest.raises(ValueError, match=f'cannot read image .*{name}'):
+    predict.read_image(os.fspath(tmp_path / name))
+
+
+def test_predict_folder_lists_only_image_files(tmp_path):
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'hand.PNG')
+  (tmp_path / 'notes.txt').write_text('x')
+  (tmp_path / 'model.pkl').write_bytes(b'\x80\x04N.')
+  (tmp_path / 'folder.jpg').mkdir()  # a folder with an image name
+  assert predict.list_images(os.fspath(tmp_path)) == [os.fspath(tmp_path / 'hand.PNG')]
+
+
 # ---- sampling.sample: bad arguments fail before anything is traced ----
 @pytest.fixture(scope='module')
 def smoke_model():
@@ -314,12 +337,32 @@ def smoke_model():
     'images,pattern',
     [
         (jnp.zeros((0, 64, 64, 3)), 'batch of 0'),
-        (jnp.full((1, 64, 64, 3), jnp.nan), 'images'),
-        (jnp.zeros((1, 64, 64, 3), jnp.uint8), 'images'),
-        (jnp.zeros((64, 64, 3)), 'images'),
-        (jnp.zeros((1, 64, 64, 4)), 'images'),
+        (jnp.full((1, 64, 64, 3), jnp.nan), 'images contains NaN'),
+        (np.full((1, 64, 64, 3), np.inf, np.float64), 'images contains NaN or infinite'),
+        (jnp.zeros((1, 64, 64, 3), jnp.uint8), 'images must be floating, got uint8'),
+        (np.zeros((1, 64, 64, 3), np.int32), 'images must be floating, got int32'),
+        (jnp.zeros((64, 64, 3)), 'images must have shape'),
+        (jnp.zeros((1, 64, 64, 4)), 'images must have shape'),
+        (
+            jnp.zeros((1, 32, 32, 3)),
+            r'images must have shape \[batch, 64, 64, 3\], got \(1, 32, 32, 3\)',
+        ),
+        (
+            jnp.zeros((1, 64, 48, 3)),
+            r'images must have shape \[batch, 64, 64, 3\], got \(1, 64, 48',
+        ),
     ],
-    ids=['empty batch', 'NaN', 'uint8', 'no batch axis', '4 channels'],
+    ids=[
+        'empty batch',
+        'NaN',
+        'inf float64',
+        'uint8',
+        'int32',
+        'no batch axis',
+        '4 channels',
+        'another size than the model',
+        'not square',
+    ],
 )
 def test_sample_rejects_bad_images(smoke_model, images, pattern):
   with pytest.raises(ValueError, match=pattern):
