@@ -29,6 +29,9 @@ def get_config(arg=None):
   config.data = ml_collections.ConfigDict()
   config.data.name = 'synthetic'  # 'synthetic' | 'freihand'
   config.data.root = ''  # FreiHAND root (manual_dir) for name='freihand'
+  # Real data sets: an image that cannot be decoded fails the data set build naming the file
+  # (False), or is left out with a warning naming it and the count logged (True).
+  config.data.skip_corrupt = False
   config.data.tfds_data_dir = 'data/tfds'
   config.data.num_train = 4096  # synthetic set sizes (examples; ~40/s to render at 128 px)
   config.data.num_eval = 256

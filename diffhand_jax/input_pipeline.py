@@ -445,7 +445,11 @@ def get_builder(config, need_train=True):
   variant = 'depth' if config.model.use_depth else 'rgb'
   data_dir = config.data.tfds_data_dir
   if name == 'freihand':
-    builder = freihand.Freihand(config=variant, data_dir=data_dir)
+    builder = freihand.Freihand(
+        config=variant,
+        data_dir=data_dir,
+        skip_corrupt=bool(config.data.skip_corrupt),
+    )
   elif name in ('dexycb', 'ho3d'):
     # Their vertices come from the MANO parameters: the real MANO files are needed.
     if not config.mano_path:

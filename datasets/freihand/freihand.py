@@ -49,6 +49,12 @@ class Freihand(tfds.core.GeneratorBasedBuilder):
   <manual_dir>/depth/training/rgb/%08d.png (or .npy) and <manual_dir>/depth/evaluation/rgb/.
   """
 
+  def __init__(self, *, skip_corrupt=False, **kwargs):
+    """skip_corrupt: leave out images/masks/depth maps that cannot be decoded (each named in a
+    warning, their count reported at the end) instead of failing the build naming the first."""
+    super().__init__(**kwargs)
+    self._skip_corrupt = bool(skip_corrupt)
+
   @property
   def _with_depth(self):
     return self.builder_config.name == 'depth'
@@ -75,7 +81,9 @@ class Freihand(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, root, split):
     depth_dir = root / 'depth' if self._with_depth else None
-    for example in reader.examples(root, split, depth_dir=depth_dir):
+    for example in reader.examples(
+        root, split, depth_dir=depth_dir, skip_corrupt=self._skip_corrupt
+    ):
       yield example['image_id'], _to_features(example, self._with_depth)
 
 
