@@ -75,7 +75,7 @@ def main(argv):
   enable_compilation_cache(jax, FLAGS.compilation_cache)
 
   if parallel.launched_by_cluster(os.environ):
-    jax.distributed.initialize()
+    jax.distributed.initialize(**parallel.distributed_arguments(os.environ))
   config = FLAGS.config
   workdir = FLAGS.workdir or default_workdir(_config_argument())
   logging.info(

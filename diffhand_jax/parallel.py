@@ -205,3 +205,21 @@ def launched_by_cluster(environ: Mapping[str, str]) -> bool:
   if count('OMPI_COMM_WORLD_SIZE') > 1:
     return True
   return ',' in environ.get('TPU_WORKER_HOSTNAMES', '')
+
+
+def distributed_arguments(environ: Mapping[str, str]) -> dict:
+  """Keyword arguments for `jax.distributed.initialize` from the environment.
+
+  JAX reads JAX_COORDINATOR_ADDRESS itself but not the process count and index, which a job
+  started by hand (e.g. two processes on one machine) has no cluster launcher to tell it:
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID give them. Without them, {} leaves everything to
+  JAX's cluster detection (SLURM, Open MPI, Cloud TPU).
+  """
+  arguments = {}
+  for key, name in (('JAX_NUM_PROCESSES', 'num_processes'), ('JAX_PROCESS_ID', 'process_id')):
+    if key in environ:
+      try:
+        arguments[name] = int(environ[key])
+      except ValueError:
+        raise ValueError(f'{key} must be an integer, got {environ[key]!r}') from None
+  return arguments

@@ -236,6 +236,33 @@ def test_each_epoch_visits_distinct_examples():
     assert len(set(ids.tolist())) == 12 and set(ids.tolist()) <= set(range(13))
 
 
+@pytest.mark.parametrize('start_step', [0, 4])
+def test_global_batches_do_not_depend_on_the_process_count(start_step):
+  """Two processes' shares of each step, stacked process-major, are the one-process batch
+  (issue 13: a two-process job trains on the same global batches as one process)."""
+  examples = _hand_examples(13)  # 3 global batches of 4 per epoch; 7 steps cross two epochs
+  config = _config(**STRONG_AUGMENTATION)
+
+  def batches(batch_size, **process):
+    dataset = input_pipeline.train_dataset_from(
+        _source(examples),
+        13,
+        config,
+        batch_size=batch_size,
+        start_step=start_step,
+        **process,
+    )
+    return list(dataset.take(7 - start_step).as_numpy_iterator())
+
+  one = batches(4, process_index=0, process_count=1)
+  shares = [batches(2, process_index=p, process_count=2) for p in range(2)]
+  for step, expected in enumerate(one):
+    for key in expected:
+      stacked = np.concatenate([shares[0][step][key], shares[1][step][key]])
+      np.testing.assert_array_equal(stacked, expected[key], err_msg=f'step {step} {key}')
+  assert not set(shares[0][0]['index'].tolist()) & set(shares[1][0]['index'].tolist())
+
+
 @pytest.mark.parametrize('process_count', [1, 3])
 def test_eval_covers_every_example_once_with_padding(process_count):
   examples = _hand_examples(11)

@@ -40,6 +40,17 @@ def test_launched_by_cluster(environ, expected):
   assert parallel.launched_by_cluster(environ) is expected
 
 
+def test_distributed_arguments_from_the_environment():
+  environ = {'JAX_COORDINATOR_ADDRESS': '127.0.0.1:1234', 'JAX_NUM_PROCESSES': '2'}
+  assert parallel.distributed_arguments(dict(environ, JAX_PROCESS_ID='1')) == {
+      'num_processes': 2,
+      'process_id': 1,
+  }
+  assert parallel.distributed_arguments({'SLURM_NTASKS': '4'}) == {}  # JAX detects SLURM
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID must be an integer, got 'one'"):
+    parallel.distributed_arguments(dict(environ, JAX_PROCESS_ID='one'))
+
+
 def test_default_workdir():
   assert launch.default_workdir('configs/synthetic.py') == 'runs/synthetic'
   assert launch.default_workdir('configs/freihand.py:smoke') == ('runs/freihand_smoke')
