@@ -78,6 +78,18 @@ def _check_points(name, x, num_points, num_samples='N'):
   return checks.check_array(name, x, (num_samples, num_points, 3), dtype=np.float64)
 
 
+def _check_predictions(pred_joints, pred_verts, gt_joints, gt_verts):
+  """The four arrays checked for shapes [N, 21, 3] / [N, 778, 3] with one N; returns them."""
+  pred_joints = _check_points('pred_joints', pred_joints, NUM_JOINTS)
+  num_samples = pred_joints.shape[0]
+  return (
+      pred_joints,
+      _check_points('pred_verts', pred_verts, NUM_VERTICES, num_samples),
+      _check_points('gt_joints', gt_joints, NUM_JOINTS, num_samples),
+      _check_points('gt_verts', gt_verts, NUM_VERTICES, num_samples),
+  )
+
+
 def align_w_scale(gt, pred):
   """Similarity-aligns each predicted point set to its ground truth (official `align_w_scale`).
 
@@ -189,13 +201,11 @@ def freihand_metrics(pred_joints, pred_verts, gt_joints, gt_verts):
     auc_joints, pa_auc_joints, auc_verts, pa_auc_verts (0-50 mm) and f5, f15, pa_f5, pa_f15
     as fractions in [0, 1]. All Python floats.
   """
-  pred_joints = _check_points('pred_joints', pred_joints, NUM_JOINTS)
-  num_samples = pred_joints.shape[0]
-  if num_samples == 0:
+  pred_joints, pred_verts, gt_joints, gt_verts = _check_predictions(
+      pred_joints, pred_verts, gt_joints, gt_verts
+  )
+  if pred_joints.shape[0] == 0:
     raise ValueError('freihand_metrics needs at least one sample, got 0')
-  pred_verts = _check_points('pred_verts', pred_verts, NUM_VERTICES, num_samples)
-  gt_joints = _check_points('gt_joints', gt_joints, NUM_JOINTS, num_samples)
-  gt_verts = _check_points('gt_verts', gt_verts, NUM_VERTICES, num_samples)
 
   aligned_joints = align_w_scale(gt_joints, pred_joints)
   aligned_verts = align_w_scale(gt_verts, pred_verts)
@@ -251,11 +261,9 @@ def per_example_errors(pred_joints, pred_verts, gt_joints, gt_verts):
     means are `freihand_metrics`' values) and 'vertex_errors' [N, 778] in metres (unaligned
     distance of every vertex).
   """
-  pred_joints = _check_points('pred_joints', pred_joints, NUM_JOINTS)
-  num_samples = pred_joints.shape[0]
-  pred_verts = _check_points('pred_verts', pred_verts, NUM_VERTICES, num_samples)
-  gt_joints = _check_points('gt_joints', gt_joints, NUM_JOINTS, num_samples)
-  gt_verts = _check_points('gt_verts', gt_verts, NUM_VERTICES, num_samples)
+  pred_joints, pred_verts, gt_joints, gt_verts = _check_predictions(
+      pred_joints, pred_verts, gt_joints, gt_verts
+  )
   vertex_errors = _point_errors(gt_verts, pred_verts)
   return {
       'mpjpe': _point_errors(gt_joints, pred_joints).mean(axis=1) * _M_TO_MM,
