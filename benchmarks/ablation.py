@@ -5,7 +5,9 @@ A cell is configs/synthetic.py with `--config.decoder` and `--config.diffusion` 
 trains on the synthetic set of seed s (data, initialisation and augmentation all follow
 config.seed) and is scored on 256 hands of seed s + 1000. All cells share the seeds, so cells
 compare paired (same data, same unseen hands). Runs go to <root>/<cell>_seed<s>; a finished
-run is reused (train.py resumes and stops at once).
+run is reused (train.py resumes and stops at once), and a run already scored in
+<root>/results.json with the same steps and overrides keeps its row (add seeds to a grid without
+re-scoring the old ones).
 
   .venv/bin/python benchmarks/ablation.py --steps=300 --seeds=0,1 --root=runs/grid
   .venv/bin/python benchmarks/ablation.py --steps=300 --seeds=0 \
@@ -101,17 +103,43 @@ def main(argv):
   for cell in FLAGS.cells:
     if cell not in CELLS:
       raise app.UsageError(f'unknown cell {cell!r}; known: {list(CELLS)}')
-  rows = []
+  results_path = os.path.join(FLAGS.root, 'results.json')
+  rows = load_rows(results_path)
   for seed in (int(s) for s in FLAGS.seeds):
     for cell in FLAGS.cells:
-      workdir = os.path.join(FLAGS.root, f'{cell}_seed{seed}')
       overrides = cell_overrides(cell, seed)
+      if any(r['cell'] == cell and r['seed'] == seed for r in rows):
+        print(f'{cell} seed {seed}: scored before, kept from {results_path}')
+        continue
+      workdir = os.path.join(FLAGS.root, f'{cell}_seed{seed}')
       seconds = runs.train(workdir, overrides)
       scores = runs.score(workdir, overrides)
-      rows.append(dict(cell=cell, seed=seed, train_seconds=seconds, **scores))
-      with open(os.path.join(FLAGS.root, 'results.json'), 'w') as f:
+      rows.append(dict(cell=cell, seed=seed, overrides=overrides, train_seconds=seconds, **scores))
+      with open(results_path, 'w') as f:
         json.dump(rows, f, indent=2, default=float)
       print_table(rows)
+  print_table(rows)
+
+
+def load_rows(path: str) -> list[dict]:
+  """Rows of an earlier run of this grid at `path` ([] if none); refuses other budgets.
+
+  A row made with other steps or overrides than this command's would mix budgets in one table,
+  so it is an error naming the row (rows written before `overrides` was recorded are taken as
+  they are).
+  """
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = json.load(f)
+  for row in rows:
+    expected = cell_overrides(row['cell'], row['seed'])
+    if 'overrides' in row and row['overrides'] != expected:
+      raise app.UsageError(
+          f"{path}: {row['cell']} seed {row['seed']} was run with {row['overrides']}, this "
+          f'command would use {expected}; use another --root or the same flags'
+      )
+  return rows
 
 
 if __name__ == '__main__':
