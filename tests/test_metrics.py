@@ -236,17 +236,29 @@ def test_alignment_matches_independent_loops():
   np.testing.assert_allclose(ours[0], gt[0], atol=1e-7)
 
 
-def test_f_scores_match_brute_force():
+@pytest.mark.parametrize('num_threads', [1, 3])
+def test_f_scores_match_brute_force(num_threads):
   rng = np.random.default_rng(3)
   gt = rng.normal(size=(5, 778, 3)) * 0.03
+  # Noise of the size of the thresholds: some points are decided by their own counterpart,
+  # the others by the search.
   pred = gt + rng.normal(size=gt.shape) * 0.006
   pred[1] += 0.5  # far away: P = R = 0, F = 0
   pred[2] = gt[2, ::-1]  # same point set in another order: F = 1
-  scores = metrics.f_scores(gt, pred)
+  scores = metrics.f_scores(gt, pred, num_threads=num_threads)
   for threshold, row in zip(metrics.F_THRESHOLDS_M, scores):
     np.testing.assert_allclose(row, _f_score_loop(gt, pred, threshold), atol=1e-12)
   assert scores[0, 1] == 0.0 and scores[1, 1] == 0.0
   assert scores[0, 2] == 1.0 and 0.0 < scores[0, 0] < 1.0
+
+
+def test_f_scores_match_brute_force_with_other_point_counts():
+  rng = np.random.default_rng(8)
+  gt = rng.normal(size=(4, 300, 3)) * 0.02
+  pred = gt[:, :200] + rng.normal(size=(4, 200, 3)) * 0.006
+  scores = metrics.f_scores(gt, pred, num_threads=2)
+  for threshold, row in zip(metrics.F_THRESHOLDS_M, scores):
+    np.testing.assert_allclose(row, _f_score_loop(gt, pred, threshold), atol=1e-12)
 
 
 def test_f_score_threshold_is_strict():

@@ -1,0 +1,108 @@
+"""Times `metrics.freihand_metrics` on a FreiHAND-sized evaluation set, before and after.
+
+Usage: python benchmarks/metrics.py [--samples 3960] [--repeats 3]
+
+"before" is the plain form: every point searched in one k-d tree per sample, one thread
+(`metrics.nearest_distances`); "after" is `metrics.f_scores` as shipped (counterpart shortcut,
+threads). Both run interleaved in this process on the same hands, and their metrics are compared
+(the largest absolute difference over the 12 numbers is printed; the target is <= 1e-6).
+
+Hands: 3,960 hands of the procedural MANO model with random poses and shapes (ground truth);
+predictions at two qualities: "close" (the ground truth + 5 mm Gaussian noise per coordinate,
+a FreiHAND-level model) and "far" (another random pose of the same hand and a 2 cm shift, a
+model that has not learned much).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from diffhand_jax import mano
+from diffhand_jax import metrics
+from diffhand_jax import procedural_mano
+
+
+def random_hands(model, rng, num):
+  """([num, 21, 3], [num, 778, 3]) metres: MANO with random pose (0.4 rad std) and shape."""
+  pose = 0.4 * rng.standard_normal((num, 48)).astype(np.float32)
+  betas = rng.standard_normal((num, 10)).astype(np.float32)
+  verts, joints = jax.jit(mano.mano_forward)(model, pose, betas)
+  return np.asarray(joints, np.float64), np.asarray(verts, np.float64)
+
+
+def f_scores_before(gt_verts, pred_verts, thresholds=metrics.F_THRESHOLDS_M, num_threads=None):
+  """The plain form: exact nearest distances of every point, then the F-score."""
+  del num_threads
+  bound = max(thresholds) * 2.0
+  pred_to_gt = metrics.nearest_distances(pred_verts, gt_verts, bound)
+  gt_to_pred = metrics.nearest_distances(gt_verts, pred_verts, bound)
+  return np.stack(
+      [
+          metrics.f_score(np.mean(pred_to_gt < th, axis=1), np.mean(gt_to_pred < th, axis=1))
+          for th in thresholds
+      ]
+  )
+
+
+def timed_metrics(f_scores, hands):
+  """(seconds, metrics) of one `freihand_metrics` call with `f_scores` in place."""
+  shipped = metrics.f_scores
+  metrics.f_scores = f_scores
+  try:
+    start = time.perf_counter()
+    result = metrics.freihand_metrics(*hands)
+    return time.perf_counter() - start, result
+  finally:
+    metrics.f_scores = shipped
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--samples', type=int, default=3960)
+  parser.add_argument('--repeats', type=int, default=3)
+  args = parser.parse_args(argv)
+  rng = np.random.default_rng(0)
+  model = procedural_mano.procedural_hand(0)
+  gt_joints, gt_verts = random_hands(model, rng, args.samples)
+  other_joints, other_verts = random_hands(model, rng, args.samples)
+  noise = lambda x: x + 0.005 * rng.standard_normal(x.shape)
+  shift = np.array([0.02, 0.0, 0.0])
+  cases = {
+      'close (+5 mm noise)': (noise(gt_joints), noise(gt_verts), gt_joints, gt_verts),
+      'far (other pose, 2 cm shift)': (
+          other_joints + shift,
+          other_verts + shift,
+          gt_joints,
+          gt_verts,
+      ),
+  }
+  print(
+      f'freihand_metrics on {args.samples} hands, {len(os.sched_getaffinity(0))} usable CPUs, '
+      f'median of {args.repeats} (min-max), seconds'
+  )
+  print('| predictions | before | after | after / before | max abs difference | f5 / f15 |')
+  print('|---|---|---|---|---|---|')
+  for name, hands in cases.items():
+    times = {'before': [], 'after': []}
+    for _ in range(args.repeats):
+      seconds, before = timed_metrics(f_scores_before, hands)
+      times['before'].append(seconds)
+      seconds, after = timed_metrics(metrics.f_scores, hands)
+      times['after'].append(seconds)
+    diff = max(abs(before[k] - after[k]) for k in metrics.METRIC_KEYS)
+    cells = {k: f'{np.median(v):.2f} ({np.min(v):.2f}-{np.max(v):.2f})' for k, v in times.items()}
+    ratio = np.median(times['after']) / np.median(times['before'])
+    print(
+        f"| {name} | {cells['before']} | {cells['after']} | {ratio:.2f} | {diff:.1e} | "
+        f"{after['f5']:.3f} / {after['f15']:.3f} |"
+    )
+
+
+if __name__ == '__main__':
+  main()
