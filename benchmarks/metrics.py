@@ -83,7 +83,7 @@ def main(argv=None):
       ),
   }
   print(
-      f'freihand_metrics on {args.samples} hands, {len(os.sched_getaffinity(0))} usable CPUs, '
+      f'freihand_metrics on {args.samples} hands, {metrics.usable_cpus()} usable CPUs, '
       f'median of {args.repeats} (min-max), seconds'
   )
   print('| predictions | before | after | after / before | max abs difference | f5 / f15 |')

@@ -172,7 +172,8 @@ def _closer_than(a, b, thresholds, num_threads=None):
   corresponding points (same shape, e.g. two meshes in MANO order) the distance to the
   corresponding point bounds the nearest distance from above, so a point whose own counterpart
   is closer than every threshold needs no search; the other points are searched in one small
-  k-d tree per sample, samples spread over `num_threads` threads (scipy releases the GIL).
+  k-d tree per sample, samples spread over `num_threads` threads (the queries release the GIL,
+  the tree builds mostly do not, so threads overlap only partly: see benchmarks/metrics.py).
 
   Args:
     a: [samples, points_a, 3] float64.
@@ -196,12 +197,18 @@ def _closer_than(a, b, thresholds, num_threads=None):
       nearest = spatial.cKDTree(b[sample]).query(a[sample, rows], distance_upper_bound=bound)[0]
       closer[:, sample, rows] = nearest[None] < thresholds[:, None]
 
-  num_threads = num_threads or len(os.sched_getaffinity(0))
-  with futures.ThreadPoolExecutor(num_threads) as pool:
+  with futures.ThreadPoolExecutor(num_threads or usable_cpus()) as pool:
     # Each sample writes only its own slice of `closer`.
-    for _ in pool.map(search, range(a.shape[0]), chunksize=64):
+    for _ in pool.map(search, range(a.shape[0])):
       pass
   return closer
+
+
+def usable_cpus() -> int:
+  """CPUs this process may run on (its affinity where the OS has one, else all)."""
+  if hasattr(os, 'sched_getaffinity'):  # Linux; not on macOS or Windows
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
 
 
 def f_scores(gt_verts, pred_verts, thresholds=F_THRESHOLDS_M, num_threads=None):

@@ -353,3 +353,12 @@ def test_full_evaluation_set_runs():
   print(f'freihand_metrics on 3,960 samples: {time.perf_counter() - start:.2f} s')
   # Per-coordinate noise of 5 mm: mean 3D error = 5 mm * sqrt(8/pi) (chi distribution, 3 dof).
   assert m['mpvpe'] == pytest.approx(5.0 * np.sqrt(8 / np.pi), rel=0.01)
+
+
+def test_usable_cpus_without_affinity(monkeypatch):
+  # macOS and Windows have no os.sched_getaffinity: the thread count falls back to cpu_count.
+  monkeypatch.delattr(metrics.os, 'sched_getaffinity', raising=False)
+  monkeypatch.setattr(metrics.os, 'cpu_count', lambda: 3)
+  assert metrics.usable_cpus() == 3
+  gt = np.random.default_rng(9).normal(size=(3, 50, 3)) * 0.01
+  np.testing.assert_array_equal(metrics.f_scores(gt, gt), np.ones((2, 3)))
