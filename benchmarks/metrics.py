@@ -36,9 +36,8 @@ def random_hands(model, rng, num):
   return np.asarray(joints, np.float64), np.asarray(verts, np.float64)
 
 
-def f_scores_before(gt_verts, pred_verts, thresholds=metrics.F_THRESHOLDS_M, num_threads=None):
+def f_scores_before(gt_verts, pred_verts, thresholds):
   """The plain form: exact nearest distances of every point, then the F-score."""
-  del num_threads
   bound = max(thresholds) * 2.0
   pred_to_gt = metrics.nearest_distances(pred_verts, gt_verts, bound)
   gt_to_pred = metrics.nearest_distances(gt_verts, pred_verts, bound)
