@@ -73,6 +73,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/render.py
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/sampling.py
+	$(PY) benchmarks/metrics.py --repeats=2
 
 clean:
 	rm -rf runs .pytest_cache
