@@ -18,7 +18,6 @@ numbers) and the paired differences to the vanilla-without-diffusion cell; write
 <root>/results.json after every run.
 """
 
-import json
 import os
 import sys
 
@@ -104,7 +103,15 @@ def main(argv):
     if cell not in CELLS:
       raise app.UsageError(f'unknown cell {cell!r}; known: {list(CELLS)}')
   results_path = os.path.join(FLAGS.root, 'results.json')
-  rows = load_rows(results_path)
+  try:
+    rows = runs.load_rows(
+        results_path,
+        name=lambda row: f"{row['cell']} seed {row['seed']}",
+        expected_overrides=lambda row: cell_overrides(row['cell'], row['seed']),
+    )
+  except ValueError as error:
+    raise app.UsageError(str(error)) from error
+  scored_now = False
   for seed in (int(s) for s in FLAGS.seeds):
     for cell in FLAGS.cells:
       overrides = cell_overrides(cell, seed)
@@ -115,31 +122,11 @@ def main(argv):
       seconds = runs.train(workdir, overrides)
       scores = runs.score(workdir, overrides)
       rows.append(dict(cell=cell, seed=seed, overrides=overrides, train_seconds=seconds, **scores))
-      with open(results_path, 'w') as f:
-        json.dump(rows, f, indent=2, default=float)
-      print_table(rows)
-  print_table(rows)
-
-
-def load_rows(path: str) -> list[dict]:
-  """Rows of an earlier run of this grid at `path` ([] if none); refuses other budgets.
-
-  A row made with other steps or overrides than this command's would mix budgets in one table,
-  so it is an error naming the row (rows written before `overrides` was recorded are taken as
-  they are).
-  """
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    rows = json.load(f)
-  for row in rows:
-    expected = cell_overrides(row['cell'], row['seed'])
-    if 'overrides' in row and row['overrides'] != expected:
-      raise app.UsageError(
-          f"{path}: {row['cell']} seed {row['seed']} was run with {row['overrides']}, this "
-          f'command would use {expected}; use another --root or the same flags'
-      )
-  return rows
+      runs.save_rows(results_path, rows)
+      print_table(rows)  # after every new row: the last one printed is the final table
+      scored_now = True
+  if not scored_now:
+    print_table(rows)
 
 
 if __name__ == '__main__':

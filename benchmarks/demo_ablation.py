@@ -7,10 +7,11 @@ baseline of that split. Runs go to <root>/<variant>; a finished run is reused.
   .venv/bin/python benchmarks/demo_ablation.py --steps=300 --root=runs/ablation
   .venv/bin/python benchmarks/demo_ablation.py --variants=full,no_aux_head --steps=300
 
-Prints a table (markdown) and writes <root>/results.json.
+Prints a table (markdown) of every variant scored under <root> (results.json): a variant
+already scored there with the same overrides keeps its row and is not run again, so variants
+can be added to a root one command at a time.
 """
 
-import json
 import os
 import sys
 
@@ -53,27 +54,47 @@ flags.DEFINE_list(
 FLAGS = flags.FLAGS
 
 
+def variant_overrides(variant: str) -> list[str]:
+  """The full overrides of one variant under this command's budget and extra flags."""
+  return [*runs.budget_overrides(FLAGS.steps), *VARIANTS[variant][1], *FLAGS.extra]
+
+
 def main(argv):
   del argv
   os.makedirs(FLAGS.root, exist_ok=True)
-  rows = []
   for variant in FLAGS.variants:
     if variant not in VARIANTS:
       raise app.UsageError(f'unknown variant {variant!r}; known: {list(VARIANTS)}')
+  results_path = os.path.join(FLAGS.root, 'results.json')
+  try:
+    rows = runs.load_rows(
+        results_path,
+        name=lambda row: row['variant'],
+        # A variant no longer defined here is kept as it was run.
+        expected_overrides=lambda row: (
+            variant_overrides(row['variant']) if row['variant'] in VARIANTS else row['overrides']
+        ),
+    )
+  except ValueError as error:
+    raise app.UsageError(str(error)) from error
+  for variant in FLAGS.variants:
+    if any(r['variant'] == variant for r in rows):
+      print(f'{variant}: scored before, kept from {results_path}')
+      continue
     workdir = os.path.join(FLAGS.root, variant)
-    overrides = [*runs.budget_overrides(FLAGS.steps), *VARIANTS[variant][1], *FLAGS.extra]
+    overrides = variant_overrides(variant)
     seconds = runs.train(workdir, overrides)
     scores = runs.score(workdir, overrides)
     rows.append(
         dict(
             variant=variant,
             off=VARIANTS[variant][0],
+            overrides=overrides,
             train_seconds=seconds,
             **{k: scores[k] for k in scores if 'mpjpe' in k or k == 'mpvpe'},
         )
     )
-    with open(os.path.join(FLAGS.root, 'results.json'), 'w') as f:
-      json.dump(rows, f, indent=2)
+    runs.save_rows(results_path, rows)
   print(
       f'\n{FLAGS.steps} steps per variant, extra overrides: {FLAGS.extra or "none"}; '
       'unseen seed; MPJPE / PA-MPJPE in mm (ratio to the mean hand)\n'

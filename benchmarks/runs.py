@@ -9,6 +9,7 @@ same overrides by hand for the scoring side: values parse as Python literals, el
 """
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -73,3 +74,36 @@ def score(workdir: str, overrides: Sequence[str]) -> dict:
 
   scores, _ = demo.evaluate_unseen(config_with(overrides), workdir)
   return scores
+
+
+def load_rows(path: str, name, expected_overrides) -> list[dict]:
+  """Scored rows of an earlier run of a driver, kept at `path` ([] if none).
+
+  A row made with other overrides (another budget) than this command would use for it would
+  mix budgets in one table, so it is an error naming the row; rows written before `overrides`
+  was recorded are taken as they are.
+
+  Args:
+    path: the driver's results.json.
+    name: row -> its name in messages ("cross_direct seed 1").
+    expected_overrides: row -> the overrides this command would run that row with.
+  """
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = json.load(f)
+  for row in rows:
+    expected = expected_overrides(row)
+    if 'overrides' in row and row['overrides'] != expected:
+      raise ValueError(
+          f"{path}: {name(row)} was run with {row['overrides']}, this command would use "
+          f'{expected}; use another --root or the same flags'
+      )
+  return rows
+
+
+def save_rows(path: str, rows: Sequence[dict]) -> None:
+  """Writes the rows as results.json, through a temporary file (a kill keeps the old one)."""
+  with open(path + '.tmp', 'w') as f:
+    json.dump(list(rows), f, indent=2, default=float)
+  os.replace(path + '.tmp', path)
