@@ -2,10 +2,12 @@
 
 Usage: python benchmarks/metrics.py [--samples 3960] [--repeats 3]
 
-"before" is the plain form, as the official toolbox computes it: every point searched in one exact
-k-d tree per sample (scipy's cKDTree), one thread; "after" is `metrics.freihand_metrics` as shipped
-(one dense float32 pass over the pairs for both directions on the device, `diffhand_jax/nearest.py`,
-with a float64 recheck near the thresholds, overlapped with the host's alignment). Both run interleaved in this process on the same hands, and their
+"before" computes the F-scores' nearest-neighbour tests in the plain form, as the official
+toolbox does: every point searched in one exact k-d tree per sample (scipy's cKDTree), one
+thread; "after" is `metrics.freihand_metrics` as shipped (one dense float32 pass over the pairs
+for both directions on the device, `diffhand_jax/nearest.py`, with a float64 recheck near the
+thresholds, overlapped with the host's alignment). Everything else (alignment, errors, AUCs) is
+the shipped code in both. Both run interleaved in this process on the same hands, and their
 metrics are compared (the largest absolute difference over the 12 numbers is printed; the
 target is <= 1e-6). The first "after" call, which includes compiling the pass, is reported apart.
 
