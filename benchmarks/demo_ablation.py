@@ -70,9 +70,12 @@ def main(argv):
     rows = runs.load_rows(
         results_path,
         name=lambda row: row['variant'],
-        # A variant no longer defined here is kept as it was run.
+        # A variant no longer defined here is kept as it was run (rows from before overrides
+        # were recorded have none, and load_rows takes those as they are).
         expected_overrides=lambda row: (
-            variant_overrides(row['variant']) if row['variant'] in VARIANTS else row['overrides']
+            variant_overrides(row['variant'])
+            if row['variant'] in VARIANTS
+            else row.get('overrides')
         ),
     )
   except ValueError as error:
