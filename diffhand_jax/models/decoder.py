@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffhand_jax import checks
+from diffhand_jax.models import attention as attention_lib
 from diffhand_jax.models.layers import DENSE_INIT, Mlp, dense
 
 Dtype = Any
@@ -129,7 +130,7 @@ class AttentionBlock(nn.Module):
         dtype=self.dtype,
         param_dtype=jnp.float32,
         kernel_init=DENSE_INIT,
-        force_fp32_for_softmax=True,
+        attention_fn=attention_lib.dot_product_attention,
         deterministic=True,
         name=name,
     )

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from diffhand_jax import checks
+from diffhand_jax.models import conv
 from diffhand_jax.models import depth as depth_lib
 
 Dtype = Any
@@ -129,17 +130,7 @@ class ConvNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x: [batch, H, W, C]. Returns: [batch, H/stride, W/stride, features]."""
-    pad = self.kernel // 2
-    x = nn.Conv(
-        self.features,
-        (self.kernel,) * 2,
-        strides=(self.stride,) * 2,
-        padding=((pad, pad), (pad, pad)),
-        use_bias=False,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        name='conv',
-    )(x)
+    x = conv.Conv(self.features, self.kernel, self.stride, dtype=self.dtype, name='conv')(x)
     if self.norm == 'group':
       x = nn.GroupNorm(
           num_groups=math.gcd(32, self.features),

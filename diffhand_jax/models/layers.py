@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffhand_jax.models import attention
+
 Dtype = Any
 
 # timm initialises Linear weights with a truncated normal of std 0.02 and zero biases.
@@ -76,7 +78,5 @@ class SelfAttention(nn.Module):
     qkv = dense(3 * width, self.dtype, 'qkv')(x)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [batch, tokens, heads, head_dim]
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * head_dim**-0.5
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, tokens, width)
+    out = attention.dot_product_attention(q, k, v).reshape(batch, tokens, width)
     return dense(width, self.dtype, 'proj')(out)
