@@ -121,6 +121,25 @@ def test_exact_gelu_matches_erf_and_differs_from_tanh():
   assert np.abs(exact - tanh).max() > 1e-4  # the choice is observable
 
 
+def test_add_to_every_example_value_and_gradients():
+  rng = np.random.default_rng(3)
+  x, table = rng.normal(size=(5, 7, 4)), rng.normal(size=(7, 4))
+  cotangent = rng.normal(size=x.shape)
+  out, vjp = jax.vjp(
+      layers.add_to_every_example, jnp.asarray(x, jnp.float32), jnp.asarray(table, jnp.float32)
+  )
+  np.testing.assert_allclose(out, x + table[None], atol=1e-6)
+  d_x, d_table = vjp(jnp.asarray(cotangent, jnp.float32))
+  np.testing.assert_allclose(d_x, cotangent, atol=1e-6)
+  np.testing.assert_allclose(d_table, cotangent.sum(axis=0), atol=1e-5)  # summed over the batch
+  # bfloat16 activations, float32 table: the result follows x, the table's gradient the table.
+  out, vjp = jax.vjp(
+      layers.add_to_every_example, jnp.asarray(x, jnp.bfloat16), jnp.asarray(table, jnp.float32)
+  )
+  assert out.dtype == jnp.bfloat16
+  assert vjp(jnp.ones(x.shape, jnp.bfloat16))[1].dtype == jnp.float32
+
+
 def test_self_attention_matches_per_head_loop():
   module = layers.SelfAttention(num_heads=4)
   x = random_array(0, (2, 7, 32))

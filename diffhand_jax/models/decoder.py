@@ -15,7 +15,7 @@ import numpy as np
 
 from diffhand_jax import checks
 from diffhand_jax.models import attention as attention_lib
-from diffhand_jax.models.layers import DENSE_INIT, Mlp, dense
+from diffhand_jax.models.layers import DENSE_INIT, Mlp, add_to_every_example, dense
 
 Dtype = Any
 LevelIndices = Tuple[Tuple[int, ...], ...]
@@ -269,7 +269,7 @@ class Decoder(nn.Module):
         (self.num_points, self.width),
         jnp.float32,
     )
-    h = dense(self.width, self.dtype, 'vertex_embed')(x_t) + position.astype(self.dtype)
+    h = add_to_every_example(dense(self.width, self.dtype, 'vertex_embed')(x_t), position)
     time_features = Mlp(self.width, dtype=self.dtype, name='time_mlp')(
         timestep_embedding(t, self.width)
     )
