@@ -74,6 +74,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/sampling.py
 	$(PY) benchmarks/metrics.py --repeats=2
+	$(PY) benchmarks/cpu_kernels.py
 
 clean:
 	rm -rf runs .pytest_cache
