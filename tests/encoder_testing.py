@@ -73,3 +73,18 @@ def abstract_encoder_outputs(config, image_size, batch=2):
   variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), images)
   tokens, embedding = jax.eval_shape(module.apply, variables, images)
   return variables, tokens, embedding
+
+
+def np_conv(x, kernel, stride):
+  """Zero-padded ('same' for odd kernels) strided convolution by a loop over kernel taps."""
+  k = kernel.shape[0]
+  pad = k // 2
+  x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  out_h = (x.shape[1] - k) // stride + 1
+  out_w = (x.shape[2] - k) // stride + 1
+  out = np.zeros((x.shape[0], out_h, out_w, kernel.shape[-1]))
+  for dy in range(k):
+    for dx in range(k):
+      window = x[:, dy : dy + stride * out_h : stride, dx : dx + stride * out_w : stride]
+      out += window @ kernel[dy, dx]
+  return out

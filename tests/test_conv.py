@@ -7,21 +7,7 @@ import numpy as np
 import pytest
 
 from diffhand_jax.models import conv
-
-
-def np_conv(x, kernel, stride, padding):
-  """float64 loop: out[b, i, j, f] = sum_{di, dj, c} xpad[b, s*i + di, s*j + dj, c] w[di, dj, c, f]."""
-  size = kernel.shape[0]
-  xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  out_h = (xp.shape[1] - size) // stride + 1
-  out_w = (xp.shape[2] - size) // stride + 1
-  out = np.zeros((x.shape[0], out_h, out_w, kernel.shape[-1]))
-  for i in range(out_h):
-    for j in range(out_w):
-      window = xp[:, stride * i : stride * i + size, stride * j : stride * j + size]
-      out[:, i, j] = np.einsum('bhwc,hwcf->bf', window, kernel)
-  return out
-
+from encoder_testing import np_conv
 
 CASES = [  # (height, width, channels, features, kernel, stride): odd sizes, strides, 1x1
     (5, 7, 3, 4, 3, 1),
@@ -38,7 +24,7 @@ def test_patches_match_float64_loop_and_lax(height, width, channels, features, s
   x = rng.normal(size=(2, height, width, channels))
   kernel = rng.normal(size=(size, size, channels, features))
   pad = size // 2
-  want = np_conv(x, kernel, stride, pad)
+  want = np_conv(x, kernel, stride)
   x32, k32 = jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)
   got = conv.conv2d_patches(x32, k32, stride, pad)
   assert got.shape == want.shape
@@ -71,5 +57,5 @@ def test_module_bfloat16_computation():
   params = module.init(jax.random.PRNGKey(0), x)
   out = module.apply(params, x)
   assert out.dtype == jnp.bfloat16 and params['params']['kernel'].dtype == jnp.float32
-  want = np_conv(np.asarray(x), np.asarray(params['params']['kernel']), 1, 1)
+  want = np_conv(np.asarray(x), np.asarray(params['params']['kernel']), 1)
   np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=0.1)

@@ -12,6 +12,7 @@ from diffhand_jax.models import depth as depth_lib
 from diffhand_jax.models import encoder
 from diffhand_jax.models import hrnet
 from encoder_testing import abstract_encoder_outputs
+from encoder_testing import np_conv
 from encoder_testing import model_config
 from encoder_testing import perturbed
 from encoder_testing import random_array
@@ -23,21 +24,6 @@ PUBLISHED_HRNET_PARAMS = {'w32': 28.5e6, 'w48': 63.6e6}
 
 
 # ---- Numpy reference (float64) ----
-
-
-def np_conv(x, kernel, stride):
-  """Zero-padded ('same' for odd kernels) strided convolution by a loop over kernel taps."""
-  k = kernel.shape[0]
-  pad = k // 2
-  x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  out_h = (x.shape[1] - k) // stride + 1
-  out_w = (x.shape[2] - k) // stride + 1
-  out = np.zeros((x.shape[0], out_h, out_w, kernel.shape[-1]))
-  for dy in range(k):
-    for dx in range(k):
-      window = x[:, dy : dy + stride * out_h : stride, dx : dx + stride * out_w : stride]
-      out += window @ kernel[dy, dx]
-  return out
 
 
 def np_group_norm(x, p, groups, eps=1e-5):
