@@ -138,6 +138,8 @@ def test_add_to_every_example_value_and_gradients():
   )
   assert out.dtype == jnp.bfloat16
   assert vjp(jnp.ones(x.shape, jnp.bfloat16))[1].dtype == jnp.float32
+  with pytest.raises(ValueError, match='x.shape'):  # a broadcastable table is refused too
+    layers.add_to_every_example(jnp.zeros((5, 7, 4)), jnp.zeros((1, 4)))
 
 
 def test_self_attention_matches_per_head_loop():

@@ -52,10 +52,12 @@ def add_to_every_example(x: jax.Array, table: jax.Array) -> jax.Array:
   Returns:
     [B, ...] in x's dtype.
   """
-  return x + table.astype(x.dtype)
+  return _add_forward(x, table)[0]
 
 
 def _add_forward(x, table):
+  if table.shape != x.shape[1:]:
+    raise ValueError(f'add_to_every_example: table {table.shape} must be x.shape[1:] of {x.shape}')
   return x + table.astype(x.dtype), table  # the table only for its dtype (kept alive anyway)
 
 
