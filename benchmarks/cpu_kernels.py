@@ -16,7 +16,7 @@ ratios to the all-plain step. The first-step losses are printed: the rewrites ch
 rounding only.
 
 Usage:
-  .venv/bin/python benchmarks/cpu_kernels.py                 # ~6 min on 2 cores
+  .venv/bin/python benchmarks/cpu_kernels.py                 # ~12 min on 2 cores
   .venv/bin/python benchmarks/cpu_kernels.py --rounds=12 --skip_kernels
 """
 

@@ -9,7 +9,7 @@ CPU runs through a slow generic path. Here the heads are moved in front once, th
 uses the softmax identity rowsum(dP * P) = rowsum(dO * O) (a [B, H, Nq] vector from the
 outputs instead of a reduction over the weights), and the scale is folded into the query.
 On this 2-core CPU, forward + backward of the decoder's self-attention (batch 32, 4 heads of
-16, 194 points) takes 37-50 ms against 105 ms (BENCHMARKS.md, issue 11).
+16, 194 points) took 38.5 ms against 74.6 ms (`benchmarks/cpu_kernels.py`, BENCHMARKS.md).
 
 The backward keeps the attention weights P from the forward pass ([B, H, Nq, Nk] float32, as
 autodiff of the einsum form does): no recomputation.
