@@ -7,13 +7,13 @@ it replaced (by patching the module attribute the model calls):
   gelu       layers.exact_gelu through erf vs nn.gelu(approximate=False) (erfc)
   position   layers.add_to_every_example (gradient as a product) vs a plain broadcast add
 
-Table 1 (kernels): forward + backward (a VJP with a random cotangent) of each piece alone at
-the sizes of the synthetic default (batch 32), median of 5 x 5 calls. Table 2 (train step): the exact DiffHand train
-step of the synthetic config (benchmarks/train_step.py) compiled once per variant (all plain,
-each rewrite alone, all rewritten), then timed in interleaved rounds of 3 steps so that load
-from other processes falls on every variant alike; the ratio is the median of the per-round
-ratios to the all-plain step. The first-step losses are printed: the rewrites change float
-rounding only.
+Table 1 (kernels): forward + backward (a VJP with a random cotangent) of each piece alone at the
+sizes of the synthetic default (batch 32), median of 5 x 5 calls. Table 2 (train step): the exact
+DiffHand train step of the synthetic config (benchmarks/train_step.py) compiled once per variant
+(all plain, each rewrite alone, all rewritten), then timed in interleaved rounds of 3 steps so that
+load from other processes falls on every variant alike; the ratio is the median of the per-round
+ratios to the all-plain step. The first-step losses are printed: the rewrites change float rounding
+only.
 
 Usage:
   .venv/bin/python benchmarks/cpu_kernels.py                 # ~12 min on 2 cores

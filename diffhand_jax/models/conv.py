@@ -1,14 +1,14 @@
 """2-D convolution without bias, computed on a CPU as one matrix product (im2col).
 
-XLA CPU runs `lax.conv_general_dilated` through a generic kernel that is slow on the small
-maps of a 64 px ResNet: forward + backward of a 3x3, 256 -> 256 convolution on a batch of 32
-2x2 maps took 68.7 ms on this 2-core CPU where the same work as patches x kernel took 2.7 ms;
-stride 2, 4x4 -> 2x2, 128 -> 256: 25.7 ms against 3.1 ms; the 64 px stem: 9.4 against 5.9 ms
-(`benchmarks/cpu_kernels.py`, BENCHMARKS.md). On a CPU `Conv` therefore gathers the k x k
-shifted windows of the padded input into a [B, Ho, Wo, k*k*C] array and multiplies it by the
-kernel reshaped to [k*k*C, F]; elsewhere (cuDNN on a GPU) it calls `lax.conv_general_dilated`. Both give the
-same convolution (to float rounding), and the parameter is `nn.Conv`'s: one 'kernel' of shape
-[k, k, C, F] with the same initialiser, so checkpoints and timm imports are unchanged.
+XLA CPU runs `lax.conv_general_dilated` through a generic kernel that is slow on the small maps of a
+64 px ResNet: forward + backward of a 3x3, 256 -> 256 convolution on a batch of 32 2x2 maps took
+68.7 ms on this 2-core CPU where the same work as patches x kernel took 2.7 ms; stride 2, 4x4 ->
+2x2, 128 -> 256: 25.7 ms against 3.1 ms; the 64 px stem: 9.4 against 5.9 ms
+(`benchmarks/cpu_kernels.py`, BENCHMARKS.md). On a CPU `Conv` therefore gathers the k x k shifted
+windows of the padded input into a [B, Ho, Wo, k*k*C] array and multiplies it by the kernel reshaped
+to [k*k*C, F]; elsewhere (cuDNN on a GPU) it calls `lax.conv_general_dilated`. Both give the same
+convolution (to float rounding), and the parameter is `nn.Conv`'s: one 'kernel' of shape [k, k, C,
+F] with the same initialiser, so checkpoints and timm imports are unchanged.
 """
 
 from typing import Any
