@@ -102,7 +102,7 @@ def get_config(arg=None):
   # ---- Training ----
   config.train = ml_collections.ConfigDict()
   config.train.global_batch_size = 32
-  config.train.num_steps = 500  # make demo (the shipped model: longer)
+  config.train.num_steps = 640  # make demo: 5 passes over 4,096 hands (the shipped model: longer)
   # > 0: training counts the prepared training split and sets num_steps (and warm-up,
   # checkpoint and eval intervals) for this many epochs (configs/common.epoch_schedule);
   # the real-data configs use it. 0: num_steps as given.
