@@ -21,6 +21,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import runs
+from configs import synthetic
 
 # name -> (what is switched off, config overrides)
 VARIANTS = {
@@ -42,6 +43,10 @@ VARIANTS = {
     'uniform_orientation': (
         'held-hand orientations (uniform rotations instead)',
         ['--config.data.orientation=uniform'],
+    ),
+    'crop_augmentation': (
+        'training without augmentation (crop and colour jitter on instead)',
+        [f'--config.data.{key}={value}' for key, value in synthetic.CROP_AUGMENTATION.items()],
     ),
 }
 

@@ -70,6 +70,7 @@ def paper_config(
   config.data.name = dataset
   config.data.root = ''
   config.data.image_size = image_size
+  config.data.update(synthetic.CROP_AUGMENTATION)
   config.model.encoder = encoder
   config.model.encoder_size = encoder_size
   config.model.pretrained_image_size = 224

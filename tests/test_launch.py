@@ -84,6 +84,12 @@ def test_paper_recipe_values():
   assert config.train.num_epochs == 100
   assert freihand.get_config('smoke').train.num_epochs == 0  # the smoke variant: 4 steps
   assert config.sampling.num_sampling_steps == 10 and len(config.eval.tta_angles) == 3
+  # Real data train with crop and colour augmentation; the synthetic default without it.
+  augmentation = importlib.import_module('configs.synthetic').CROP_AUGMENTATION
+  for real in (config, dexycb.get_config(), ho3d.get_config()):
+    assert {key: real.data[key] for key in augmentation} == augmentation
+  synthetic_data = importlib.import_module('configs.synthetic').get_config().data
+  assert not any(synthetic_data[key] for key in augmentation)
   depth = freihand_depth.get_config()
   assert depth.model.use_depth and depth.init_from
   assert 'use_depth' not in depth.data  # one knob: config.model.use_depth
