@@ -11,8 +11,9 @@ import ml_collections
 # Crop and colour augmentation of the training images. The real-data configs
 # (configs/common.paper_config) and the smoke variant (which the tests train) use it; the
 # synthetic default trains without it: its evaluation crops are exactly the unaugmented
-# training crops, the model underfits rather than overfits at the CPU budget, and at the demo's
-# 640 steps augmentation cost 8 mm MPJPE on unseen hands (BENCHMARKS.md, issue 9).
+# training crops, and at the demo's 640 steps augmentation cost 8 mm MPJPE on unseen hands
+# (BENCHMARKS.md, issue 9; without it the model begins to memorise its training hands, so a
+# longer run should raise data.num_train rather than turn augmentation back on).
 CROP_AUGMENTATION = dict(rotation_deg=30.0, scale_jitter=0.25, center_jitter=0.1, color_jitter=0.2)
 
 
