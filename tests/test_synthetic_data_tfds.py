@@ -5,6 +5,7 @@ import pytest
 
 from configs import synthetic as synthetic_config
 from datasets.synthetic import generate
+from datasets.synthetic import render_pool
 from datasets.synthetic import synthetic_hands
 from diffhand_jax import procedural_mano
 
@@ -100,3 +101,30 @@ def test_bad_config_raises(tmp_path):
     builder.download_and_prepare()
   with pytest.raises(ValueError, match='make_config'):
     synthetic_hands.SyntheticHands(data_dir=str(tmp_path))
+
+
+@pytest.mark.slow
+def test_worker_pool_renders_what_one_process_renders():
+  hand_model = procedural_mano.procedural_hand(0)
+  spec = render_pool.SplitSpec(
+      seed=3,
+      stream=generate.EVAL_STREAM,
+      image_size=32,
+      tip_ids=(744, 320, 443, 555, 672),
+      orientation='held',
+      with_depth=True,
+  )
+  count = render_pool.CHUNK + 3  # two chunks, the second one short
+  pooled = list(render_pool.render_split(hand_model, spec, count, num_workers=2, min_parallel=0))
+  assert [key for key, _ in pooled] == list(range(count))
+  for key, example in pooled:
+    expected = generate.make_example(hand_model, 3, key, 32, stream=generate.EVAL_STREAM)
+    for name in ('verts', 'joints2d', 'depth', 'pose', 'K'):
+      np.testing.assert_array_equal(example[name], expected[name], err_msg=name)
+    assert example['image'] == render_pool.png_bytes(expected['image'])
+    assert example['mask'] == render_pool.png_bytes(expected['mask'])
+
+
+def test_render_split_checks_workers():
+  with pytest.raises(ValueError, match='num_workers'):
+    next(render_pool.render_split(None, None, 4, num_workers=0))

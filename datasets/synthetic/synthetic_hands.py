@@ -12,18 +12,16 @@ Usage (from Python; the `tfds build` CLI needs apache-beam):
 
 import dataclasses
 import hashlib
-import io
 import sys
 import time
 
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
 from datasets import features
 from datasets.synthetic import generate
+from datasets.synthetic import render_pool
 from datasets.synthetic import sampler
-from diffhand_jax import checks
 from diffhand_jax import mano
 from diffhand_jax import procedural_mano
 
@@ -41,22 +39,6 @@ _HAND_FIELDS = (
     'faces',
     'hands_mean',
 )
-
-
-def png_bytes(image):
-  """Lossless PNG of a uint8 [H, W, 3] or [H, W, 1] array.
-
-  Encoding with PIL here (TFDS stores the bytes as they are) is several times faster than
-  TFDS's TensorFlow encoder, which runs eagerly once per image.
-  """
-  image = checks.check_array('image', image, ('H', 'W', None), kind=np.uint8)
-  if image.shape[2] not in (1, 3):
-    raise ValueError(f'image must have 1 or 3 channels, got shape {image.shape}')
-  buffer = io.BytesIO()
-  Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(
-      buffer, format='PNG', compress_level=3
-  )
-  return buffer.getvalue()
 
 
 def hand_fingerprint(hand_model, tip_ids=mano.TIP_VERTEX_IDS):
@@ -141,11 +123,16 @@ class SyntheticHands(tfds.core.GeneratorBasedBuilder):
       '2.0.0': 'Hands held up to the camera; lighter palm, nails, skin texture.',
   }
 
-  def __init__(self, *, hand_model=None, **kwargs):
-    """`hand_model` is needed only to generate (not to read a prepared data set)."""
+  def __init__(self, *, hand_model=None, num_workers=None, **kwargs):
+    """`hand_model` is needed only to generate (not to read a prepared data set).
+
+    `num_workers`: processes that render a large split (None = every core; the data do not
+    depend on it, see `render_pool.render_split`).
+    """
     if not isinstance(kwargs.get('config'), SyntheticHandsConfig):
       raise ValueError('synthetic_hands needs config=make_config(...) (or use prepare(config))')
     self._hand_model = hand_model
+    self._num_workers = num_workers
     super().__init__(**kwargs)
 
   def _info(self):
@@ -171,24 +158,19 @@ class SyntheticHands(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split, count):
     config = self.builder_config
+    spec = render_pool.SplitSpec(
+        seed=config.seed,
+        stream=SPLIT_STREAMS[split],
+        image_size=config.image_size,
+        tip_ids=tuple(config.tip_ids),
+        orientation=config.orientation,
+        with_depth=config.with_depth,
+    )
     progress_every = max(1, min(500, count // 10))
     started = time.perf_counter()
-    stream = generate.examples(
-        self._hand_model,
-        config.seed,
-        0,
-        count,
-        config.image_size,
-        config.tip_ids,
-        stream=SPLIT_STREAMS[split],
-        orientation=config.orientation,
-    )
-    for done, example in enumerate(stream, start=1):
-      if not config.with_depth:
-        del example['depth']
-      example['image'] = png_bytes(example['image'])
-      example['mask'] = png_bytes(example['mask'])
-      yield int(example['id']), example
+    examples = render_pool.render_split(self._hand_model, spec, count, self._num_workers)
+    for done, (key, example) in enumerate(examples, start=1):
+      yield key, example
       if done % progress_every == 0 or done == count:
         rate = done / max(time.perf_counter() - started, 1e-9)
         print(
