@@ -41,7 +41,7 @@ def get_config(arg=None):
   # (False), or is left out with a warning naming it and the count logged (True).
   config.data.skip_corrupt = False
   config.data.tfds_data_dir = 'data/tfds'
-  config.data.num_train = 4096  # synthetic set sizes (examples; ~40/s to render at 128 px)
+  config.data.num_train = 4096  # synthetic set sizes (examples; ~45/s per core at 128 px)
   config.data.num_eval = 256
   config.data.render_size = 128  # synthetic images are rendered at this size
   config.data.image_size = 64  # network input (crop resized to this)
