@@ -12,8 +12,9 @@ import ml_collections
 # (configs/common.paper_config) and the smoke variant (which the tests train) use it; the
 # synthetic default trains without it: its evaluation crops are exactly the unaugmented
 # training crops, and at the demo's 640 steps augmentation cost 8 mm MPJPE on unseen hands
-# (BENCHMARKS.md, issue 9). Without it the model begins to memorise its training hands; at
-# 640 steps 8,192 of them scored no better than 4,096 (longer runs: not measured).
+# (BENCHMARKS.md, issue 9). Without it the model begins to memorise its training hands: at
+# the demo's 640 steps 8,192 of them scored no better than 4,096, but a long run gains from
+# more (pretrained/synthetic_demo trained its last legs on 32,768: `data.num_train`).
 CROP_AUGMENTATION = dict(rotation_deg=30.0, scale_jitter=0.25, center_jitter=0.1, color_jitter=0.2)
 
 
