@@ -103,17 +103,22 @@ def test_bad_config_raises(tmp_path):
     synthetic_hands.SyntheticHands(data_dir=str(tmp_path))
 
 
-@pytest.mark.slow
-def test_worker_pool_renders_what_one_process_renders():
-  hand_model = procedural_mano.procedural_hand(0)
-  spec = render_pool.SplitSpec(
-      seed=3,
-      stream=generate.EVAL_STREAM,
+def _spec(**changes):
+  fields = dict(
+      seed=0,
+      stream=generate.TRAIN_STREAM,
       image_size=32,
       tip_ids=(744, 320, 443, 555, 672),
       orientation='held',
-      with_depth=True,
+      with_depth=False,
   )
+  return render_pool.SplitSpec(**{**fields, **changes})
+
+
+@pytest.mark.slow
+def test_worker_pool_renders_what_one_process_renders():
+  hand_model = procedural_mano.procedural_hand(0)
+  spec = _spec(seed=3, stream=generate.EVAL_STREAM, with_depth=True)
   count = render_pool.CHUNK + 3  # two chunks, the second one short
   pooled = list(render_pool.render_split(hand_model, spec, count, num_workers=2, min_parallel=0))
   assert [key for key, _ in pooled] == list(range(count))
@@ -128,3 +133,13 @@ def test_worker_pool_renders_what_one_process_renders():
 def test_render_split_checks_workers():
   with pytest.raises(ValueError, match='num_workers'):
     next(render_pool.render_split(None, None, 4, num_workers=0))
+
+
+@pytest.mark.slow
+def test_worker_error_reaches_the_caller():
+  spec = _spec(seed=-1)  # a negative seed: the worker's check raises
+  examples = render_pool.render_split(
+      procedural_mano.procedural_hand(0), spec, 4, num_workers=2, min_parallel=0
+  )
+  with pytest.raises(ValueError, match='seed'):
+    next(examples)

@@ -7,8 +7,10 @@ spawned, not forked (the parent holds TensorFlow's threads), and import only thi
 light dependencies (numpy, PIL, JAX for the MANO forward), not TensorFlow.
 """
 
+import collections
 import dataclasses
 import io
+import itertools
 import multiprocessing
 import os
 
@@ -22,6 +24,7 @@ from diffhand_jax import checks
 # ~2-4 s) costs more than it saves.
 MIN_PARALLEL_EXAMPLES = 512
 CHUNK = 32  # examples per task: small enough for steady progress, large enough to amortise IPC
+WINDOW_PER_WORKER = 4  # chunks in flight per worker (bounds the memory of rendered examples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +118,17 @@ def render_split(hand_model, spec, count, num_workers=None, min_parallel=MIN_PAR
     for start in range(0, count, CHUNK):
       yield from encoded_examples(hand_model, spec, start, min(CHUNK, count - start))
     return
-  tasks = [(spec, start, min(CHUNK, count - start)) for start in range(0, count, CHUNK)]
+  tasks = ((spec, start, min(CHUNK, count - start)) for start in range(0, count, CHUNK))
   context = multiprocessing.get_context('spawn')
   with context.Pool(num_workers, initializer=_init_worker, initargs=(hand_model,)) as pool:
-    for chunk in pool.imap(_render_chunk, tasks):
+    # A window of chunks in flight (not `pool.imap`, which queues every task at once and keeps
+    # every finished chunk in memory while the consumer writes more slowly than workers render).
+    pending = collections.deque(
+        pool.apply_async(_render_chunk, (task,))
+        for task in itertools.islice(tasks, WINDOW_PER_WORKER * num_workers)
+    )
+    while pending:
+      chunk = pending.popleft().get()  # a worker's exception is raised here
+      for task in itertools.islice(tasks, 1):
+        pending.append(pool.apply_async(_render_chunk, (task,)))
       yield from chunk
