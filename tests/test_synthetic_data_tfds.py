@@ -116,10 +116,11 @@ def _spec(**changes):
 
 
 @pytest.mark.slow
-def test_worker_pool_renders_what_one_process_renders():
+def test_worker_pool_renders_what_one_process_renders(monkeypatch):
+  monkeypatch.setattr(render_pool, 'WINDOW_PER_WORKER', 1)  # 2 chunks in flight: refills run
   hand_model = procedural_mano.procedural_hand(0)
   spec = _spec(seed=3, stream=generate.EVAL_STREAM, with_depth=True)
-  count = render_pool.CHUNK + 3  # two chunks, the second one short
+  count = 3 * render_pool.CHUNK + 3  # four chunks, the last one short
   pooled = list(render_pool.render_split(hand_model, spec, count, num_workers=2, min_parallel=0))
   assert [key for key, _ in pooled] == list(range(count))
   for key, example in pooled:
