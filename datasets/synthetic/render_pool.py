@@ -3,8 +3,9 @@
 Each example is a pure function of (hand model, seed, stream, index), so chunks of indices can
 be rendered in separate processes and joined in order: the stored data are the same whether
 one process or several made them (tests/test_synthetic_data_tfds.py checks it). Workers are
-spawned, not forked (the parent holds TensorFlow's threads), and import only this module's
-light dependencies (numpy, PIL, JAX for the MANO forward), not TensorFlow.
+spawned, not forked (the parent holds TensorFlow's threads). This module imports no
+TensorFlow, but a spawned worker also re-imports the parent's main script: under launch.py
+that brings TensorFlow in, a few seconds of start-up per worker.
 """
 
 import collections
@@ -20,8 +21,8 @@ from PIL import Image
 from datasets.synthetic import generate
 from diffhand_jax import checks
 
-# Below this many examples a worker's start-up (importing JAX, compiling the MANO forward,
-# ~2-4 s) costs more than it saves.
+# Below this many examples a worker's start-up (imports, compiling the MANO forward, a few
+# seconds) costs more than it saves.
 MIN_PARALLEL_EXAMPLES = 512
 CHUNK = 32  # examples per task: small enough for steady progress, large enough to amortise IPC
 WINDOW_PER_WORKER = 4  # chunks in flight per worker (bounds the memory of rendered examples)
@@ -114,11 +115,11 @@ def render_split(hand_model, spec, count, num_workers=None, min_parallel=MIN_PAR
   num_workers = default_workers() if num_workers is None else int(num_workers)
   if num_workers < 1:
     raise ValueError(f'num_workers must be at least 1, got {num_workers}')
-  if num_workers == 1 or count < min_parallel:
-    for start in range(0, count, CHUNK):
-      yield from encoded_examples(hand_model, spec, start, min(CHUNK, count - start))
-    return
   tasks = ((spec, start, min(CHUNK, count - start)) for start in range(0, count, CHUNK))
+  if num_workers == 1 or count < min_parallel:
+    for _, start, size in tasks:
+      yield from encoded_examples(hand_model, spec, start, size)
+    return
   context = multiprocessing.get_context('spawn')
   with context.Pool(num_workers, initializer=_init_worker, initargs=(hand_model,)) as pool:
     # A window of chunks in flight (not `pool.imap`, which queues every task at once and keeps
