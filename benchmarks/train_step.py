@@ -51,6 +51,7 @@ from diffhand_jax import mano
 from diffhand_jax import models
 from diffhand_jax import optim
 from diffhand_jax import procedural_mano
+from diffhand_jax import step_cache
 from diffhand_jax import train_step as train_step_lib
 
 
@@ -96,8 +97,12 @@ def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict:
   return batch
 
 
-def build_step(config):
-  """(jitted step with the state donated, initial state, batch) for `config`."""
+def build_step(config, step_cache_dir: str = ''):
+  """(jitted step with the state donated, initial state, batch) for `config`.
+
+  With `step_cache_dir`, the step is a `step_cache.CachedStep` keeping its lowering there
+  (what launch.py does beside the compilation cache).
+  """
   model = models.build_model(config)
   batch = synthetic_batch(config, int(config.train.global_batch_size))
   size = int(config.data.image_size)
@@ -113,16 +118,20 @@ def build_step(config):
   loss_fn = train_step_lib.make_loss_fn(
       model, config, procedural_mano.load_hand_model(config).faces
   )
-  step = jax.jit(
-      functools.partial(
-          train_step_lib.train_step,
-          loss_fn=loss_fn,
-          optimizer=optimizer,
-          schedule=optim.learning_rate_schedule(config.optim, num_steps),
-          ema_decay=float(config.optim.ema_decay),
-      ),
-      donate_argnums=(0,),
+  step_fn = functools.partial(
+      train_step_lib.train_step,
+      loss_fn=loss_fn,
+      optimizer=optimizer,
+      schedule=optim.learning_rate_schedule(config.optim, num_steps),
+      ema_decay=float(config.optim.ema_decay),
   )
+  if step_cache_dir:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    step = step_cache.CachedStep(
+        step_fn, device, device, key=step_cache.config_key(config), cache_dir=step_cache_dir
+    )
+  else:
+    step = jax.jit(step_fn, donate_argnums=(0,))
   batch = jax.device_put(batch)
   return step, state, batch
 

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from diffhand_jax import step_cache
+
 DATA_AXIS = 'data'
 PARALLELISMS = ('jit', 'pmap')
 
@@ -130,6 +132,7 @@ def data_parallel(
     step_fn: Callable[..., Tuple[Any, Any]],
     parallelism: str,
     devices: Optional[Sequence[jax.Device]] = None,
+    cache_key: Optional[str] = None,
 ) -> DataParallel:
   """Compiles `step_fn(state, batch, axis_name=...)` for 'jit' or 'pmap'.
 
@@ -141,15 +144,28 @@ def data_parallel(
     parallelism: 'jit' or 'pmap'.
     devices: the devices to use (default all); e.g. one device for a
       single-device reference run.
+    cache_key: 'jit' only: what step_fn is built from (`step_cache.config_key`); with it
+      and JAX's compilation cache on, the lowered step is kept on disk
+      (`step_cache.CachedStep`) and a later process skips tracing it.
   """
   if parallelism == 'jit':
     mesh = make_data_mesh(devices)
-    step = jax.jit(
-        functools.partial(step_fn, axis_name=None),
-        in_shardings=(replicated_sharding(mesh), batch_sharding(mesh)),
-        out_shardings=(replicated_sharding(mesh), replicated_sharding(mesh)),
-        donate_argnums=(0,),
-    )
+    cache_dir = step_cache.default_cache_dir()
+    if cache_key is not None and cache_dir:
+      step = step_cache.CachedStep(
+          functools.partial(step_fn, axis_name=None),
+          replicated_sharding(mesh),
+          batch_sharding(mesh),
+          key=cache_key,
+          cache_dir=cache_dir,
+      )
+    else:
+      step = jax.jit(
+          functools.partial(step_fn, axis_name=None),
+          in_shardings=(replicated_sharding(mesh), batch_sharding(mesh)),
+          out_shardings=(replicated_sharding(mesh), replicated_sharding(mesh)),
+          donate_argnums=(0,),
+      )
     return DataParallel(
         step=step,
         put_state=lambda state: replicate(state, mesh),

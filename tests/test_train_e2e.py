@@ -41,9 +41,13 @@ def test_smoke_train_eval_predict(tmp_path):
       '--config=configs/synthetic.py:smoke',
       f'--workdir={workdir}',
       f'--config.data.tfds_data_dir={tmp_path / "tfds"}',
+      f'--compilation_cache={tmp_path / "xla"}',
   ]
 
   out = launch(*common, '--mode=train')
+  # The lowered train step is kept beside the compilation cache (step_cache.py).
+  (exported,) = os.listdir(tmp_path / 'xla' / 'exported')
+  assert f'Train step traced and saved to {tmp_path / "xla" / "exported" / exported}' in out
   # Progress lines for each of the 4 steps, then the final evaluation.
   for step in range(1, 5):
     assert f'step {step}/4' in out

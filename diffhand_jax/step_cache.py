@@ -1,0 +1,224 @@
+"""A disk cache of lowered train steps (`jax.export`): a warm start skips tracing and lowering.
+
+JAX's persistent compilation cache (launch.py's `--compilation_cache`) lets a second run of
+the same program skip XLA's compile, but not the Python tracing and lowering that come first:
+for the synthetic train step they take 3-5 s of a 6-10 s warm start on a 2-core CPU
+(BENCHMARKS.md, issue 11). `CachedStep` stores the lowered step (StableHLO, via
+`jax.export`) next to that cache, under a key over everything the step is built from: the
+caller's key (the config and the hand-model file, `config_key`), the package's source files,
+the library versions, the platform and devices, and the structure, shapes, dtypes and
+shardings of the arguments. A later process with the same key loads it and lowers only a
+call to it (~0.2 s); its XLA executable then comes from the compilation cache.
+
+A file that cannot be read or loaded is reported with a warning and the step is traced
+instead; nothing is ever trusted without the full key matching its name.
+"""
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import pathlib
+from typing import Any, Callable, List, Optional
+
+from absl import logging
+import jax
+
+FORMAT = 1  # bump when the file layout below changes
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy')
+
+
+@functools.cache
+def source_digest() -> str:
+  """sha256 over every .py file of the diffhand_jax package (paths and contents)."""
+  digest = hashlib.sha256()
+  for path in sorted(PACKAGE_DIR.rglob('*.py')):
+    digest.update(str(path.relative_to(PACKAGE_DIR)).encode())
+    digest.update(path.read_bytes())
+  return digest.hexdigest()
+
+
+def _versions() -> dict:
+  found = {}
+  for name in LIBRARIES:
+    try:
+      found[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      found[name] = None
+  return found
+
+
+def file_digest(path: str) -> str:
+  """sha256 of a file's bytes ('' for an empty path)."""
+  if not path:
+    return ''
+  digest = hashlib.sha256()
+  with open(os.path.expanduser(path), 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def config_key(config) -> str:
+  """The caller's part of the key for a train step built from `config`.
+
+  The whole config (sorted JSON) and the bytes of the MANO file it names: the step closes
+  over the hand model's arrays, so a changed file at the same path must not hit.
+  """
+  return json.dumps(
+      dict(
+          config=json.loads(config.to_json_best_effort(sort_keys=True)),
+          mano=file_digest(config.mano_path),
+      ),
+      sort_keys=True,
+  )
+
+
+def default_cache_dir() -> Optional[str]:
+  """<jax_compilation_cache_dir>/exported, or None when that cache is off."""
+  base = jax.config.jax_compilation_cache_dir
+  return os.path.join(base, 'exported') if base else None
+
+
+def _describe(tree) -> List[str]:
+  """One line per leaf: shape, dtype and sharding (what the lowered program depends on)."""
+  return [f'{x.shape} {x.dtype} {getattr(x, "sharding", None)}' for x in jax.tree.leaves(tree)]
+
+
+class CachedStep:
+  """`step(state, batch) -> (state, metrics)`, jitted, its lowering cached on disk.
+
+  Behaves as `jax.jit(fun, in_shardings=(state_sharding, batch_sharding),
+  out_shardings=state_sharding, donate_argnums=0)`, with `metrics` a flat dict of arrays
+  (replicated like the state). The first call prepares the program: it loads the exported
+  step whose key matches, or traces `fun`, exports and saves it. Either way the program
+  run is the exported one, so a cold and a warm process run the same computation.
+
+  Args:
+    fun: (state, batch) -> (new_state, metrics); new_state has the structure of state.
+    state_sharding: sharding of every state leaf (and of every output).
+    batch_sharding: sharding of every batch leaf.
+    key: what `fun` is built from (e.g. `config_key(config)`); the cache is only as sound
+      as this key: everything `fun` closes over must be determined by it and the sources.
+    cache_dir: folder of the exported steps; None = no cache (trace every process).
+  """
+
+  def __init__(
+      self,
+      fun: Callable[[Any, Any], Any],
+      state_sharding: jax.sharding.Sharding,
+      batch_sharding: jax.sharding.Sharding,
+      key: str,
+      cache_dir: Optional[str],
+  ):
+    self._fun = fun
+    self._state_sharding = state_sharding
+    self._batch_sharding = batch_sharding
+    self._key = key
+    self._cache_dir = cache_dir
+    self._compiled = None
+    self.loaded_from_cache = None  # after the first call: True (loaded) or False (traced)
+
+  def file_for(self, state, batch) -> Optional[str]:
+    """Path of the exported step for these arguments (None without a cache folder)."""
+    if not self._cache_dir:
+      return None
+    parts = dict(
+        format=FORMAT,
+        key=self._key,
+        sources=source_digest(),
+        versions=_versions(),
+        x64=bool(jax.config.jax_enable_x64),
+        precision=str(jax.config.jax_default_matmul_precision),
+        backend=jax.default_backend(),
+        devices=[str(d.device_kind) for d in jax.devices()],
+        processes=jax.process_count(),
+        tree=str(jax.tree.structure((state, batch))),
+        leaves=_describe((state, batch)),
+        shardings=[repr(self._state_sharding), repr(self._batch_sharding)],
+        device_ids=[
+            sorted(d.id for d in s.device_set) for s in (self._state_sharding, self._batch_sharding)
+        ],
+    )
+    name = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return os.path.join(self._cache_dir, f'step-{name}.bin')
+
+  def _load(self, path: str):
+    """(exported, metric names) from `path`, or None with a warning if it cannot be used."""
+    try:
+      with open(path, 'rb') as f:
+        header = json.loads(f.readline())
+        exported = jax.export.deserialize(bytearray(f.read()))
+      return exported, list(header['metrics'])
+    except Exception as error:  # pylint: disable=broad-except
+      logging.warning(
+          'Exported train step %s is unusable (%s); tracing the step instead.', path, error
+      )
+      return None
+
+  def _export(self, state, batch, path: Optional[str]):
+    """Traces `fun` over flat leaves, exports it and (if `path`) saves it."""
+    state_leaves, state_tree = jax.tree.flatten(state)
+    batch_leaves, batch_tree = jax.tree.flatten(batch)
+    names: List[str] = []
+
+    def flat(state_leaves, batch_leaves):
+      new_state, metrics = self._fun(
+          jax.tree.unflatten(state_tree, state_leaves), jax.tree.unflatten(batch_tree, batch_leaves)
+      )
+      new_leaves, new_tree = jax.tree.flatten(new_state)
+      if new_tree != state_tree:
+        raise ValueError(f'the step returned a state of another structure: {new_tree}')
+      if not isinstance(metrics, dict):
+        raise ValueError(f'the step must return metrics as a dict, got {type(metrics)}')
+      names.extend(sorted(metrics))
+      return new_leaves, [metrics[name] for name in names]
+
+    lowered_fn = jax.jit(
+        flat,
+        in_shardings=(self._state_sharding, self._batch_sharding),
+        out_shardings=self._state_sharding,
+        donate_argnums=(0,),
+    )
+    exported = jax.export.export(lowered_fn)(state_leaves, batch_leaves)
+    if path:
+      try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temporary = f'{path}.{os.getpid()}.tmp'
+        with open(temporary, 'wb') as f:
+          f.write(json.dumps(dict(metrics=names)).encode() + b'\n')
+          f.write(exported.serialize())
+        os.replace(temporary, path)  # readers never see a half-written file
+      except OSError as error:
+        logging.warning('Could not save the exported train step to %s: %s', path, error)
+    return exported, names
+
+  def _prepare(self, state, batch):
+    path = self.file_for(state, batch)
+    found = self._load(path) if path and os.path.exists(path) else None
+    self.loaded_from_cache = found is not None
+    exported, names = found or self._export(state, batch, path)
+    if path:
+      logging.info(
+          'Train step %s %s.', 'loaded (not traced) from' if found else 'traced and saved to', path
+      )
+    state_tree = jax.tree.structure(state)
+
+    def run(state, batch):
+      new_leaves, metric_values = exported.call(jax.tree.leaves(state), jax.tree.leaves(batch))
+      return jax.tree.unflatten(state_tree, new_leaves), dict(zip(names, metric_values))
+
+    return jax.jit(run, donate_argnums=(0,))
+
+  def lower(self, state, batch):
+    """The jitted program's `Lowered` (prepares it first: loads or exports)."""
+    if self._compiled is None:
+      self._compiled = self._prepare(state, batch)
+    return self._compiled.lower(state, batch)
+
+  def __call__(self, state, batch):
+    if self._compiled is None:
+      self._compiled = self._prepare(state, batch)
+    return self._compiled(state, batch)
