@@ -158,8 +158,8 @@ class CachedStep:
       )
       return None
 
-  def _export(self, state, batch, path: Optional[str]):
-    """Traces `fun` over flat leaves, exports it and (if `path`) saves it."""
+  def _export(self, state, batch):
+    """(exported, metric names): traces `fun` over flat leaves and exports it."""
     state_leaves, state_tree = jax.tree.flatten(state)
     batch_leaves, batch_tree = jax.tree.flatten(batch)
     names: List[str] = []
@@ -182,28 +182,49 @@ class CachedStep:
         out_shardings=self._state_sharding,
         donate_argnums=(0,),
     )
-    exported = jax.export.export(lowered_fn)(state_leaves, batch_leaves)
-    if path:
-      try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temporary = f'{path}.{os.getpid()}.tmp'
-        with open(temporary, 'wb') as f:
-          f.write(json.dumps(dict(metrics=names)).encode() + b'\n')
-          f.write(exported.serialize())
-        os.replace(temporary, path)  # readers never see a half-written file
-      except OSError as error:
-        logging.warning('Could not save the exported train step to %s: %s', path, error)
-    return exported, names
+    return jax.export.export(lowered_fn)(state_leaves, batch_leaves), names
+
+  @staticmethod
+  def _save(path: str, exported, names: List[str]) -> bool:
+    """Writes the file atomically (readers never see half of it); False if it could not."""
+    try:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      temporary = f'{path}.{os.getpid()}.tmp'
+      with open(temporary, 'wb') as f:
+        f.write(json.dumps(dict(metrics=names)).encode() + b'\n')
+        f.write(exported.serialize())
+      os.replace(temporary, path)
+      return True
+    except OSError as error:
+      logging.warning('Could not save the exported train step to %s: %s', path, error)
+      return False
+
+  def _plain(self):
+    """The step as a plain jit (what runs when it cannot be exported)."""
+    return jax.jit(
+        self._fun,
+        in_shardings=(self._state_sharding, self._batch_sharding),
+        out_shardings=(self._state_sharding, self._state_sharding),
+        donate_argnums=(0,),
+    )
 
   def _prepare(self, state, batch):
     path = self.file_for(state, batch)
     found = self._load(path) if path and os.path.exists(path) else None
     self.loaded_from_cache = found is not None
-    exported, names = found or self._export(state, batch, path)
-    if path:
-      logging.info(
-          'Train step %s %s.', 'loaded (not traced) from' if found else 'traced and saved to', path
-      )
+    if found:
+      exported, names = found
+      logging.info('Train step loaded (not traced) from %s.', path)
+    else:
+      try:
+        exported, names = self._export(state, batch)
+      except Exception as error:  # pylint: disable=broad-except
+        # E.g. a host callback, which jax.export refuses; an error of the step itself
+        # is raised again by the plain jit.
+        logging.warning('The train step cannot be exported (%s); it is traced every run.', error)
+        return self._plain()
+      if path and self._save(path, exported, names):
+        logging.info('Train step traced and saved to %s.', path)
     state_tree = jax.tree.structure(state)
 
     def run(state, batch):

@@ -141,3 +141,33 @@ def test_config_key_follows_the_config_and_the_mano_file(tmp_path):
   with_file = step_cache.config_key(config)
   mano.write_bytes(b'two')  # same path, other contents
   assert step_cache.config_key(config) != with_file
+
+
+def test_a_step_that_cannot_be_exported_runs_as_plain_jit(tmp_path, caplog):
+  mesh = parallel.make_data_mesh(jax.devices()[:1])
+  traces = []
+  step_fn = make_step(traces)
+  expected = run(cached(step_fn, mesh, 'key-a', None), mesh)
+
+  def with_callback(state, batch):
+    state, metrics = step_fn(state, batch)
+    jax.debug.callback(lambda loss: None, metrics['loss'])  # jax.export refuses host callbacks
+    return state, metrics
+
+  step = cached(with_callback, mesh, 'key-a', str(tmp_path))
+  with caplog.at_level('WARNING'):
+    result = run(step, mesh)
+  assert 'cannot be exported' in caplog.text
+  assert not os.listdir(tmp_path)
+  assert_same(result, expected)
+
+
+def test_an_unwritable_cache_folder_is_reported_and_training_goes_on(tmp_path, caplog):
+  mesh = parallel.make_data_mesh(jax.devices()[:1])
+  blocked = tmp_path / 'a_file'
+  blocked.write_text('')
+  expected = run(cached(make_step([]), mesh, 'key-a', None), mesh)
+  with caplog.at_level('WARNING'):
+    result = run(cached(make_step([]), mesh, 'key-a', str(blocked / 'exported')), mesh)
+  assert 'Could not save the exported train step' in caplog.text
+  assert_same(result, expected)
