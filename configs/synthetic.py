@@ -14,7 +14,7 @@ import ml_collections
 # training crops, and at the demo's 640 steps augmentation cost 8 mm MPJPE on unseen hands
 # (BENCHMARKS.md, issue 9). Without it the model begins to memorise its training hands: at
 # the demo's 640 steps 8,192 of them scored no better than 4,096, but a long run gains from
-# more (pretrained/synthetic_demo trained its last legs on 32,768: `data.num_train`).
+# more (pretrained/synthetic_demo trained its last legs on 32,768 and 65,536: `data.num_train`).
 CROP_AUGMENTATION = dict(rotation_deg=30.0, scale_jitter=0.25, center_jitter=0.1, color_jitter=0.2)
 
 
