@@ -107,7 +107,11 @@ def report(name, tokens, ref_tokens, embedding, ref_embedding):
       f'{name}: max|tokens - timm| = {diff_tokens:.2e}, max|embedding - timm| = '
       f'{diff_embedding:.2e} (max|timm tokens| = {scale:.2f})'
   )
-  assert diff_tokens <= TOLERANCE and diff_embedding <= TOLERANCE
+  # float32 rounding grows with the values' size: the bound is relative to the largest one
+  # (HRNet-W32's tokens reach ~22, where 1.2e-4 apart is 5.6e-6 of them; a wrong weight
+  # mapping is off by O(1)).
+  bound = TOLERANCE * max(1.0, scale)
+  assert diff_tokens <= bound and diff_embedding <= bound
 
 
 # ---- ViT / DeiT ----
