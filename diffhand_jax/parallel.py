@@ -160,11 +160,10 @@ def data_parallel(
           cache_dir=cache_dir,
       )
     else:
-      step = jax.jit(
+      step = step_cache.plain_jit(
           functools.partial(step_fn, axis_name=None),
-          in_shardings=(replicated_sharding(mesh), batch_sharding(mesh)),
-          out_shardings=(replicated_sharding(mesh), replicated_sharding(mesh)),
-          donate_argnums=(0,),
+          replicated_sharding(mesh),
+          batch_sharding(mesh),
       )
     return DataParallel(
         step=step,

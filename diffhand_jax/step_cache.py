@@ -87,12 +87,28 @@ def _describe(tree) -> List[str]:
   return [f'{x.shape} {x.dtype} {getattr(x, "sharding", None)}' for x in jax.tree.leaves(tree)]
 
 
+def plain_jit(
+    fun: Callable[[Any, Any], Any],
+    state_sharding: jax.sharding.Sharding,
+    batch_sharding: jax.sharding.Sharding,
+):
+  """`fun(state, batch) -> (state, metrics)` jitted: state donated, outputs like the state.
+
+  The step without the disk cache (and what `CachedStep` runs when it cannot export).
+  """
+  return jax.jit(
+      fun,
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, state_sharding),
+      donate_argnums=(0,),
+  )
+
+
 class CachedStep:
   """`step(state, batch) -> (state, metrics)`, jitted, its lowering cached on disk.
 
-  Behaves as `jax.jit(fun, in_shardings=(state_sharding, batch_sharding),
-  out_shardings=state_sharding, donate_argnums=0)`, with `metrics` a flat dict of arrays
-  (replicated like the state). The first call prepares the program: it loads the exported
+  Behaves as `plain_jit(fun, state_sharding, batch_sharding)`, with `metrics` a flat dict of
+  arrays (replicated like the state). The first call prepares the program: it loads the exported
   step whose key matches, or traces `fun`, exports and saves it. Either way the program
   run is the exported one, so a cold and a warm process run the same computation.
 
@@ -118,7 +134,7 @@ class CachedStep:
     self._batch_sharding = batch_sharding
     self._key = key
     self._cache_dir = cache_dir
-    self._compiled = None
+    self._jitted = None  # the program run, set by _program
     self.loaded_from_cache = None  # after the first call: True (loaded) or False (traced)
 
   def file_for(self, state, batch) -> Optional[str]:
@@ -199,15 +215,6 @@ class CachedStep:
       logging.warning('Could not save the exported train step to %s: %s', path, error)
       return False
 
-  def _plain(self):
-    """The step as a plain jit (what runs when it cannot be exported)."""
-    return jax.jit(
-        self._fun,
-        in_shardings=(self._state_sharding, self._batch_sharding),
-        out_shardings=(self._state_sharding, self._state_sharding),
-        donate_argnums=(0,),
-    )
-
   def _prepare(self, state, batch):
     path = self.file_for(state, batch)
     found = self._load(path) if path and os.path.exists(path) else None
@@ -222,7 +229,7 @@ class CachedStep:
         # E.g. a host callback, which jax.export refuses; an error of the step itself
         # is raised again by the plain jit.
         logging.warning('The train step cannot be exported (%s); it is traced every run.', error)
-        return self._plain()
+        return plain_jit(self._fun, self._state_sharding, self._batch_sharding)
       if path and self._save(path, exported, names):
         logging.info('Train step traced and saved to %s.', path)
     state_tree = jax.tree.structure(state)
@@ -233,13 +240,15 @@ class CachedStep:
 
     return jax.jit(run, donate_argnums=(0,))
 
+  def _program(self, state, batch):
+    """The jitted step, prepared (loaded or exported) on the first call."""
+    if self._jitted is None:
+      self._jitted = self._prepare(state, batch)
+    return self._jitted
+
   def lower(self, state, batch):
     """The jitted program's `Lowered` (prepares it first: loads or exports)."""
-    if self._compiled is None:
-      self._compiled = self._prepare(state, batch)
-    return self._compiled.lower(state, batch)
+    return self._program(state, batch).lower(state, batch)
 
   def __call__(self, state, batch):
-    if self._compiled is None:
-      self._compiled = self._prepare(state, batch)
-    return self._compiled(state, batch)
+    return self._program(state, batch)(state, batch)

@@ -42,16 +42,17 @@ class Task(NamedTuple):
     same batches from step k on whatever the start (ARCHITECTURE.md).
   evaluate: (params, step) -> dict of metrics (lower-is-better
     config.train.best_metric among them), or None to skip evaluation.
-  cache_key: set when everything the train step is built from is in the config (the
-    DiffHand task: `step_cache.config_key`): the lowered step is then kept on disk beside
-    JAX's compilation cache. None (a task with its own functions): traced every run.
+  cacheable: True when everything `loss_fn` is built from is determined by the config given
+    to `run_training` (the DiffHand task): the lowered step is then kept on disk beside JAX's
+    compilation cache under `step_cache.config_key(config)`. False (a task with its own
+    functions): traced every run.
   """
 
   init_params: Callable[[jax.Array], Any]
   loss_fn: train_step_lib.LossFn
   train_iterator: Callable[[int], Iterator[Mapping[str, np.ndarray]]]
   evaluate: Optional[Callable[[Any, int], Mapping[str, float]]] = None
-  cache_key: Optional[str] = None
+  cacheable: bool = False
 
 
 # ---- Guards: preemption and non-finite losses ----
@@ -181,8 +182,8 @@ def run_training(
   skip_nonfinite = bool(train_config.skip_nonfinite)
   if skip_nonfinite:
     step_fn = skip_nonfinite_updates(step_fn)
-  # The step is built from the task's config (loss) and this one (optimiser, schedule).
-  cache_key = task.cache_key and task.cache_key + step_cache.config_key(config)
+  # The step is built from the config: the task's loss and the optimiser and schedule here.
+  cache_key = step_cache.config_key(config) if task.cacheable else None
   runner = parallel.data_parallel(step_fn, train_config.parallelism, devices, cache_key=cache_key)
   parallel.check_batch_divisible(
       int(train_config.global_batch_size), runner.num_devices, 'train.global_batch_size'
@@ -324,7 +325,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
           input_pipeline.create_train_iterator(config, start_step=start)
       ),
       evaluate=evaluate,
-      cache_key=step_cache.config_key(config),
+      cacheable=True,
   )
 
 
