@@ -54,6 +54,41 @@ def make_optimizer(
   return adamw
 
 
+def make_flat_optimizer(
+    optim_config: ml_collections.ConfigDict, num_steps: int, params
+) -> optax.GradientTransformation:
+  """`make_optimizer`'s transformation for the parameters raveled into one vector.
+
+  The same clip and AdamW (optax's defaults, as `optax.adamw`), with the decay mask of
+  `params` as a 0/1 vector (`diffhand_jax.flat_state`); for the same gradients it gives the
+  same updates up to the summation order of the clip's global norm.
+
+  Args:
+    optim_config: config.optim.
+    num_steps: total training steps (the end of the cosine decay).
+    params: the parameter tree the vector is raveled from (`jax.tree.leaves` order).
+  """
+  mask = jnp.concatenate(
+      [
+          jnp.full(p.size, m, p.dtype)
+          for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(_decay_mask(params)))
+      ]
+  )
+  weight_decay = float(optim_config.weight_decay)
+
+  def decay(updates, state, flat_params):
+    return updates + weight_decay * mask * flat_params, state
+
+  adamw = optax.chain(
+      optax.scale_by_adam(),
+      optax.GradientTransformation(lambda flat_params: optax.EmptyState(), decay),
+      optax.scale_by_learning_rate(learning_rate_schedule(optim_config, num_steps)),
+  )
+  if optim_config.grad_clip_norm and optim_config.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(float(optim_config.grad_clip_norm)), adamw)
+  return adamw
+
+
 def update_ema(ema_params, params, decay: float, count):
   """The bias-corrected EMA after its `count`-th update, leaf by leaf.
 

@@ -22,6 +22,7 @@ import numpy as np
 from configs import common
 from diffhand_jax import checkpointing
 from diffhand_jax import evaluate as evaluate_lib
+from diffhand_jax import flat_state
 from diffhand_jax import input_pipeline
 from diffhand_jax import logging_utils
 from diffhand_jax import models
@@ -171,11 +172,29 @@ def run_training(
     if state.ema_params is not None:
       state = state.replace(ema_params=jax.tree.map(jnp.array, state.params))
 
+  # ---- The compiled step's state layout (flat_state.py) ----
+  loss_fn, step_optimizer = task.loss_fn, optimizer
+  to_step_layout = from_step_layout = lambda state: state
+  if train_config.get('flat_state', True):
+    step_optimizer = optim.make_flat_optimizer(config.optim, num_steps, state.params)
+    size = sum(leaf.size for leaf in jax.tree.leaves(state.params))
+    dtype = jax.tree.leaves(state.params)[0].dtype
+    layout = flat_state.FlatLayout(
+        state.params,
+        state.opt_state,
+        jax.eval_shape(step_optimizer.init, jax.ShapeDtypeStruct((size,), dtype)),
+    )
+    loss_fn, to_step_layout, from_step_layout = (
+        layout.wrap_loss(task.loss_fn),
+        layout.to_flat,
+        layout.to_tree,
+    )
+
   # ---- Parallelism ----
   step_fn = functools.partial(
       train_step_lib.train_step,
-      loss_fn=task.loss_fn,
-      optimizer=optimizer,
+      loss_fn=loss_fn,
+      optimizer=step_optimizer,
       schedule=schedule,
       ema_decay=ema_decay,
   )
@@ -188,8 +207,12 @@ def run_training(
   parallel.check_batch_divisible(
       int(train_config.global_batch_size), runner.num_devices, 'train.global_batch_size'
   )
-  placed = runner.put_state(state)
+  placed = runner.put_state(to_step_layout(state))
   del state
+
+  def tree_state():
+    """The current state in the parameter-tree layout (checkpoints, evaluation)."""
+    return from_step_layout(runner.get_state(placed))
 
   # ---- Data ----
   batches = task.train_iterator(start_step)
@@ -222,7 +245,7 @@ def run_training(
 
   def save(step, metrics=None):
     nonlocal last_saved
-    saver.save(step, runner.get_state(placed), config, metrics=metrics)
+    saver.save(step, tree_state(), config, metrics=metrics)
     last_saved = step
 
   # An error (e.g. a non-finite loss) must not lose the async saves in flight.
@@ -252,7 +275,7 @@ def run_training(
           writer.scalars(done, host_metrics)
         eval_metrics = None
         if eval_now:  # the task writes its own eval summaries
-          eval_metrics = task.evaluate(train_step_lib.eval_params(runner.get_state(placed)), done)
+          eval_metrics = task.evaluate(train_step_lib.eval_params(tree_state()), done)
           best = train_config.best_metric
           if eval_metrics and best and best not in eval_metrics:
             raise ValueError(
@@ -276,7 +299,7 @@ def run_training(
       saver.close()  # raises CheckpointSaveError if the last save failed
     finally:
       writer.close()
-  return runner.get_state(placed)
+  return tree_state()
 
 
 def _scalar_metrics(metrics):

@@ -1,0 +1,102 @@
+"""The training state as flat vectors inside the compiled step (`config.train.flat_state`).
+
+Done leaf by leaf, the gradient clip, AdamW, its decay mask, the update and the norms are
+~2,300 of the synthetic train step's ~3,900 top-level fusions (276 parameter arrays), and XLA's
+CPU compile and executable load grow with them. With the parameters, the optimiser's moments
+and the EMA each one vector, that part is a handful of fusions: compile 0.75x, executable load
+0.45x, the same step time (BENCHMARKS.md, `benchmarks/flat_optimizer.py`).
+
+Only the compiled step sees the flat layout. Checkpoints, `init_from`, evaluation and export
+keep the parameter tree: `FlatLayout.to_flat` / `to_tree` convert exactly (concatenation and
+slicing in `jax.tree.leaves` order), so a resumed run is bit-identical either way.
+"""
+
+from typing import Any, Callable, List
+
+import jax
+from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
+import numpy as np
+
+from diffhand_jax import train_step as train_step_lib
+
+
+def _shape(x) -> tuple:
+  """Shape of an array, a jax.ShapeDtypeStruct or a Python scalar."""
+  return tuple(x.shape) if hasattr(x, 'shape') else np.shape(x)
+
+
+class FlatLayout:
+  """Converts a TrainState between the parameter-tree layout and the flat one.
+
+  The optimiser states of the two layouts are matched item by item: in the tree layout an
+  item is a subtree with the parameters' structure (AdamW's mu, nu) or any other leaf (step
+  counts); in the flat layout the same item is a vector of all parameters, or the same leaf.
+  Containers without leaves (optax's EmptyState, MaskedState) may differ.
+
+  Args:
+    params: the parameter tree (its structure, shapes and dtype; one dtype for all leaves).
+    tree_opt_state: the tree optimiser's state for `params` (a template).
+    flat_opt_state: the flat optimiser's state for the raveled `params` (a template; shapes
+      are enough, e.g. from `jax.eval_shape`).
+  """
+
+  def __init__(self, params, tree_opt_state, flat_opt_state):
+    dtypes = {leaf.dtype for leaf in jax.tree.leaves(params)}
+    if len(dtypes) != 1:
+      raise ValueError(f'a flat training state needs one parameter dtype, got {sorted(dtypes)}')
+    self._treedef = jax.tree.structure(params)
+    flat, self._unravel = ravel_pytree(params)
+    self.size = flat.size
+    self._tree_opt = jax.tree.structure(tree_opt_state, is_leaf=self._is_params)
+    self._flat_opt = jax.tree.structure(flat_opt_state)
+    tree_items = jax.tree.leaves(tree_opt_state, is_leaf=self._is_params)
+    flat_items = jax.tree.leaves(flat_opt_state)
+    if len(tree_items) != len(flat_items):
+      raise ValueError(
+          f'the optimiser states do not match: {len(tree_items)} items in the tree layout, '
+          f'{len(flat_items)} in the flat one'
+      )
+    self._is_vector: List[bool] = []
+    for index, (tree_item, flat_item) in enumerate(zip(tree_items, flat_items)):
+      is_vector = self._is_params(tree_item)
+      expected = (self.size,) if is_vector else _shape(tree_item)
+      if _shape(flat_item) != expected:
+        raise ValueError(
+            f'optimiser state item {index}: shape {_shape(flat_item)} in the flat layout, '
+            f'expected {expected}'
+        )
+      self._is_vector.append(is_vector)
+
+  def _is_params(self, node) -> bool:
+    return jax.tree.structure(node) == self._treedef
+
+  def ravel(self, tree) -> jax.Array:
+    """A parameter-shaped tree -> [size] vector (leaves in `jax.tree.leaves` order)."""
+    return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+
+  def unravel(self, vector: jax.Array):
+    """[size] vector -> the parameter tree."""
+    return self._unravel(vector)
+
+  def wrap_loss(self, loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """loss_fn(params_tree, batch, keys) as a function of the flat parameter vector."""
+    return lambda flat, batch, keys: loss_fn(self.unravel(flat), batch, keys)
+
+  def to_flat(self, state: train_step_lib.TrainState) -> train_step_lib.TrainState:
+    items = jax.tree.leaves(state.opt_state, is_leaf=self._is_params)
+    items = [self.ravel(x) if v else x for x, v in zip(items, self._is_vector)]
+    return state.replace(
+        params=self.ravel(state.params),
+        opt_state=jax.tree.unflatten(self._flat_opt, items),
+        ema_params=None if state.ema_params is None else self.ravel(state.ema_params),
+    )
+
+  def to_tree(self, state: train_step_lib.TrainState) -> train_step_lib.TrainState:
+    items = jax.tree.leaves(state.opt_state)
+    items = [self.unravel(x) if v else x for x, v in zip(items, self._is_vector)]
+    return state.replace(
+        params=self.unravel(state.params),
+        opt_state=jax.tree.unflatten(self._tree_opt, items),
+        ema_params=None if state.ema_params is None else self.unravel(state.ema_params),
+    )
