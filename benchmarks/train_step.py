@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import freihand
 from configs import synthetic
+from diffhand_jax import flat_state
 from diffhand_jax import mano
 from diffhand_jax import models
 from diffhand_jax import optim
@@ -118,10 +119,12 @@ def build_step(config, step_cache_dir: str = ''):
   loss_fn = train_step_lib.make_loss_fn(
       model, config, procedural_mano.load_hand_model(config).faces
   )
+  layout = flat_state.step_layout(config, num_steps, loss_fn, optimizer, state)  # as trained
+  state = layout.to_step(state)
   step_fn = functools.partial(
       train_step_lib.train_step,
-      loss_fn=loss_fn,
-      optimizer=optimizer,
+      loss_fn=layout.loss_fn,
+      optimizer=layout.optimizer,
       schedule=optim.learning_rate_schedule(config.optim, num_steps),
       ema_decay=float(config.optim.ema_decay),
   )

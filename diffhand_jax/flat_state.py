@@ -2,22 +2,23 @@
 
 Done leaf by leaf, the gradient clip, AdamW, its decay mask, the update and the norms are
 ~2,300 of the synthetic train step's ~3,900 top-level fusions (276 parameter arrays), and XLA's
-CPU compile and executable load grow with them. With the parameters, the optimiser's moments
-and the EMA each one vector, that part is a handful of fusions: compile 0.75x, executable load
-0.45x, the same step time (BENCHMARKS.md, `benchmarks/flat_optimizer.py`).
+CPU executable load grows with them. With the parameters, the optimiser's moments and the EMA
+each one vector, that part is a handful of fusions: executable load 0.24x (a warm start's
+largest cost), the same compile and step time (BENCHMARKS.md, `benchmarks/state_layout.py`).
 
 Only the compiled step sees the flat layout. Checkpoints, `init_from`, evaluation and export
 keep the parameter tree: `FlatLayout.to_flat` / `to_tree` convert exactly (concatenation and
-slicing in `jax.tree.leaves` order), so a resumed run is bit-identical either way.
+slicing in `jax.tree.leaves` order), so resuming stays bit-exact.
 """
 
-from typing import Any, Callable, List
+from typing import Any, Callable, List, NamedTuple
 
 import jax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 
+from diffhand_jax import optim
 from diffhand_jax import train_step as train_step_lib
 
 
@@ -44,7 +45,10 @@ class FlatLayout:
   def __init__(self, params, tree_opt_state, flat_opt_state):
     dtypes = {leaf.dtype for leaf in jax.tree.leaves(params)}
     if len(dtypes) != 1:
-      raise ValueError(f'a flat training state needs one parameter dtype, got {sorted(dtypes)}')
+      raise ValueError(
+          f'a flat training state needs one parameter dtype, got {sorted(map(str, dtypes))}; '
+          'set config.train.flat_state = False'
+      )
     self._treedef = jax.tree.structure(params)
     flat, self._unravel = ravel_pytree(params)
     self.size = flat.size
@@ -100,3 +104,32 @@ class FlatLayout:
         opt_state=jax.tree.unflatten(self._tree_opt, items),
         ema_params=None if state.ema_params is None else self.unravel(state.ema_params),
     )
+
+
+class StepLayout(NamedTuple):
+  """What the compiled step is built from, and the state conversions around it."""
+
+  loss_fn: Callable[..., Any]
+  optimizer: Any  # optax.GradientTransformation
+  to_step: Callable[[train_step_lib.TrainState], train_step_lib.TrainState]
+  from_step: Callable[[train_step_lib.TrainState], train_step_lib.TrainState]
+
+
+def step_layout(config, num_steps: int, loss_fn, optimizer, state) -> StepLayout:
+  """The step's loss, optimiser and conversions for `config.train.flat_state`.
+
+  Args:
+    config: the run's config (train.flat_state, default True; optim).
+    num_steps: the schedule's length.
+    loss_fn: (params_tree, batch, keys) -> (loss, aux).
+    optimizer: `optim.make_optimizer(config.optim, num_steps)` (the tree layout's).
+    state: a TrainState in the tree layout (its params and optimiser state are the templates).
+  """
+  if not config.train.get('flat_state', True):
+    identity = lambda state: state
+    return StepLayout(loss_fn, optimizer, identity, identity)
+  flat_optimizer = optim.make_flat_optimizer(config.optim, num_steps, state.params)
+  leaves = jax.tree.leaves(state.params)
+  vector = jax.ShapeDtypeStruct((sum(leaf.size for leaf in leaves),), leaves[0].dtype)
+  layout = FlatLayout(state.params, state.opt_state, jax.eval_shape(flat_optimizer.init, vector))
+  return StepLayout(layout.wrap_loss(loss_fn), flat_optimizer, layout.to_flat, layout.to_tree)

@@ -173,28 +173,13 @@ def run_training(
       state = state.replace(ema_params=jax.tree.map(jnp.array, state.params))
 
   # ---- The compiled step's state layout (flat_state.py) ----
-  loss_fn, step_optimizer = task.loss_fn, optimizer
-  to_step_layout = from_step_layout = lambda state: state
-  if train_config.get('flat_state', True):
-    step_optimizer = optim.make_flat_optimizer(config.optim, num_steps, state.params)
-    size = sum(leaf.size for leaf in jax.tree.leaves(state.params))
-    dtype = jax.tree.leaves(state.params)[0].dtype
-    layout = flat_state.FlatLayout(
-        state.params,
-        state.opt_state,
-        jax.eval_shape(step_optimizer.init, jax.ShapeDtypeStruct((size,), dtype)),
-    )
-    loss_fn, to_step_layout, from_step_layout = (
-        layout.wrap_loss(task.loss_fn),
-        layout.to_flat,
-        layout.to_tree,
-    )
+  layout = flat_state.step_layout(config, num_steps, task.loss_fn, optimizer, state)
 
   # ---- Parallelism ----
   step_fn = functools.partial(
       train_step_lib.train_step,
-      loss_fn=loss_fn,
-      optimizer=step_optimizer,
+      loss_fn=layout.loss_fn,
+      optimizer=layout.optimizer,
       schedule=schedule,
       ema_decay=ema_decay,
   )
@@ -207,12 +192,12 @@ def run_training(
   parallel.check_batch_divisible(
       int(train_config.global_batch_size), runner.num_devices, 'train.global_batch_size'
   )
-  placed = runner.put_state(to_step_layout(state))
+  placed = runner.put_state(layout.to_step(state))
   del state
 
   def tree_state():
     """The current state in the parameter-tree layout (checkpoints, evaluation)."""
-    return from_step_layout(runner.get_state(placed))
+    return layout.from_step(runner.get_state(placed))
 
   # ---- Data ----
   batches = task.train_iterator(start_step)
