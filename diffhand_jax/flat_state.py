@@ -15,7 +15,6 @@ from typing import Any, Callable, List, NamedTuple
 
 import jax
 from jax.flatten_util import ravel_pytree
-import jax.numpy as jnp
 import numpy as np
 
 from diffhand_jax import optim
@@ -38,11 +37,11 @@ class FlatLayout:
   Args:
     params: the parameter tree (its structure, shapes and dtype; one dtype for all leaves).
     tree_opt_state: the tree optimiser's state for `params` (a template).
-    flat_opt_state: the flat optimiser's state for the raveled `params` (a template; shapes
-      are enough, e.g. from `jax.eval_shape`).
+    flat_optimizer: the optimiser of the raveled `params` (`optim.make_flat_optimizer`); its
+      state's shapes are taken with `jax.eval_shape`.
   """
 
-  def __init__(self, params, tree_opt_state, flat_opt_state):
+  def __init__(self, params, tree_opt_state, flat_optimizer):
     dtypes = {leaf.dtype for leaf in jax.tree.leaves(params)}
     if len(dtypes) != 1:
       raise ValueError(
@@ -52,6 +51,7 @@ class FlatLayout:
     self._treedef = jax.tree.structure(params)
     flat, self._unravel = ravel_pytree(params)
     self.size = flat.size
+    flat_opt_state = jax.eval_shape(flat_optimizer.init, flat)
     self._tree_opt = jax.tree.structure(tree_opt_state, is_leaf=self._is_params)
     self._flat_opt = jax.tree.structure(flat_opt_state)
     tree_items = jax.tree.leaves(tree_opt_state, is_leaf=self._is_params)
@@ -77,7 +77,7 @@ class FlatLayout:
 
   def ravel(self, tree) -> jax.Array:
     """A parameter-shaped tree -> [size] vector (leaves in `jax.tree.leaves` order)."""
-    return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+    return ravel_pytree(tree)[0]
 
   def unravel(self, vector: jax.Array):
     """[size] vector -> the parameter tree."""
@@ -105,6 +105,10 @@ class FlatLayout:
         ema_params=None if state.ema_params is None else self.unravel(state.ema_params),
     )
 
+  def eval_params(self, state: train_step_lib.TrainState):
+    """`train_step.eval_params` of a flat state, as a tree (the moments stay flat)."""
+    return self.unravel(train_step_lib.eval_params(state))
+
 
 class StepLayout(NamedTuple):
   """What the compiled step is built from, and the state conversions around it."""
@@ -113,6 +117,7 @@ class StepLayout(NamedTuple):
   optimizer: Any  # optax.GradientTransformation
   to_step: Callable[[train_step_lib.TrainState], train_step_lib.TrainState]
   from_step: Callable[[train_step_lib.TrainState], train_step_lib.TrainState]
+  eval_params: Callable[[train_step_lib.TrainState], Any]  # the step's state -> params tree
 
 
 def step_layout(config, num_steps: int, loss_fn, optimizer, state) -> StepLayout:
@@ -127,9 +132,13 @@ def step_layout(config, num_steps: int, loss_fn, optimizer, state) -> StepLayout
   """
   if not config.train.get('flat_state', True):
     identity = lambda state: state
-    return StepLayout(loss_fn, optimizer, identity, identity)
+    return StepLayout(loss_fn, optimizer, identity, identity, train_step_lib.eval_params)
   flat_optimizer = optim.make_flat_optimizer(config.optim, num_steps, state.params)
-  leaves = jax.tree.leaves(state.params)
-  vector = jax.ShapeDtypeStruct((sum(leaf.size for leaf in leaves),), leaves[0].dtype)
-  layout = FlatLayout(state.params, state.opt_state, jax.eval_shape(flat_optimizer.init, vector))
-  return StepLayout(layout.wrap_loss(loss_fn), flat_optimizer, layout.to_flat, layout.to_tree)
+  layout = FlatLayout(state.params, state.opt_state, flat_optimizer)
+  return StepLayout(
+      layout.wrap_loss(loss_fn),
+      flat_optimizer,
+      layout.to_flat,
+      layout.to_tree,
+      layout.eval_params,
+  )

@@ -3,6 +3,7 @@
 import math
 
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -49,9 +50,16 @@ def make_optimizer(
   """
   schedule = learning_rate_schedule(optim_config, num_steps)
   adamw = optax.adamw(schedule, weight_decay=float(optim_config.weight_decay), mask=_decay_mask)
+  return _clipped(optim_config, adamw)
+
+
+def _clipped(optim_config, transformation: optax.GradientTransformation):
+  """`transformation` after a clip by global norm, if config.optim.grad_clip_norm > 0."""
   if optim_config.grad_clip_norm and optim_config.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(float(optim_config.grad_clip_norm)), adamw)
-  return adamw
+    return optax.chain(
+        optax.clip_by_global_norm(float(optim_config.grad_clip_norm)), transformation
+    )
+  return transformation
 
 
 def make_flat_optimizer(
@@ -68,11 +76,8 @@ def make_flat_optimizer(
     num_steps: total training steps (the end of the cosine decay).
     params: the parameter tree the vector is raveled from (`jax.tree.leaves` order).
   """
-  mask = jnp.concatenate(
-      [
-          jnp.full(p.size, m, p.dtype)
-          for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(_decay_mask(params)))
-      ]
+  mask, _ = ravel_pytree(
+      jax.tree.map(lambda p, m: jnp.full(p.shape, m, p.dtype), params, _decay_mask(params))
   )
   weight_decay = float(optim_config.weight_decay)
 
@@ -84,9 +89,7 @@ def make_flat_optimizer(
       optax.GradientTransformation(lambda flat_params: optax.EmptyState(), decay),
       optax.scale_by_learning_rate(learning_rate_schedule(optim_config, num_steps)),
   )
-  if optim_config.grad_clip_norm and optim_config.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(float(optim_config.grad_clip_norm)), adamw)
-  return adamw
+  return _clipped(optim_config, adamw)
 
 
 def update_ema(ema_params, params, decay: float, count):

@@ -260,7 +260,7 @@ def run_training(
           writer.scalars(done, host_metrics)
         eval_metrics = None
         if eval_now:  # the task writes its own eval summaries
-          eval_metrics = task.evaluate(train_step_lib.eval_params(tree_state()), done)
+          eval_metrics = task.evaluate(layout.eval_params(runner.get_state(placed)), done)
           best = train_config.best_metric
           if eval_metrics and best and best not in eval_metrics:
             raise ValueError(

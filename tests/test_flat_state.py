@@ -34,11 +34,7 @@ def _config(clip=0.05, decay=0.1):
 def _layout(config, params, num_steps=10):
   tree_opt = optim.make_optimizer(config.optim, num_steps)
   flat_opt = optim.make_flat_optimizer(config.optim, num_steps, params)
-  size = sum(leaf.size for leaf in jax.tree.leaves(params))
-  layout = flat_state.FlatLayout(
-      params, tree_opt.init(params), flat_opt.init(jnp.zeros((size,), jnp.float32))
-  )
-  return tree_opt, flat_opt, layout
+  return tree_opt, flat_opt, flat_state.FlatLayout(params, tree_opt.init(params), flat_opt)
 
 
 def _grads(step, params):
@@ -108,10 +104,17 @@ def test_mismatched_layouts_raise():
   config = _config()
   params = _params()
   tree_opt = optim.make_optimizer(config.optim, 10)
-  other = optax.sgd(0.1, momentum=0.9).init(jnp.zeros((36,)))  # one vector, no counts
+  other = optax.sgd(0.1, momentum=0.9)  # one vector, no counts
   with pytest.raises(ValueError, match='optimiser states do not match'):
     flat_state.FlatLayout(params, tree_opt.init(params), other)
-  short = optim.make_flat_optimizer(config.optim, 10, params).init(jnp.zeros((7,)))
+  # An optimiser whose state is not parameter-sized where AdamW's moments are.
+  short = optax.chain(
+      optax.clip_by_global_norm(1.0),
+      optax.GradientTransformation(
+          lambda p: optax.ScaleByAdamState(jnp.zeros([], jnp.int32), p[:7], p[:7]), None
+      ),
+      optax.scale_by_learning_rate(lambda count: 0.1),  # a schedule: one count, as AdamW
+  )
   with pytest.raises(ValueError, match=r'shape \(7,\) in the flat layout, expected \(36,\)'):
     flat_state.FlatLayout(params, tree_opt.init(params), short)
   mixed = dict(params, half=jnp.zeros((2,), jnp.bfloat16))
