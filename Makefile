@@ -63,10 +63,10 @@ demo: $(STAMP)
 	$(PY) launch.py --config=configs/synthetic.py --workdir=runs/demo --mode=demo $(if $(RETRAIN),--overwrite)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q --durations=25 -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/mano_forward.py
