@@ -23,12 +23,13 @@ NUM_VERTICES = 778
 NUM_JOINTS = 21
 
 
-def hand_features(with_depth=False, image_encoding='png'):
+def hand_features(with_depth=False, image_encoding='png', extra=None):
   """Returns the `tfds.features.FeaturesDict` of hand examples.
 
   Args:
     with_depth: add the float32 `depth` map.
     image_encoding: 'png' (lossless, synthetic data) or 'jpeg' (real photographs).
+    extra: a data set's own features {name: tfds feature}, added after the shared ones.
   """
   spec = {
       'image': tfds.features.Image(shape=(None, None, 3), encoding_format=image_encoding),
@@ -46,7 +47,19 @@ def hand_features(with_depth=False, image_encoding='png'):
     spec['depth'] = tfds.features.Tensor(
         shape=(None, None, 1), dtype=tf.float32, encoding=tfds.features.Encoding.ZLIB
     )
+  spec.update(extra or {})
   return tfds.features.FeaturesDict(spec)
+
+
+def bbox_features():
+  """The features of data sets with a hand box and optional labels (DexYCB, HO-3D).
+
+  bbox float32 (4,) x0, y0, x1, y1 in pixels; has_targets bool (False: the targets are zeros).
+  """
+  return {
+      'bbox': tfds.features.Tensor(shape=(4,), dtype=tf.float32),
+      'has_targets': tfds.features.Tensor(shape=(), dtype=tf.bool),
+  }
 
 
 TARGET_SHAPES = {

@@ -11,7 +11,6 @@ Features: `datasets.features.hand_features` (JPEG bytes as released) plus `bbox`
 <manual_dir>/depth/<subject>/<sequence>/<serial>/color_%06d.png (16-bit mm) or .npy (metres).
 """
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from datasets import features
@@ -45,18 +44,12 @@ class Dexycb(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self):
-    spec = dict(
-        features.hand_features(
-            with_depth=self.builder_config.name == 'depth', image_encoding='jpeg'
-        ).items()
+    spec = features.hand_features(
+        with_depth=self.builder_config.name == 'depth',
+        image_encoding='jpeg',
+        extra=features.bbox_features(),
     )
-    spec.update(
-        bbox=tfds.features.Tensor(shape=(4,), dtype=np.float32),
-        has_targets=tfds.features.Tensor(shape=(), dtype=np.bool_),
-    )
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict(spec), homepage='https://dex-ycb.github.io'
-    )
+    return self.dataset_info_from_configs(features=spec, homepage='https://dex-ycb.github.io')
 
   def _split_generators(self, dl_manager):
     if not self._mano_dir:

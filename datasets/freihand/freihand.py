@@ -18,14 +18,6 @@ import tensorflow_datasets as tfds
 from datasets import features
 from datasets.freihand import reader
 
-_TARGET_SHAPES = {
-    'joints3d': (21, 3),
-    'joints2d': (21, 2),
-    'verts': (778, 3),
-    'pose': (48,),
-    'betas': (10,),
-}
-
 
 class Freihand(tfds.core.GeneratorBasedBuilder):
   """FreiHAND: 32,560 training annotations x 4 image versions, 3,960 evaluation images."""
@@ -60,15 +52,14 @@ class Freihand(tfds.core.GeneratorBasedBuilder):
     return self.builder_config.name == 'depth'
 
   def _info(self):
-    spec = dict(features.hand_features(with_depth=self._with_depth, image_encoding='jpeg').items())
-    spec.update(
+    extra = dict(
         version=tfds.features.ClassLabel(names=list(reader.VERSIONS)),
         image_id=tfds.features.Tensor(shape=(), dtype=np.int64),
         scale=tfds.features.Tensor(shape=(), dtype=np.float32),
         has_targets=tfds.features.Tensor(shape=(), dtype=np.bool_),
     )
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict(spec),
+        features=features.hand_features(self._with_depth, image_encoding='jpeg', extra=extra),
         homepage='https://lmb.informatik.uni-freiburg.de/projects/freihand/',
     )
 
@@ -89,21 +80,6 @@ class Freihand(tfds.core.GeneratorBasedBuilder):
 
 def _to_features(example, with_depth):
   """Maps a reader example onto the builder's fixed schema (zeros where nothing was read)."""
-  image_shape = example['image'].shape
-  record = {
-      # The released JPEG bytes are stored as they are: no second lossy encoding.
-      'image': example['image_path'],
-      'mask': example.get('mask', np.zeros(image_shape[:2] + (1,), np.uint8)),
-      'K': example['K'],
-      'is_right': example['is_right'],
-      'id': example['id'],
-      'version': example['version'],
-      'image_id': example['image_id'],
-      'scale': example['scale'],
-      'has_targets': example['has_targets'],
-  }
-  for name, shape in _TARGET_SHAPES.items():
-    record[name] = example.get(name, np.zeros(shape, np.float32))
-  if with_depth:
-    record['depth'] = example['depth']
+  record = features.to_record(example, with_depth)
+  record.update({name: example[name] for name in ('version', 'image_id', 'scale', 'has_targets')})
   return record

@@ -41,17 +41,13 @@ class Ho3d(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self):
-    spec = dict(
-        features.hand_features(
-            with_depth=self.builder_config.name == 'depth', image_encoding='png'
-        ).items()
-    )
-    spec.update(
-        bbox=tfds.features.Tensor(shape=(4,), dtype=np.float32),
-        has_targets=tfds.features.Tensor(shape=(), dtype=np.bool_),
+    spec = features.hand_features(
+        with_depth=self.builder_config.name == 'depth',
+        image_encoding='png',
+        extra=features.bbox_features(),
     )
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict(spec), homepage='https://github.com/shreyashampali/ho3d'
+        features=spec, homepage='https://github.com/shreyashampali/ho3d'
     )
 
   def _split_generators(self, dl_manager):
