@@ -69,6 +69,10 @@ def get_config(arg=None):
   config.model.pretrained_path = ''  # timm .safetensors/.pth or converted .msgpack (weights.py)
   config.model.hrnet_norm = 'group'  # 'group' | 'frozen_bn' (needed for timm HRNet weights)
   config.model.pretrained_image_size = 224
+  # resnet: fold f x f pixel blocks into channels before the stem (resnet.py); image_size must
+  # then be a multiple of 32 f. With init_from a model trained at image_size / f, its stem is
+  # carried over so that training starts from the same function.
+  config.model.space_to_depth = 1
   config.model.width = 64  # decoder channels C
   config.model.num_heads = 4
   config.model.num_blocks = 3  # cross-modality blocks

@@ -371,12 +371,13 @@ def restore_latest_params(workdir: str, step: Optional[int] = None):
   return step, jax.device_get(ema if ema else raw['params'])
 
 
-def load_params_into(params, workdir: str):
+def load_params_into(params, workdir: str, adapt=None):
   """`params` with every leaf that a checkpoint in `workdir` has replaced.
 
   Leaves the checkpoint lacks (e.g. the depth branch when fine-tuning a model
   trained without depth) keep their initial values; a leaf present in both
-  with a different shape is an error.
+  with a different shape is an error unless `adapt(path, loaded, wanted_shape)`
+  returns it in the wanted shape (e.g. `encoder.init_from_adapter`; None = cannot).
   """
   loaded = flax.traverse_util.flatten_dict(flax.core.unfreeze(restore_params(workdir)))
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
@@ -385,6 +386,17 @@ def load_params_into(params, workdir: str):
     if path not in loaded:
       missing.append('/'.join(path))
       continue
+    if np.shape(loaded[path]) != np.shape(value) and adapt is not None:
+      adapted = adapt(path, loaded[path], np.shape(value))
+      if adapted is not None:
+        logging.info(
+            'init_from %s: %s carried from shape %s to %s',
+            workdir,
+            '/'.join(path),
+            np.shape(loaded[path]),
+            np.shape(value),
+        )
+        loaded[path] = adapted
     if np.shape(loaded[path]) != np.shape(value):
       raise ValueError(
           f'init_from {workdir}: parameter {"/".join(path)} has '

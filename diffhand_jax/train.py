@@ -26,6 +26,7 @@ from diffhand_jax import flat_state
 from diffhand_jax import input_pipeline
 from diffhand_jax import logging_utils
 from diffhand_jax import models
+from diffhand_jax.models import encoder as encoder_lib
 from diffhand_jax import optim
 from diffhand_jax import parallel
 from diffhand_jax import procedural_mano
@@ -168,7 +169,11 @@ def run_training(
     state = restored
     logging.info('Resumed from %s at step %d', manager.directory, start_step)
   elif config.init_from:
-    state = state.replace(params=checkpointing.load_params_into(state.params, config.init_from))
+    state = state.replace(
+        params=checkpointing.load_params_into(
+            state.params, config.init_from, adapt=encoder_lib.init_from_adapter(config.model)
+        )
+    )
     if state.ema_params is not None:
       state = state.replace(ema_params=jax.tree.map(jnp.array, state.params))
 

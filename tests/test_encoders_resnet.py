@@ -82,3 +82,62 @@ def test_vit_position_embedding_grid(pretrained_path, grid):
   images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), images)
   assert variables['params']['pos_embed'].shape[1] == 1 + grid * grid
+
+
+def test_space_to_depth_against_a_loop():
+  images = np.random.default_rng(4).normal(size=(2, 6, 8, 3)).astype(np.float32)
+  folded = np.asarray(resnet.space_to_depth(jnp.asarray(images), 2))
+  assert folded.shape == (2, 3, 4, 12)
+  for i in range(3):
+    for j in range(4):
+      for dy in range(2):
+        for dx in range(2):
+          for c in range(3):
+            assert folded[1, i, j, (dy * 2 + dx) * 3 + c] == images[1, 2 * i + dy, 2 * j + dx, c]
+
+
+def test_space_to_depth_model_starts_as_the_model_on_block_means():
+  """A micro ResNet trained at 64 px, carried by `encoder.init_from_adapter` to a model with
+  space_to_depth=2, gives on a 128 px image what the 64 px model gives on its 2x2 block means."""
+  config = _model_config()
+  small = encoder.build_encoder(config)
+  rng = np.random.default_rng(5)
+  images = jnp.asarray(rng.normal(size=(2, 128, 128, 3)), jnp.float32)
+  means = images.reshape(2, 64, 2, 64, 2, 3).mean(axis=(2, 4))
+  small_params = small.init(jax.random.PRNGKey(6), means)['params']
+  config.space_to_depth = 2
+  assert encoder.encoder_stride(config) == 32 and encoder.num_tokens(config, 128) == 16
+  big = encoder.build_encoder(config)
+  big_params = jax.eval_shape(big.init, jax.random.PRNGKey(7), images)['params']
+  adapt = encoder.init_from_adapter(config)
+  carried = jax.tree_util.tree_map_with_path(
+      lambda path, want, have: (
+          adapt(tuple(k.key for k in path), have, want.shape) if want.shape != have.shape else have
+      ),
+      big_params,
+      small_params,
+  )
+  assert carried['stem']['conv']['kernel'].shape == (3, 3, 12, 8)
+  for a, b in zip(
+      big.apply({'params': carried}, images), small.apply({'params': small_params}, means)
+  ):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+  # The adapter refuses what it cannot carry.
+  assert adapt(('stem', 'conv', 'kernel'), np.zeros((3, 3, 4, 8)), (3, 3, 12, 8)) is None
+  assert adapt(('token_proj', 'kernel'), np.zeros((1, 1, 8, 8)), (1, 1, 32, 8)) is None
+
+
+def test_space_to_depth_needs_the_resnet_and_a_multiple_of_its_stride():
+  config = _model_config()
+  config.space_to_depth = 2
+  with pytest.raises(ValueError, match='multiple of 64'):
+    jax.eval_shape(
+        encoder.build_encoder(config).init,
+        jax.random.PRNGKey(0),
+        jax.ShapeDtypeStruct((1, 96, 96, 3), jnp.float32),
+    )
+  config.encoder, config.encoder_size = 'vit', 'micro'
+  with pytest.raises(ValueError, match='space_to_depth'):
+    encoder.build_encoder(config)
+  config.encoder, config.space_to_depth = 'resnet', 1
+  assert encoder.init_from_adapter(config) is None

@@ -256,6 +256,15 @@ def test_init_from_loads_known_params_and_keeps_new_ones(tmp_path):
   fresh['w2'] = jnp.zeros((2, 2))
   with pytest.raises(ValueError, match='w2 has shape'):
     checkpointing.load_params_into(fresh, base_dir)
+
+  # An adapter may carry a leaf to the wanted shape; what it declines is still an error.
+  def adapt(path, loaded, shape):
+    return np.resize(loaded, shape) if path == ('w2',) else None
+
+  carried = checkpointing.load_params_into(fresh, base_dir, adapt=adapt)
+  np.testing.assert_array_equal(carried['w2'], np.resize(base.ema_params['w2'], (2, 2)))
+  with pytest.raises(ValueError, match='w2 has shape'):
+    checkpointing.load_params_into(fresh, base_dir, adapt=lambda path, loaded, shape: None)
   # A run with init_from starts from those params.
   config.init_from = base_dir
   config.train.num_steps = 1

@@ -2,8 +2,9 @@
 
 Config keys read (configs/synthetic.py, `config.model`): encoder ('vit' | 'deit' | 'hrnet' |
 'resnet'), encoder_size, patch_size, distilled, use_depth, pretrained_path,
-pretrained_image_size, depth_zero_init ('all' | 'last') and hrnet_norm ('group' |
-'frozen_bn'; 'frozen_bn' holds imported timm BatchNorm weights, see hrnet.py).
+pretrained_image_size, depth_zero_init ('all' | 'last'), hrnet_norm ('group' |
+'frozen_bn'; 'frozen_bn' holds imported timm BatchNorm weights, see hrnet.py) and
+space_to_depth (resnet only, default 1: see resnet.py).
 
 'vit' and 'deit' build the same module (DeiT is the ViT architecture with a different training
 recipe); only 'deit' may add the distillation token (distilled=True). Sizes: vit.VIT_SIZES
@@ -46,7 +47,17 @@ def _check_name(model_config):
   # The distillation token is DeiT's; HRNet has no tokens to add it to.
   if model_config.distilled and name != 'deit':
     raise ValueError(f'model.distilled=True needs model.encoder="deit", got {name!r}')
+  factor = space_to_depth_factor(model_config)
+  if factor < 1 or (factor != 1 and name != 'resnet'):
+    raise ValueError(
+        f'model.space_to_depth={factor!r}: 1, or an integer > 1 with model.encoder="resnet"'
+    )
   return name, size
+
+
+def space_to_depth_factor(model_config) -> int:
+  """`model_config.space_to_depth`, 1 where the key is absent (configs that predate it)."""
+  return int(model_config.get('space_to_depth', 1))
 
 
 def encoder_width(model_config) -> int:
@@ -61,10 +72,10 @@ def encoder_width(model_config) -> int:
 
 def encoder_stride(model_config) -> int:
   """Pixels per token side: patch_size for ViT/DeiT, 4 for HRNet's high-resolution branch,
-  16 for the ResNet."""
+  16 x space_to_depth for the ResNet."""
   name, _ = _check_name(model_config)
   if name == 'resnet':
-    return resnet.TOKEN_STRIDE
+    return resnet.TOKEN_STRIDE * space_to_depth_factor(model_config)
   return hrnet.STEM_STRIDE if name == 'hrnet' else model_config.patch_size
 
 
@@ -95,6 +106,7 @@ def build_encoder(model_config, dtype: Any = jnp.float32, image_size: int = 0) -
         spec=resnet.RESNET_SIZES[size],
         use_depth=model_config.use_depth,
         depth_zero_init=model_config.depth_zero_init,
+        space_to_depth=space_to_depth_factor(model_config),
         dtype=dtype,
     )
   if name == 'hrnet':
@@ -121,3 +133,24 @@ def build_encoder(model_config, dtype: Any = jnp.float32, image_size: int = 0) -
       depth_zero_init=model_config.depth_zero_init,
       dtype=dtype,
   )
+
+
+def init_from_adapter(model_config):
+  """`checkpointing.load_params_into`'s `adapt` for this model: carries a ResNet stem kernel
+  trained without space-to-depth (input channels C) to a model with factor f (f*f*C), see
+  `resnet.stem_kernel_for_space_to_depth`; None when nothing needs carrying."""
+  factor = space_to_depth_factor(model_config)
+  if model_config.encoder != 'resnet' or factor == 1:
+    return None
+
+  def adapt(path, loaded, wanted_shape):
+    is_stem = path[-3:] == ('stem', 'conv', 'kernel')
+    if is_stem and tuple(wanted_shape) == (
+        *loaded.shape[:2],
+        loaded.shape[2] * factor**2,
+        loaded.shape[3],
+    ):
+      return resnet.stem_kernel_for_space_to_depth(jnp.asarray(loaded), factor)
+    return None
+
+  return adapt

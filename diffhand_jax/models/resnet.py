@@ -19,6 +19,13 @@ embedding share one width as the decoder expects; the pooling ties the module to
 size it was initialised with.
 GroupNorm (no batch statistics) keeps the module pure, and per-example results independent of
 the batch, like the rest of the model.
+
+Space-to-depth input (`space_to_depth` = f > 1): the image of side f·S is first folded into
+[S, S, 3·f²] (each f x f block of pixels becomes one pixel's channels), and the network behind
+it is the one above at side S. A model trained at side S can so be carried to f times the
+resolution without changing any layer but the stem's kernel: `stem_kernel_for_space_to_depth`
+spreads it over the f² sub-pixels, so that at the start the network computes exactly what it
+computed on the f x f block means (the area-downsampled image).
 """
 
 import dataclasses
@@ -54,6 +61,31 @@ RESNET_SIZES = {
 }
 
 
+def space_to_depth(images: jax.Array, factor: int) -> jax.Array:
+  """Folds factor x factor pixel blocks into channels.
+
+  Args:
+    images: [batch, H, W, C], H and W multiples of `factor`.
+    factor: block side f.
+  Returns:
+    [batch, H/f, W/f, f*f*C]; channel (dy*f + dx)*C + c holds images[:, f*i + dy, f*j + dx, c].
+  """
+  batch, height, width, channels = images.shape
+  blocks = images.reshape(batch, height // factor, factor, width // factor, factor, channels)
+  return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(
+      batch, height // factor, width // factor, factor * factor * channels
+  )
+
+
+def stem_kernel_for_space_to_depth(kernel: jax.Array, factor: int) -> jax.Array:
+  """The stem kernel [k, k, C, O] of a model trained on images of side S, carried to inputs
+  folded by `space_to_depth(., factor)` from side f·S: [k, k, f*f*C, O], each sub-pixel's
+  copy divided by f², so conv(space_to_depth(x)) = conv(block means of x)."""
+  if kernel.ndim != 4:
+    raise ValueError(f'stem kernel must be [k, k, C, O], got shape {kernel.shape}')
+  return jnp.tile(kernel, (1, 1, factor * factor, 1)) / (factor * factor)
+
+
 class ResidualBlock(nn.Module):
   """Two 3x3 ConvNorms with a residual; the first conv (and a 1x1 shortcut) may stride."""
 
@@ -78,12 +110,14 @@ class ResNet(nn.Module):
     spec: a `ResNetSpec` (RESNET_SIZES).
     use_depth: add a depth branch (depth.DepthBranch) to the stem output.
     depth_zero_init: see `depth.DepthBranch.zero_init`.
+    space_to_depth: f; images of side f·S enter as `space_to_depth(images, f)` (module docstring).
     dtype: computation dtype (parameters stay float32).
   """
 
   spec: ResNetSpec
   use_depth: bool = False
   depth_zero_init: str = 'last'
+  space_to_depth: int = 1
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -93,20 +127,27 @@ class ResNet(nn.Module):
     """Encodes images.
 
     Args:
-      images: [batch, S, S, 3], S a multiple of 32.
+      images: [batch, S, S, 3], S a multiple of 32·f (f = space_to_depth).
       depth: [batch, S, S, 1]; required when use_depth, rejected otherwise.
 
     Returns:
-      tokens: [batch, (S/16)^2, D]; embedding: [batch, D]; D = spec.widths[3].
+      tokens: [batch, (S/(16·f))^2, D]; embedding: [batch, D]; D = spec.widths[3].
     """
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'images must be [batch, H, W, 3], got shape {images.shape}')
-    if images.shape[1] % 32 or images.shape[2] % 32:
-      raise ValueError(f'image size {images.shape[1:3]} is not a multiple of 32 (resnet)')
+    multiple = 32 * self.space_to_depth
+    if images.shape[1] % multiple or images.shape[2] % multiple:
+      raise ValueError(
+          f'image size {images.shape[1:3]} is not a multiple of {multiple} (resnet with '
+          f'space_to_depth={self.space_to_depth})'
+      )
+    if self.use_depth and self.space_to_depth != 1:
+      raise ValueError('the resnet depth branch needs space_to_depth=1')
     depth_lib.check_depth(depth, images.shape, self.use_depth)
-    x = ConvNorm(self.spec.stem, 3, STEM_STRIDE, dtype=self.dtype, name='stem')(
-        images.astype(self.dtype)
-    )
+    x = images.astype(self.dtype)
+    if self.space_to_depth != 1:
+      x = space_to_depth(x, self.space_to_depth)
+    x = ConvNorm(self.spec.stem, 3, STEM_STRIDE, dtype=self.dtype, name='stem')(x)
     if self.use_depth:
       x = x + depth_lib.DepthBranch(
           self.spec.stem,
