@@ -103,14 +103,17 @@ def main(argv):
     else:
       train.train_and_evaluate(config, workdir)
   elif FLAGS.mode == 'eval':
+    from diffhand_jax import checkpointing  # pylint: disable=g-import-not-at-top
     from diffhand_jax import evaluate  # pylint: disable=g-import-not-at-top
 
-    evaluate.evaluate_checkpoint(config, workdir)
+    evaluate.evaluate_checkpoint(checkpointing.adopt_trained_model(config, workdir), workdir)
   else:
+    from diffhand_jax import checkpointing  # pylint: disable=g-import-not-at-top
     from diffhand_jax import predict  # pylint: disable=g-import-not-at-top
 
     if not FLAGS.input:
       raise app.UsageError('--mode=predict needs --input=IMAGE_OR_FOLDER')
+    config = checkpointing.adopt_trained_model(config, workdir)
     predict.predict(config, workdir, FLAGS.input, overwrite=FLAGS.overwrite)
 
 

@@ -371,6 +371,74 @@ def restore_latest_params(workdir: str, step: Optional[int] = None):
   return step, jax.device_get(ema if ema else raw['params'])
 
 
+# config.model keys that change how the model computes or is initialised, not its parameters:
+# `adopt_trained_model` leaves them as the command line says.
+COMPUTE_ONLY_MODEL_KEYS = ('dtype', 'remat', 'pretrained_path')
+
+
+def restore_config(workdir: str, step: Optional[int] = None) -> Optional[dict]:
+  """The config saved with the latest (or given) checkpoint, as a dict; None when there is no
+  checkpoint or it holds no readable config."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  with make_manager(workdir, read_only=True) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    try:
+      return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[
+          CONFIG
+      ]
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('checkpoint %d in %s: its config could not be read (%s)', step, workdir, e)
+      return None
+
+
+def adopt_trained_model(
+    config: ml_collections.ConfigDict, workdir: str
+) -> ml_collections.ConfigDict:
+  """`config` with the model the checkpoint in `workdir` was trained as.
+
+  Evaluation and prediction build the model from the command-line config; a run trained with
+  other model settings (e.g. `model.space_to_depth=2` at `data.image_size=128`) would not fit
+  its parameters. Every `config.model` key (but COMPUTE_ONLY_MODEL_KEYS) and `data.image_size`
+  whose saved value differs is taken from the checkpoint's config, with a warning naming it.
+  Keys the saved config lacks (older runs) stay as given.
+
+  Returns:
+    A copy of `config` (the same values when the checkpoint has no config).
+  """
+  saved = restore_config(workdir)
+  config = ml_collections.ConfigDict(config.to_dict())
+  if not saved:
+    return config
+  given = json.loads(config.to_json_best_effort())
+  changes = [
+      ('model', key)
+      for key in config.model
+      if key not in COMPUTE_ONLY_MODEL_KEYS
+      and key in saved.get('model', {})
+      and saved['model'][key] != given['model'][key]
+  ]
+  if (
+      'image_size' in saved.get('data', {})
+      and saved['data']['image_size'] != given['data']['image_size']
+  ):
+    changes.append(('data', 'image_size'))
+  for section, key in changes:
+    value, old = saved[section][key], config[section][key]
+    logging.warning(
+        '%s was trained with %s.%s=%r; using it instead of %r',
+        workdir,
+        section,
+        key,
+        value,
+        old,
+    )
+    config[section][key] = type(old)(value) if isinstance(old, (tuple, float)) else value
+  return config
+
+
 def load_params_into(params, workdir: str, adapt=None):
   """`params` with every leaf that a checkpoint in `workdir` has replaced.
 

@@ -48,3 +48,35 @@ def test_export_keeps_the_evaluated_params_and_the_config(tmp_path, with_ema):
 def test_export_without_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
     checkpointing.export_params(str(tmp_path / 'empty'), str(tmp_path / 'out'))
+
+
+def test_eval_and_predict_adopt_the_trained_model(tmp_path, caplog):
+  """`adopt_trained_model` takes config.model and data.image_size from the checkpoint's saved
+  config (with a warning each), leaves compute-only keys and everything else as given."""
+  state = {'step': jnp.asarray(3, jnp.int32), 'params': {'w': np.zeros((2,), np.float32)}}
+  trained = synthetic.get_config('smoke')
+  trained.model.space_to_depth, trained.data.image_size = 2, 128
+  trained.model.width, trained.model.dtype = 48, 'bfloat16'
+  trained.sampling.num_hypotheses = 4
+  run = str(tmp_path / 'run')
+  assert checkpointing.adopt_trained_model(synthetic.get_config('smoke'), run).model.width == (
+      synthetic.get_config('smoke').model.width
+  )  # no checkpoint: unchanged
+  with checkpointing.make_manager(run) as manager:
+    checkpointing.save(manager, 3, state, trained)
+    manager.wait_until_finished()
+
+  given = synthetic.get_config('smoke')
+  with caplog.at_level('WARNING'):
+    adopted = checkpointing.adopt_trained_model(given, run)
+  assert (adopted.model.space_to_depth, adopted.data.image_size, adopted.model.width) == (
+      2,
+      128,
+      48,
+  )
+  assert adopted.model.dtype == given.model.dtype  # compute-only: as given
+  assert adopted.sampling.num_hypotheses == given.sampling.num_hypotheses  # not the model
+  assert given.data.image_size != 128  # the argument is not modified
+  assert adopted.model.to_dict() == {**given.model.to_dict(), 'space_to_depth': 2, 'width': 48}
+  assert 'model.space_to_depth=2' in caplog.text and 'data.image_size=128' in caplog.text
+  assert 'dtype' not in caplog.text
