@@ -152,7 +152,10 @@ def main():
   parser.add_argument('--json', default='', help='write the rows here (after every cell)')
   args = parser.parse_args()
 
-  config = synthetic.get_config(args.config_variant)
+  # The model the checkpoint was trained as (e.g. 128 px with space_to_depth=2).
+  config = checkpointing.adopt_trained_model(
+      synthetic.get_config(args.config_variant), args.workdir
+  )
   config.eval.num_examples = args.hands
   config.eval.batch_size = args.batch_size
   model = models.build_model(config)
