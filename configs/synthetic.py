@@ -94,6 +94,9 @@ def get_config(arg=None):
   config.sampling = ml_collections.ConfigDict()
   config.sampling.num_sampling_steps = 10  # DDIM steps
   config.sampling.eta = 0.0
+  # Standard deviation of the starting noise x_T (the paper and training: 1; < 1 samples
+  # closer to the learned distribution's centre, a temperature; 0 starts every hypothesis at 0).
+  config.sampling.noise_scale = 1.0
   config.sampling.num_hypotheses = 1
   config.sampling.aggregate = 'mean'  # 'mean' | 'medoid'
 

@@ -62,6 +62,7 @@ def make_sample_fn(model, config: ml_collections.ConfigDict):
       num_hypotheses=int(config.sampling.num_hypotheses),
       aggregate=config.sampling.aggregate,
       eta=float(config.sampling.eta),
+      noise_scale=float(config.sampling.get('noise_scale', 1.0)),
   )
   angles = tuple(float(a) for a in config.eval.tta_angles)
   if angles:
@@ -345,6 +346,7 @@ def evaluate(
               tta_angles=list(config.eval.tta_angles),
               num_sampling_steps=int(config.sampling.num_sampling_steps),
               num_hypotheses=int(config.sampling.num_hypotheses),
+              noise_scale=float(config.sampling.get('noise_scale', 1.0)),
           ),
           f,
           indent=2,

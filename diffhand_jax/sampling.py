@@ -27,9 +27,20 @@ def _variables(params):
   return params if 'params' in params else {'params': params}
 
 
-def _check_options(model, images, depth, intrinsics, num_sampling_steps, num_hypotheses, aggregate):
+def _check_options(
+    model,
+    images,
+    depth,
+    intrinsics,
+    num_sampling_steps,
+    num_hypotheses,
+    aggregate,
+    noise_scale=1.0,
+):
   """Raises ValueError for bad input, before anything is traced."""
   diffhand.check_images(images, depth, model.image_size)
+  if not np.isfinite(noise_scale) or noise_scale < 0:
+    raise ValueError(f'noise_scale must be a finite number >= 0, got {noise_scale!r}')
   if images.shape[0] == 0:
     raise ValueError(f'images has a batch of 0 (shape {tuple(images.shape)}): nothing to sample')
   if not isinstance(num_sampling_steps, (int, np.integer)) or num_sampling_steps < 1:
@@ -200,7 +211,8 @@ def sample(
     eta: DDIM eta (0 = deterministic given the key).
     intrinsics: optional [B, 3, 3] of the crop; adds camera-frame outputs.
     noise_scale: standard deviation of the starting noise x_T (training saw 1; larger values
-      spread the hypotheses, an experiment of benchmarks/uncertainty.py).
+      spread the hypotheses, an experiment of benchmarks/uncertainty.py; smaller ones, a
+      sampling temperature, start nearer the centre of the prior; 0 starts at x_T = 0).
 
   Returns:
     dict with 'vertices' [B, N, 3] and 'joints' [B, 21, 3] (metres, root-relative: joint 0 is
@@ -208,7 +220,16 @@ def sample(
     hypotheses to their mean), 'camera' [B, 3]; with intrinsics also 'vertices_camera'
     [B, N, 3] and 'joints_camera' [B, 21, 3] (metres, camera frame).
   """
-  _check_options(model, images, depth, intrinsics, num_sampling_steps, num_hypotheses, aggregate)
+  _check_options(
+      model,
+      images,
+      depth,
+      intrinsics,
+      num_sampling_steps,
+      num_hypotheses,
+      aggregate,
+      noise_scale,
+  )
   hypotheses, camera = _hypotheses(
       model, params, images, rng, num_sampling_steps, num_hypotheses, depth, eta, noise_scale
   )
@@ -270,6 +291,7 @@ def tta_sample(
     aggregate: str = 'mean',
     eta: float = 0.0,
     intrinsics: Optional[jax.Array] = None,
+    noise_scale: float = 1.0,
 ) -> dict:
   """`sample` with test-time rotation augmentation.
 
@@ -289,14 +311,31 @@ def tta_sample(
   angles = tuple(float(a) for a in angles)
   if not angles:
     raise ValueError('tta_sample needs at least one angle')
-  _check_options(model, images, depth, intrinsics, num_sampling_steps, num_hypotheses, aggregate)
+  _check_options(
+      model,
+      images,
+      depth,
+      intrinsics,
+      num_sampling_steps,
+      num_hypotheses,
+      aggregate,
+      noise_scale,
+  )
   batch = images.shape[0]
   rotated = jnp.concatenate([rotate_images(images, a) for a in angles])
   rotated_depth = None
   if depth is not None:
     rotated_depth = jnp.concatenate([rotate_images(depth, a) for a in angles])
   hypotheses, camera = _hypotheses(
-      model, params, rotated, rng, num_sampling_steps, num_hypotheses, rotated_depth, eta
+      model,
+      params,
+      rotated,
+      rng,
+      num_sampling_steps,
+      num_hypotheses,
+      rotated_depth,
+      eta,
+      noise_scale,
   )
   undo = jnp.stack([rotation_2d(-a) for a in angles])  # [A, 2, 2]
   hypotheses = hypotheses.reshape((len(angles), batch) + hypotheses.shape[1:])

@@ -257,6 +257,30 @@ def test_regressor_mode_returns_the_direct_prediction():
   np.testing.assert_allclose(out['vertex_std'], 0, atol=1e-6)
 
 
+def test_noise_scale_zero_starts_every_hypothesis_at_zero():
+  # One step from x_T = 0 is the decoder applied once at t = T - 1 to zeros: every key and
+  # every hypothesis gives that same mesh (a naive computation through model.apply).
+  params = _params()
+  run = jax.jit(
+      functools.partial(
+          sampling.sample, MODEL, num_sampling_steps=1, num_hypotheses=3, noise_scale=0.0
+      )
+  )
+  out, other_key = run(params, IMAGES, jax.random.key(3)), run(params, IMAGES, jax.random.key(4))
+  t_last = jnp.full((2,), MODEL.num_timesteps - 1, jnp.int32)
+  direct = np.asarray(
+      MODEL.apply({'params': params}, IMAGES, jnp.zeros((2, 778, 3)), t_last)['x0'], np.float64
+  )
+  direct *= MODEL.vertex_scale
+  direct -= np.einsum('n,bnd->bd', _regressor()[0], direct)[:, None]
+  for k in range(3):
+    np.testing.assert_allclose(out['hypotheses'][:, k], direct, rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(out['hypotheses'], other_key['hypotheses'])
+  # A scale of 1 (the default) draws a different start per key.
+  default = sampling.sample(MODEL, params, IMAGES, jax.random.key(3), num_sampling_steps=1)
+  assert np.abs(np.asarray(default['hypotheses'][:, 0]) - direct).max() > 1e-4
+
+
 @pytest.mark.parametrize(
     'change,message',
     [
@@ -269,6 +293,8 @@ def test_regressor_mode_returns_the_direct_prediction():
         (dict(num_hypotheses=0), 'num_hypotheses'),
         (dict(depth=jnp.zeros((2, 16, 16, 1))), 'depth'),
         (dict(aggregate='median'), 'aggregate'),
+        (dict(noise_scale=-1.0), 'noise_scale'),
+        (dict(noise_scale=float('nan')), 'noise_scale'),
         (dict(intrinsics=jnp.zeros((2, 3))), 'intrinsics'),
         (dict(images=IMAGES.at[1, 2, 3, 0].set(jnp.nan)), 'NaN'),
         (dict(depth=jnp.full((2, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.inf)), 'NaN or infinite'),
