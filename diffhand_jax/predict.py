@@ -68,6 +68,7 @@ JSON_KEYS = {
     'vertex_std': '[V] per-vertex uncertainty, metres (RMS over the hypotheses)',
     'num_hypotheses': 'int, samples per image',
     'num_sampling_steps': 'int, DDIM steps',
+    'noise_scale': 'float, standard deviation of the starting noise x_T',
 }
 
 
@@ -279,6 +280,7 @@ def predict(
           'vertex_std': np.asarray(out['vertex_std'][row]),
           'num_hypotheses': int(config.sampling.num_hypotheses),
           'num_sampling_steps': int(config.sampling.num_sampling_steps),
+          'noise_scale': float(config.sampling.get('noise_scale', 1.0)),
       }
       _write_result(item['paths'], record, item['image'], faces)
       written.append(item['paths']['json'])

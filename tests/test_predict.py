@@ -111,6 +111,7 @@ def test_json_has_documented_keys_and_shapes(setup):
       assert np.shape(record[key]) == shape, key
     assert record['image_size'] == [height, width]
     assert record['num_sampling_steps'] == config.sampling.num_sampling_steps
+    assert record['noise_scale'] == config.sampling.noise_scale
     # The documented assumed camera: f = 500 px * min(H, W) / 224, centre ((W-1)/2, (H-1)/2).
     focal = 500.0 * min(height, width) / 224
     np.testing.assert_allclose(
