@@ -27,20 +27,9 @@ def _variables(params):
   return params if 'params' in params else {'params': params}
 
 
-def _check_options(
-    model,
-    images,
-    depth,
-    intrinsics,
-    num_sampling_steps,
-    num_hypotheses,
-    aggregate,
-    noise_scale=1.0,
-):
+def _check_options(model, images, depth, intrinsics, num_sampling_steps, num_hypotheses, aggregate):
   """Raises ValueError for bad input, before anything is traced."""
   diffhand.check_images(images, depth, model.image_size)
-  if not np.isfinite(noise_scale) or noise_scale < 0:
-    raise ValueError(f'noise_scale must be a finite number >= 0, got {noise_scale!r}')
   if images.shape[0] == 0:
     raise ValueError(f'images has a batch of 0 (shape {tuple(images.shape)}): nothing to sample')
   if not isinstance(num_sampling_steps, (int, np.integer)) or num_sampling_steps < 1:
@@ -56,6 +45,11 @@ def _check_options(
     raise ValueError(f'aggregate must be one of {AGGREGATES}, got {aggregate!r}')
   if intrinsics is not None:
     checks.check_array('intrinsics', intrinsics, (images.shape[0], 3, 3), finite=False)
+
+
+def _check_noise_scale(noise_scale):
+  if not np.isfinite(noise_scale) or noise_scale < 0:
+    raise ValueError(f'noise_scale must be a finite number >= 0, got {noise_scale!r}')
 
 
 def _hypotheses(
@@ -220,16 +214,8 @@ def sample(
     hypotheses to their mean), 'camera' [B, 3]; with intrinsics also 'vertices_camera'
     [B, N, 3] and 'joints_camera' [B, 21, 3] (metres, camera frame).
   """
-  _check_options(
-      model,
-      images,
-      depth,
-      intrinsics,
-      num_sampling_steps,
-      num_hypotheses,
-      aggregate,
-      noise_scale,
-  )
+  _check_options(model, images, depth, intrinsics, num_sampling_steps, num_hypotheses, aggregate)
+  _check_noise_scale(noise_scale)
   hypotheses, camera = _hypotheses(
       model, params, images, rng, num_sampling_steps, num_hypotheses, depth, eta, noise_scale
   )
@@ -311,16 +297,8 @@ def tta_sample(
   angles = tuple(float(a) for a in angles)
   if not angles:
     raise ValueError('tta_sample needs at least one angle')
-  _check_options(
-      model,
-      images,
-      depth,
-      intrinsics,
-      num_sampling_steps,
-      num_hypotheses,
-      aggregate,
-      noise_scale,
-  )
+  _check_options(model, images, depth, intrinsics, num_sampling_steps, num_hypotheses, aggregate)
+  _check_noise_scale(noise_scale)
   batch = images.shape[0]
   rotated = jnp.concatenate([rotate_images(images, a) for a in angles])
   rotated_depth = None
