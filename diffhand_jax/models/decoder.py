@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffhand_jax import checks
-from diffhand_jax.models import attention as attention_lib
-from diffhand_jax.models.layers import DENSE_INIT, Mlp, add_to_every_example, dense
+from diffhand_jax.models.layers import Mlp, MultiHeadAttention, add_to_every_example, dense
 
 Dtype = Any
 LevelIndices = Tuple[Tuple[int, ...], ...]
@@ -125,15 +124,7 @@ class AttentionBlock(nn.Module):
   def __call__(self, h: jax.Array, g: jax.Array, tokens: jax.Array) -> jax.Array:
     """Args: h: [B, n, C] points; g: [B, C]; tokens: [B, P, C]. Returns: [B, n, C]."""
     width = h.shape[-1]
-    attention = lambda name: nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=DENSE_INIT,
-        attention_fn=attention_lib.dot_product_attention,
-        deterministic=True,
-        name=name,
-    )
+    attention = lambda name: MultiHeadAttention(self.num_heads, self.dtype, name=name)
     x = _layer_norm(self.dtype, 'norm_self')(h)
     h = h + attention('self_attention')(x, x)
     h = h + g[:, None, :].astype(h.dtype)
