@@ -20,6 +20,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from diffhand_jax import host_memory
+
 config_flags.DEFINE_config_file(
     'config', None, 'Config file, optionally with a variant: FILE[:variant].', lock_config=True
 )
@@ -177,5 +179,6 @@ def _last_line(error) -> str:
 
 
 if __name__ == '__main__':
+  host_memory.reexec_with_huge_pages()
   flags.mark_flags_as_required(['config'])
   app.run(main, flags_parser=parse_flags)

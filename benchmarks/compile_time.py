@@ -145,4 +145,8 @@ def main():
 
 
 if __name__ == '__main__':
+  sys.path.insert(0, ROOT)
+  from diffhand_jax import host_memory  # pylint: disable=g-import-not-at-top
+
+  host_memory.reexec_with_huge_pages()
   main()

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step as train_step_bench
+from diffhand_jax import host_memory
 from diffhand_jax.models import attention as attention_lib
 from diffhand_jax.models import conv as conv_lib
 from diffhand_jax.models import decoder as decoder_lib
@@ -242,4 +243,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  host_memory.reexec_with_huge_pages()
   main()

@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import synthetic
+from diffhand_jax import host_memory
 from diffhand_jax import sampling
 from diffhand_jax.models import build_model
 from diffhand_jax.models import init_params
@@ -180,4 +181,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  host_memory.reexec_with_huge_pages()
   main()

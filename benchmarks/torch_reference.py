@@ -66,6 +66,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import freihand
 from configs import synthetic
 from diffhand_jax import diffusion
+from diffhand_jax import host_memory
 from diffhand_jax import models
 from diffhand_jax import sampling
 from diffhand_jax.models import resnet as resnet_lib
@@ -869,4 +870,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  host_memory.reexec_with_huge_pages()
   main()

@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import freihand
 from configs import synthetic
 from diffhand_jax import flat_state
+from diffhand_jax import host_memory
 from diffhand_jax import mano
 from diffhand_jax import models
 from diffhand_jax import optim
@@ -335,4 +336,5 @@ def main():
 
 
 if __name__ == '__main__':
+  host_memory.reexec_with_huge_pages()
   main()

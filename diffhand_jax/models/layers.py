@@ -30,8 +30,9 @@ def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   the [B, N, C] cotangent axis by axis. Here the kernel's transpose is made once (a [K, N]
   copy, kept apart from the product by an optimisation barrier so that XLA does not fold it
   back into an NT product) and the bias gradient is one reduction over rows. On this 2-core
-  CPU a decoder feature block (batch 32, 778 points, 64 -> 256 -> 64) takes 0.8x the time
-  forward + backward (`benchmarks/cpu_kernels.py`, BENCHMARKS.md, issue 11).
+  CPU the decoder's full-resolution MLP (batch 32, 778 points, 64 -> 256 -> 64) takes 0.85x
+  the time forward + backward, the synthetic train step 0.91x (`benchmarks/cpu_kernels.py`,
+  BENCHMARKS.md, issue 11).
 
   Args:
     x: [..., K].
