@@ -6,9 +6,9 @@ unmapped after it, so every call page-faults on each 4 KiB it touches: ~193,000 
 train step on the 2-core CPU. glibc's tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) makes
 malloc advise transparent huge pages on such maps (madvise MADV_HUGEPAGE, which the kernel's
 default THP mode `madvise` honours), and the same buffer then faults in 2 MiB pieces (~960
-faults per step), and the step takes 0.80-0.95x the time on the 2-core CPU (more when the VM
-is idle), with bit-identical losses (BENCHMARKS.md, issue 11). Where the tunable is unknown (older glibc, musl) or THP is
-off, nothing changes.
+faults per step): the step takes 0.80-0.95x the time on the 2-core CPU (the larger gain when
+the VM is idle), with bit-identical losses (BENCHMARKS.md, issue 11). Where the tunable is
+unknown (older glibc, musl) or THP is off, nothing changes.
 
 glibc reads its tunables once, at process start, so an entry point calls
 `reexec_with_huge_pages()` first thing: the process re-executes itself once (same PID, same

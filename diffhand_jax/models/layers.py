@@ -26,8 +26,8 @@ def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
 
   Autodiff gives the same three products, but XLA CPU then multiplies the cotangent by the
   kernel in its transposed ("NT") layout, which its matmul library runs ~3x slower than the
-  plain layout for the decoder's narrow kernels (K = 64), and reduces the bias gradient over
-  the [B, N, C] cotangent axis by axis. Here the kernel's transpose is made once (a [K, N]
+  plain layout for the decoder's narrow kernels (K = 64: 16 ms against 4.9 ms for the same
+  [24896, 64] x [64, 256] product). Here the kernel's transpose is made once (a [K, N]
   copy, kept apart from the product by an optimisation barrier so that XLA does not fold it
   back into an NT product) and the bias gradient is one reduction over rows. On this 2-core
   CPU the decoder's full-resolution MLP (batch 32, 778 points, 64 -> 256 -> 64) takes 0.85x
