@@ -7,10 +7,6 @@
 # Optional extra (PyTorch + timm, ~6 GB): `make test-torch` creates .venv-torch and runs the
 # weight-import tests against timm; CI runs it after `make test`.
 PYTHON ?= python3
-# Transparent huge pages for XLA CPU's per-step buffers (diffhand_jax/host_memory.py: the train
-# step in 0.80-0.95x the time on a 2-core CPU); launch.py and the benchmarks set it themselves,
-# this covers the test suite. A GLIBC_TUNABLES of your own takes precedence.
-export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
