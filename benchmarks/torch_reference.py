@@ -8,9 +8,13 @@ transposes, a Conv kernel permutes to OIHW); every parameter's shape, and so the
 count, is checked against the Flax model in the same run (a mismatch raises), and the forward
 outputs on the benchmark inputs are compared. Both frameworks then start from the same weights.
 
-What is timed, in one process, on the same inputs (interleaved round by round, so load from
-other processes on a shared machine hits all variants alike; median and min-max over
---repeats after a warm-up call that includes compilation):
+What is timed, on the same inputs (median and min-max over --repeats after a warm-up call that
+includes compilation). By default each framework runs in a process of its own
+(`--isolation=process`): in one process PyTorch's OpenMP worker threads spin for a while after
+each of its parallel regions and take the cores from the XLA call that follows, which on a
+2-core CPU made our train step up to 4x slower (BENCHMARKS.md). `--isolation=interleaved` runs
+all frameworks in this process, round by round, so that load from other processes on a shared
+machine hits every variant alike:
 
 * train step = network forward (encoder, decoder, camera head, auxiliary head) + a simple L2
   loss, mean((x0_hat - x0)^2) + mean((aux_joints - joints)^2) + mean((camera - camera*)^2), +
@@ -45,10 +49,13 @@ import argparse
 import copy
 import datetime
 import functools
+import json
 import math
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -721,8 +728,14 @@ def _ratio(ours, other):
 FRAMEWORKS = ('jax', 'eager', 'compile')
 
 
-def benchmark_config(name, args, jax_device, torch_device):
-  """Builds both models, checks them, times everything; returns markdown rows."""
+def benchmark_config(name, args, jax_device, torch_device) -> dict:
+  """Builds both models, checks them and times the frameworks of `args.frameworks`.
+
+  Returns:
+    {'description': str, 'batch': int, 'results': {workload: {framework: result}}} with
+    workload 'train' or the number of hypotheses K (as a string), and result a
+    (first call s, [repeat s]) pair or the failure's message.
+  """
   config = get_config(name)
   if name == 'freihand':
     batch = args.freihand_batch or (CPU_FREIHAND_BATCH if torch_device.type == 'cpu' else 64)
@@ -747,13 +760,6 @@ def benchmark_config(name, args, jax_device, torch_device):
   diff = max(float(np.max(np.abs(np.asarray(out[k]) - out_torch[k].cpu().numpy()))) for k in out)
   print(f'[{name}] forward outputs, max |Flax - PyTorch| = {diff:.2e}', flush=True)
 
-  frameworks = [f for f in FRAMEWORKS if f in args.frameworks.split(',')]
-  description = (
-      f'{config.model.encoder}-{config.model.encoder_size} {size} px, decoder width '
-      f'{config.model.width} x {config.model.num_blocks} blocks, {count / 1e6:.2f} M params'
-  )
-  rows = []
-
   def make(workload, framework):
     if workload == 'train':
       if framework == 'jax':
@@ -761,7 +767,7 @@ def benchmark_config(name, args, jax_device, torch_device):
       return torch_train_step(
           torch_model, inputs, torch_device, framework == 'compile', args.compile_mode
       )
-    k = workload
+    k = int(workload)
     images = inputs['images'][:1]
     if framework == 'jax':
       return jax_sampler(flax_model, params, images, jax_device, k)
@@ -769,18 +775,41 @@ def benchmark_config(name, args, jax_device, torch_device):
         torch_model, config, images, torch_device, k, framework == 'compile', args.compile_mode
     )
 
-  workloads = ['train'] + [k for k in HYPOTHESES if not args.skip_sampling]
-  for workload in workloads:
-    label = f'train step, batch {batch}' if workload == 'train' else f'sample S=10 K={workload}'
-    print(f'[{name}] {label} ...', flush=True)
-    fns = {f: make(workload, f) for f in frameworks}
-    results = time_interleaved(fns, args.repeats)
-    extra = ''
+  results = {}
+  for workload in workloads(args):
+    print(f'[{name}] {workload_label(workload, batch)} ...', flush=True)
+    fns = {f: make(workload, f) for f in selected_frameworks(args)}
+    results[workload] = time_interleaved(fns, args.repeats)
+  description = (
+      f'{config.model.encoder}-{config.model.encoder_size} {size} px, decoder width '
+      f'{config.model.width} x {config.model.num_blocks} blocks, {count / 1e6:.2f} M params'
+  )
+  return {'description': description, 'batch': batch, 'results': results}
+
+
+def selected_frameworks(args) -> list:
+  return [f for f in FRAMEWORKS if f in args.frameworks.split(',')]
+
+
+def workloads(args) -> list:
+  return ['train'] + [str(k) for k in HYPOTHESES if not args.skip_sampling]
+
+
+def workload_label(workload, batch) -> str:
+  return f'train step, batch {batch}' if workload == 'train' else f'sample S=10 K={workload}'
+
+
+def table_rows(name, summary) -> list:
+  """Markdown cells per workload of one config's `benchmark_config` summary."""
+  rows = []
+  for workload, results in summary['results'].items():
+    label = workload_label(workload, summary['batch'])
+    first = name
     if workload == 'train' and isinstance(results.get('jax'), tuple):
-      extra = f' ({batch / _median(results["jax"]):.1f} img/s ours)'
+      first = f'{name} ({summary["batch"] / _median(results["jax"]):.1f} img/s ours)'
     rows.append(
         (
-            f'{name}{extra}' if workload == 'train' else name,
+            first,
             label,
             *(_cell(results.get(f, '-')) for f in FRAMEWORKS),
             _ratio(results.get('jax'), results.get('eager')),
@@ -791,8 +820,47 @@ def benchmark_config(name, args, jax_device, torch_device):
             ),
         )
     )
-    print('| ' + ' | '.join(rows[-1]) + ' |', flush=True)
-  return description, rows
+  return rows
+
+
+def benchmark_in_processes(name, args) -> dict:
+  """`benchmark_config` for each framework in a fresh process of its own; merged summary.
+
+  A child that fails (e.g. torch.compile without a compiler) reports its exit status for
+  that framework instead of results.
+  """
+  merged = None
+  for framework in selected_frameworks(args):
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, 'results.json')
+      command = [
+          sys.executable,
+          os.path.abspath(__file__),
+          f'--configs={name}',
+          f'--frameworks={framework}',
+          '--isolation=interleaved',
+          f'--device={args.device}',
+          f'--repeats={args.repeats}',
+          f'--freihand_batch={args.freihand_batch}',
+          f'--compile_mode={args.compile_mode}',
+          f'--results_json={out}',
+      ] + (['--skip_sampling'] if args.skip_sampling else [])
+      print(f'[{name}] {framework} in its own process ...', flush=True)
+      code = subprocess.run(command, check=False).returncode
+      if code != 0 or not os.path.exists(out):
+        summary = {'results': {w: {framework: f'failed: exit {code}'} for w in workloads(args)}}
+      else:
+        with open(out) as f:
+          summary = json.load(f)[name]
+    if merged is None:
+      merged = {'description': '', 'batch': summary.get('batch', 0), 'results': {}}
+    merged['description'] = merged['description'] or summary.get('description', '')
+    merged['batch'] = merged['batch'] or summary.get('batch', 0)
+    for workload, results in summary['results'].items():
+      merged['results'].setdefault(workload, {}).update(
+          {f: tuple(r) if isinstance(r, list) else r for f, r in results.items()}
+      )
+  return merged
 
 
 def machine_line(jax_device, torch_device) -> str:
@@ -832,6 +900,16 @@ def main(argv=None):
   )
   parser.add_argument('--compile_mode', default='default', help='torch.compile mode')
   parser.add_argument('--skip_sampling', action='store_true')
+  parser.add_argument(
+      '--isolation',
+      default='process',
+      choices=('process', 'interleaved'),
+      help='process: each framework in a fresh process (the default, see the docstring); '
+      'interleaved: all in this process, round by round',
+  )
+  parser.add_argument(
+      '--results_json', default='', help='also write the raw timings here (used by process mode)'
+  )
   args = parser.parse_args(argv)
 
   if args.device == 'auto':
@@ -847,26 +925,36 @@ def main(argv=None):
   machine = machine_line(jax_device, torch_device)
   print(machine, flush=True)
 
+  isolate = args.isolation == 'process' and len(selected_frameworks(args)) > 1
+  summaries = {}
+  for name in args.configs.split(','):
+    if isolate:
+      summaries[name] = benchmark_in_processes(name, args)
+    else:
+      summaries[name] = benchmark_config(name, args, jax_device, torch_device)
+  if args.results_json:
+    with open(args.results_json, 'w') as f:
+      json.dump(summaries, f)
+
   lines = [
       '| config | workload | ours (JAX) ms | PyTorch eager ms | torch.compile ms | '
       'ours / eager | ours / compile | first call s: ours / eager / compile |',
       '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |',
   ]
-  descriptions = []
-  for name in args.configs.split(','):
-    description, rows = benchmark_config(name, args, jax_device, torch_device)
-    descriptions.append(f'- {name}: {description}')
-    for row in rows:
+  for name, summary in summaries.items():
+    for row in table_rows(name, summary):
       lines.append('| ' + ' | '.join(row[:7]) + ' | ' + ' / '.join(row[7:]) + ' |')
   print()
   print(machine)
+  how = 'each framework in a process of its own' if isolate else 'interleaved calls in one process'
   print(
-      f'Median (min-max) of {args.repeats} interleaved calls after a warm-up; '
+      f'Median (min-max) of {args.repeats} calls after a warm-up, {how}; '
       'ratio < 1: ours faster. Train step = forward + L2 loss + backward + Adam.'
   )
-  print('\n'.join(descriptions))
+  print('\n'.join(f'- {name}: {summary["description"]}' for name, summary in summaries.items()))
   print()
   print('\n'.join(lines))
+  return summaries
 
 
 if __name__ == '__main__':

@@ -84,3 +84,30 @@ def test_torch_sampler_outputs(smoke):
   # Root-centred on the regressed wrist, as sampling.sample: joint 0 is zero.
   np.testing.assert_allclose(joints[:, 0].numpy(), 0.0, atol=1e-6)
   assert torch.all(spread > 0)  # three hypotheses from different noise
+
+
+def test_each_framework_in_its_own_process(tmp_path, capsys):
+  """The default `--isolation=process`: one child per framework, timings merged into one table."""
+  out = tmp_path / 'timings.json'
+  summaries = torch_reference.main(
+      [
+          '--configs=smoke',
+          '--frameworks=jax,eager',
+          '--repeats=2',
+          '--skip_sampling',
+          '--device=cpu',
+          f'--results_json={out}',
+      ]
+  )
+  results = summaries['smoke']['results']['train']
+  for framework in ('jax', 'eager'):
+    first, repeats = results[framework]  # a failure would be a message, not a pair
+    assert first > 0 and len(repeats) == 2 and min(repeats) > 0
+  assert 'compile' not in results
+  printed = capsys.readouterr().out
+  assert 'each framework in a process of its own' in printed
+  row = next(line for line in printed.splitlines() if line.startswith('| smoke ('))
+  cells = [c.strip() for c in row.strip('|').split('|')]
+  ratio = np.median(results['jax'][1]) / np.median(results['eager'][1])
+  assert cells[5] == f'{ratio:.2f}' and cells[6] == '-'
+  assert out.exists()
