@@ -829,7 +829,7 @@ def benchmark_in_processes(name, args) -> dict:
   A child that fails (e.g. torch.compile without a compiler) reports its exit status for
   that framework instead of results.
   """
-  merged = None
+  merged = {'description': '', 'batch': 0, 'results': {w: {} for w in workloads(args)}}
   for framework in selected_frameworks(args):
     with tempfile.TemporaryDirectory() as tmp:
       out = os.path.join(tmp, 'results.json')
@@ -852,12 +852,10 @@ def benchmark_in_processes(name, args) -> dict:
       else:
         with open(out) as f:
           summary = json.load(f)[name]
-    if merged is None:
-      merged = {'description': '', 'batch': summary.get('batch', 0), 'results': {}}
     merged['description'] = merged['description'] or summary.get('description', '')
     merged['batch'] = merged['batch'] or summary.get('batch', 0)
     for workload, results in summary['results'].items():
-      merged['results'].setdefault(workload, {}).update(
+      merged['results'][workload].update(
           {f: tuple(r) if isinstance(r, list) else r for f, r in results.items()}
       )
   return merged
