@@ -124,11 +124,19 @@ def diagnostic_scores(predictions: dict) -> dict:
 
 
 def score_predictions(predictions: dict) -> dict:
-  """FreiHAND metrics of `predict_split` output, 'num_examples' and `diagnostic_scores`."""
+  """FreiHAND metrics of `predict_split` output, 'num_examples', `diagnostic_scores` and, when
+  the predictions carry the mesh 'faces', the roughness of predicted and true meshes (mm,
+  `metrics.roughness_scores`)."""
   scores = metrics_lib.freihand_metrics(
       predictions['joints'], predictions['verts'], predictions['gt_joints'], predictions['gt_verts']
   )
   scores['num_examples'] = int(len(predictions['index']))
+  if predictions.get('faces') is not None:
+    scores.update(
+        metrics_lib.roughness_scores(
+            predictions['verts'], predictions['gt_verts'], predictions['faces']
+        )
+    )
   scores.update(diagnostic_scores(predictions))
   return scores
 
@@ -162,7 +170,8 @@ def predict_split(
     'joints' (root-relative predictions), 'verts_camera', 'joints_camera'
     (camera frame; see the module docstring), 'gt_verts', 'gt_joints'
     [N, ., 3], 'vertex_std' [N, 778]; 'root_from' = 'camera' | 'gt_root';
-    and 'overlay_batch': the first batch with its outputs (for images).
+    'overlay_batch': the first batch with its outputs (for images); and 'faces' [F, 3], the
+    hand model's triangles (for the roughness metric).
   """
   mesh = parallel.make_data_mesh()
   # A no-op for params already replicated over this mesh (the train loop's).
@@ -229,6 +238,7 @@ def predict_split(
   merged = {k: v[order] for k, v in merged.items()}
   merged['root_from'] = root_from
   merged['overlay_batch'] = overlay_batch
+  merged['faces'] = np.asarray(procedural_mano.load_hand_model(config).faces)  # for roughness
   return merged
 
 

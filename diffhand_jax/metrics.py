@@ -287,6 +287,74 @@ def mean_hand_baseline(gt_joints):
   return joint_errors(mean, gt_joints)
 
 
+def one_ring_mean_matrix(faces, num_vertices=NUM_VERTICES):
+  """[V, V] float64 matrix M with (M @ verts)[v] = mean of the one-ring neighbours of v.
+
+  Neighbours are the vertices that share an edge of a triangle of `faces` with v (each
+  counted once, whatever the number of triangles that share the edge). A vertex without
+  neighbours has an all-zero row.
+
+  Args:
+    faces: [F, 3] vertex ids in [0, num_vertices).
+    num_vertices: V.
+  """
+  faces = np.asarray(faces)
+  if faces.ndim != 2 or faces.shape[1] != 3 or not np.issubdtype(faces.dtype, np.integer):
+    raise ValueError(f'faces must be an integer array [F, 3], got {faces.dtype} {faces.shape}')
+  if faces.size and (faces.min() < 0 or faces.max() >= num_vertices):
+    raise ValueError(f'faces index vertices outside [0, {num_vertices})')
+  adjacency = np.zeros((num_vertices, num_vertices), np.float64)
+  for a, b in ((0, 1), (1, 2), (2, 0)):
+    adjacency[faces[:, a], faces[:, b]] = 1.0
+    adjacency[faces[:, b], faces[:, a]] = 1.0
+  np.fill_diagonal(adjacency, 0.0)  # a degenerate triangle does not make v its own neighbour
+  degree = adjacency.sum(axis=1, keepdims=True)
+  return adjacency / np.where(degree > 0, degree, 1.0)
+
+
+def roughness(verts, faces):
+  """Per-mesh roughness: the mean over vertices of |v - mean of v's one-ring neighbours|.
+
+  The length of the uniform (umbrella) Laplacian, averaged over the vertices that have
+  neighbours; 0 for a flat regular grid's interior, and it scales linearly with the mesh. In the
+  units of `verts` (translation- and rotation-invariant).
+
+  Args:
+    verts: [N, V, 3] vertices (e.g. metres).
+    faces: [F, 3] triangle vertex ids shared by the N meshes.
+
+  Returns:
+    [N] float64.
+  """
+  verts = checks.check_array('verts', np.asarray(verts, np.float64), ('N', 'V', 3))
+  num_meshes, num_vertices, _ = verts.shape
+  ring_mean = one_ring_mean_matrix(faces, num_vertices)
+  has_ring = ring_mean.sum(axis=1) > 0
+  if not has_ring.any():
+    raise ValueError('roughness needs faces that connect at least two vertices')
+  # One matrix product for all meshes: [V, V] @ [V, N * 3].
+  stacked = np.moveaxis(verts, 1, 0).reshape(num_vertices, num_meshes * 3)
+  laplacian = (stacked - ring_mean @ stacked).reshape(num_vertices, num_meshes, 3)
+  lengths = np.sqrt(np.einsum('vnk,vnk->nv', laplacian, laplacian))  # [N, V]
+  return lengths[:, has_ring].mean(axis=1)
+
+
+def roughness_scores(pred_verts, gt_verts, faces):
+  """metrics.json's roughness entries (millimetres) for [N, V, 3] meshes in metres.
+
+  Returns:
+    {'roughness': mean predicted roughness, 'roughness_gt': the same of the ground truth,
+    'roughness_ratio': their ratio (1 = as smooth as the truth; above 1 = rougher)}.
+  """
+  predicted = float(np.mean(roughness(pred_verts, faces))) * _M_TO_MM
+  truth = float(np.mean(roughness(gt_verts, faces))) * _M_TO_MM
+  return {
+      'roughness': predicted,
+      'roughness_gt': truth,
+      'roughness_ratio': predicted / truth if truth > 0 else float('nan'),
+  }
+
+
 def write_pred_json(path, xyz, verts):
   """Writes the official submission file `[xyz_list, verts_list]` (metres, evaluation order).
 

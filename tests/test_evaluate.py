@@ -85,6 +85,11 @@ def test_eval_of_a_checkpoint_from_another_topology(labelled, capsys, caplog):
   assert metrics['step'] == 4 and metrics['num_sampling_steps'] == (
       config.sampling.num_sampling_steps
   )
+  # Every evaluation reports the meshes' roughness beside the ground truth's (issue 36).
+  assert metrics['roughness'] > 0 and metrics['roughness_gt'] > 0
+  assert metrics['roughness_ratio'] == pytest.approx(
+      metrics['roughness'] / metrics['roughness_gt']
+  )
   with open(os.path.join(workdir, 'eval', 'pred.json')) as f:
     xyz, verts = json.load(f)
   assert np.shape(xyz) == (NUM_EVAL, 21, 3) and np.shape(verts) == (NUM_EVAL, 778, 3)
@@ -126,3 +131,28 @@ def test_eval_without_annotations_writes_predictions_and_no_scores(tmp_path, cap
   with open(os.path.join(eval_dir, 'pred.json')) as f:
     xyz, verts = json.load(f)
   assert np.shape(xyz) == (NUM_EVAL, 21, 3) and np.shape(verts) == (NUM_EVAL, 778, 3)
+
+
+def test_score_predictions_reports_roughness_when_faces_are_given():
+  from diffhand_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from diffhand_jax import procedural_mano  # pylint: disable=g-import-not-at-top
+
+  hand = procedural_mano.procedural_hand(0)
+  rng = np.random.default_rng(0)
+  gt_verts = np.asarray(hand.v_template)[None] + rng.normal(size=(4, 778, 3)) * 1e-4
+  verts = gt_verts + rng.normal(size=gt_verts.shape) * 0.002
+  regressor = np.asarray(hand.J_regressor)
+  joints = lambda v: np.concatenate([np.einsum('jn,bnd->bjd', regressor, v)] * 2, axis=1)[:, :21]
+  predictions = {
+      'index': np.arange(4),
+      'verts': verts,
+      'joints': joints(verts),
+      'gt_verts': gt_verts,
+      'gt_joints': joints(gt_verts),
+  }
+  assert 'roughness' not in evaluate.score_predictions(predictions)
+  scores = evaluate.score_predictions(dict(predictions, faces=np.asarray(hand.faces)))
+  expected = metrics_lib.roughness_scores(verts, gt_verts, hand.faces)
+  for key in ('roughness', 'roughness_gt', 'roughness_ratio'):
+    assert scores[key] == pytest.approx(expected[key])
+  assert scores['roughness_ratio'] > 1  # 2 mm of noise on each vertex

@@ -351,3 +351,117 @@ def test_full_evaluation_set_runs():
   print(f'freihand_metrics on 3,960 samples: {time.perf_counter() - start:.2f} s')
   # Per-coordinate noise of 5 mm: mean 3D error = 5 mm * sqrt(8/pi) (chi distribution, 3 dof).
   assert m['mpvpe'] == pytest.approx(5.0 * np.sqrt(8 / np.pi), rel=0.01)
+
+
+# ---- Roughness (issue 36) ----
+
+
+def _naive_roughness(verts, faces):
+  """One mesh [V, 3]: a Python loop over vertices, neighbours collected edge by edge."""
+  neighbours = [set() for _ in range(len(verts))]
+  for face in faces:
+    for a in face:
+      for b in face:
+        if a != b:
+          neighbours[int(a)].add(int(b))
+  lengths = []
+  for v, ring in enumerate(neighbours):
+    if ring:
+      centre = np.mean([verts[u] for u in sorted(ring)], axis=0)
+      lengths.append(np.linalg.norm(verts[v] - centre))
+  return float(np.mean(lengths))
+
+
+def _grid_mesh(side, spacing=1.0):
+  """A flat side x side vertex grid in z = 0, each square split along the same diagonal
+  (interior vertices then have 6 neighbours placed symmetrically about them)."""
+  i, j = np.meshgrid(np.arange(side), np.arange(side), indexing='ij')
+  verts = np.stack([i, j, np.zeros_like(i)], -1).reshape(-1, 3).astype(np.float64) * spacing
+  faces = []
+  for a in range(side - 1):
+    for b in range(side - 1):
+      v00, v01, v10, v11 = a * side + b, a * side + b + 1, (a + 1) * side + b, (a + 1) * side + b + 1
+      faces += [(v00, v10, v11), (v00, v11, v01)]
+  return verts, np.array(faces)
+
+
+def test_roughness_matches_a_naive_loop_on_the_hand_mesh():
+  from diffhand_jax import procedural_mano  # pylint: disable=g-import-not-at-top
+
+  hand = procedural_mano.procedural_hand(0)
+  faces = np.asarray(hand.faces)
+  assert faces.shape == (1538, 3)
+  rng = np.random.default_rng(0)
+  verts = np.asarray(hand.v_template)[None] + rng.normal(size=(3, 778, 3)) * 0.002
+  got = metrics.roughness(verts, faces)
+  assert got.shape == (3,)
+  for mesh, value in zip(verts, got):
+    assert value == pytest.approx(_naive_roughness(mesh, faces), rel=1e-12)
+
+
+def test_roughness_matches_a_naive_loop_on_a_small_random_mesh():
+  rng = np.random.default_rng(1)
+  faces = np.array([(0, 1, 2), (0, 2, 3), (1, 2, 4), (2, 3, 4), (0, 3, 5), (5, 5, 0)])
+  verts = rng.normal(size=(4, 7, 3))  # vertex 6 is in no face: left out of the mean
+  got = metrics.roughness(verts, faces)
+  np.testing.assert_allclose(got, [_naive_roughness(v, faces) for v in verts], rtol=1e-12)
+
+
+def test_roughness_closed_forms():
+  # Regular octahedron of radius r: the 4 neighbours of each vertex average to the centre.
+  r = 0.03
+  octahedron = np.array([(1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)]) * r
+  octahedron_faces = np.array(
+      [(a, b, c) for a in (0, 1) for b in (2, 3) for c in (4, 5)]
+  )
+  assert metrics.roughness(octahedron[None], octahedron_faces)[0] == pytest.approx(r, rel=1e-12)
+  # A flat regular grid: every interior vertex sits at the mean of its one-ring.
+  side = 9
+  verts, faces = _grid_mesh(side, spacing=0.004)
+  ring_mean = metrics.one_ring_mean_matrix(faces, len(verts))
+  interior = [a * side + b for a in range(1, side - 1) for b in range(1, side - 1)]
+  np.testing.assert_allclose((verts - ring_mean @ verts)[interior], 0.0, atol=1e-15)
+  # Lifting one vertex (whose ring is all interior) by h adds h for itself and h / 6 for each of
+  # its 6 neighbours: 2 h over the V vertices.
+  h = 0.001
+  lifted = verts.copy()
+  lifted[4 * side + 4, 2] += h
+  flat, bumped = metrics.roughness(np.stack([verts, lifted]), faces)
+  assert bumped - flat == pytest.approx(2 * h / len(verts), rel=1e-9)
+
+
+def test_roughness_scales_linearly_and_ignores_rigid_motion():
+  rng = np.random.default_rng(2)
+  faces = np.array([(0, 1, 2), (0, 2, 3), (1, 2, 4), (2, 3, 4), (0, 3, 4), (0, 1, 4)])
+  verts = rng.normal(size=(2, 5, 3))
+  base = metrics.roughness(verts, faces)
+  np.testing.assert_allclose(metrics.roughness(verts * 2.5, faces), 2.5 * base, rtol=1e-12)
+  moved = verts @ _random_rotation(rng).T + np.array([0.1, -0.2, 0.3])
+  np.testing.assert_allclose(metrics.roughness(moved, faces), base, rtol=1e-12)
+
+
+def test_roughness_scores_in_millimetres_and_their_ratio():
+  side = 6
+  verts, faces = _grid_mesh(side, spacing=0.01)
+  rng = np.random.default_rng(3)
+  gt = np.stack([verts, verts])
+  pred = gt + rng.normal(size=gt.shape) * 0.001
+  scores = metrics.roughness_scores(pred, gt, faces)
+  assert scores['roughness'] == pytest.approx(1000 * metrics.roughness(pred, faces).mean())
+  assert scores['roughness_gt'] == pytest.approx(1000 * metrics.roughness(gt, faces).mean())
+  assert scores['roughness_ratio'] == pytest.approx(scores['roughness'] / scores['roughness_gt'])
+  assert scores['roughness_ratio'] > 1  # noise roughens
+
+
+@pytest.mark.parametrize('bad', ['shape', 'index', 'float_faces'])
+def test_roughness_bad_input_raises(bad):
+  verts = np.zeros((1, 4, 3))
+  faces = np.array([(0, 1, 2), (0, 2, 3)])
+  if bad == 'shape':
+    verts = np.zeros((4, 3))
+  elif bad == 'index':
+    faces = np.array([(0, 1, 4)])
+  else:
+    faces = faces.astype(np.float64)
+  with pytest.raises(ValueError):
+    metrics.roughness(verts, faces)
