@@ -59,8 +59,10 @@ test-torch: $(TORCH_STAMP)
 	    tests/test_encoders.py::test_resample_matches_pytorch_when_installed \
 	    tests/test_torch_reference.py
 
+# The demo turns the CPU tools on: huge pages for XLA CPU buffers, the lowered step kept on disk.
 demo: $(STAMP)
-	$(PY) launch.py --config=configs/synthetic.py --workdir=runs/demo --mode=demo $(if $(RETRAIN),--overwrite)
+	$(PY) launch.py --config=configs/synthetic.py --workdir=runs/demo --mode=demo \
+	    --huge_pages --config.train.step_cache=True $(if $(RETRAIN),--overwrite)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=25 tests
@@ -68,6 +70,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q --durations=25 -m "not slow" tests
 
+bench: export DIFFHAND_HUGE_PAGES = 1
 bench: $(STAMP)
 	$(PY) benchmarks/mano_forward.py
 	$(PY) benchmarks/render.py

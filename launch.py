@@ -45,6 +45,12 @@ flags.DEFINE_string(
     "JAX's persistent compilation cache ('' = off): a second run of the "
     'same program skips most of its compile time.',
 )
+flags.DEFINE_bool(
+    'huge_pages',
+    False,
+    'CPU tool: re-execute once with transparent huge pages for XLA CPU buffers '
+    '(diffhand_jax/host_memory.py; the same as DIFFHAND_HUGE_PAGES=1).',
+)
 FLAGS = flags.FLAGS
 
 
@@ -179,6 +185,8 @@ def _last_line(error) -> str:
 
 
 if __name__ == '__main__':
+  if any(arg in ('--huge_pages', '--huge_pages=true', '--huge_pages=True') for arg in sys.argv):
+    os.environ[host_memory.OPT_IN] = '1'
   host_memory.reexec_with_huge_pages()
   flags.mark_flags_as_required(['config'])
   app.run(main, flags_parser=parse_flags)

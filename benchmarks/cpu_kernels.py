@@ -1,21 +1,22 @@
-"""Before/after of the CPU rewrites of issue 11, side by side in one process.
+"""The CPU rewrites behind `config.model.cpu_kernels`, measured against the plain path.
 
-Five pieces of the model have a CPU-friendly form; each can be switched back to the plain form
-it replaced (by patching the module attribute the model calls):
-  attention  models.attention.dot_product_attention (hand-written VJP) vs flax's
+The model's standard path is plain Flax/JAX; `config.model.cpu_kernels=True` (configs/synthetic.py
+only) swaps in CPU forms of three pieces, and convolutions take their im2col form on any CPU
+backend (models/conv.py). Each piece can be switched back to its plain form here (by patching the
+module attribute the model calls):
+  attention  models.attention.dot_product_attention (hand-written VJP) vs jax.nn.dot_product_attention
+  dense      models.cpu_kernels.linear (hand-written VJP: plain-layout products, one bias reduction)
+             vs x @ kernel + bias through autodiff (every dense layer and attention projection)
+  gelu       models.cpu_kernels.erf_gelu vs nn.gelu(approximate=False) (erfc)
   conv       models.conv.conv2d_patches (im2col + one product) vs lax.conv_general_dilated
-  gelu       layers.exact_gelu through erf vs nn.gelu(approximate=False) (erfc)
-  position   layers.add_to_every_example (gradient as a product) vs a plain broadcast add
-  dense      layers.linear (hand-written VJP: plain-layout products, one bias reduction) vs
-             x @ kernel + bias through autodiff (every dense layer and attention projection)
 
 Table 1 (kernels): forward + backward (a VJP with a random cotangent) of each piece alone at the
 sizes of the synthetic default (batch 32), median of 5 x 5 calls. Table 2 (train step): the exact
 DiffHand train step of the synthetic config (benchmarks/train_step.py) compiled once per variant
-(all plain, each rewrite alone, all rewritten), then timed in interleaved rounds of 3 steps so that
-load from other processes falls on every variant alike; the ratio is the median of the per-round
-ratios to the all-plain step. The first-step losses are printed: the rewrites change float rounding
-only.
+(the switch off as shipped to GPUs, everything plain, each rewrite alone, the switch on), then
+timed in interleaved rounds of 3 steps so that load from other processes falls on every variant
+alike; the ratio is the median of the per-round ratios to the switch-off step. The first-step
+losses are printed: the rewrites change float rounding only.
 
 Usage:
   .venv/bin/python benchmarks/cpu_kernels.py                 # ~12 min on 2 cores
@@ -40,20 +41,19 @@ import train_step as train_step_bench
 from diffhand_jax import host_memory
 from diffhand_jax.models import attention as attention_lib
 from diffhand_jax.models import conv as conv_lib
-from diffhand_jax.models import decoder as decoder_lib
-from diffhand_jax.models import layers
+from diffhand_jax.models import cpu_kernels
 
 
 def _plain_gelu(x):
   return nn.gelu(x, approximate=False)
 
 
-def _plain_add(x, table):
-  return x + table.astype(x.dtype)
-
-
 def _plain_linear(x, kernel, bias):
   return jnp.dot(x, kernel) + bias
+
+
+def _plain_attention(query, key, value):
+  return jax.nn.dot_product_attention(query, key, value)
 
 
 # name -> (module, attribute, rewritten form, plain form)
@@ -62,17 +62,11 @@ REWRITES = {
         attention_lib,
         'dot_product_attention',
         attention_lib.dot_product_attention,
-        nn.dot_product_attention,
+        _plain_attention,
     ),
     'conv': (conv_lib, 'conv2d_patches', conv_lib.conv2d_patches, conv_lib.conv2d_lax),
-    'gelu': (layers, 'exact_gelu', layers.exact_gelu, _plain_gelu),
-    'position': (
-        decoder_lib,
-        'add_to_every_example',
-        layers.add_to_every_example,
-        _plain_add,
-    ),
-    'dense': (layers, 'linear', layers.linear, _plain_linear),
+    'gelu': (cpu_kernels, 'erf_gelu', cpu_kernels.erf_gelu, _plain_gelu),
+    'dense': (cpu_kernels, 'linear', cpu_kernels.linear, _plain_linear),
 }
 
 
@@ -118,18 +112,11 @@ def kernel_cases():
         (label, 'conv', lambda x, w, s=stride: conv_lib.conv2d_patches(x, w, s, 1), (x, w))
     )
   cases.append(
-      ('GELU [32, 778, 256]', 'gelu', lambda x: layers.exact_gelu(x), (normal(32, 778, 256),))
-  )
-  cases.append(
-      (
-          'position add [32, 778, 64] + [778, 64]',
-          'position',
-          lambda x, t: decoder_lib.add_to_every_example(x, t),
-          (normal(32, 778, 64), normal(778, 64)),
-      )
+      ('GELU [32, 778, 256]', 'gelu', lambda x: cpu_kernels.erf_gelu(x), (normal(32, 778, 256),))
   )
   # A decoder feature block's MLP at full resolution: 64 -> 256 -> 64 over 778 points.
-  mlp = lambda x, w1, b1, w2, b2: layers.linear(layers.exact_gelu(layers.linear(x, w1, b1)), w2, b2)
+  linear = lambda x, w, b: cpu_kernels.linear(x, w, b)
+  mlp = lambda x, w1, b1, w2, b2: linear(_plain_gelu(linear(x, w1, b1)), w2, b2)
   cases.append(
       (
           'MLP [32, 778, 64] -> 256 -> 64',
@@ -181,15 +168,26 @@ def kernel_table() -> list:
   return rows
 
 
+def step_variants() -> dict:
+  """label -> (config.model.cpu_kernels, the pieces in their rewritten form)."""
+  variants = {
+      'switch off (the plain path; im2col conv)': (False, {'conv'}),
+      'all plain (switch off, lax conv)': (False, set()),
+  }
+  for name in REWRITES:
+    if name != 'conv':  # conv alone is the first row
+      variants[f'{name} only (on the all-plain step)'] = (True, {name})
+  variants['**switch on (every rewrite)**'] = (True, set(REWRITES))
+  return variants
+
+
 def step_table(rounds: int) -> list:
-  variants = {'all plain': set()}
-  variants.update({f'{name} only': {name} for name in REWRITES})
-  variants['all rewritten'] = set(REWRITES)
   built = {}
-  for label, rewritten in variants.items():
+  for label, (switch, rewritten) in step_variants().items():
     use(rewritten)
     print(f'compiling the train step: {label} ...', flush=True)
     config = train_step_bench.make_config('synthetic', 'float32', False)
+    config.model.cpu_kernels = switch
     step, state, batch = train_step_bench.build_step(config)
     compiled = step.lower(state, batch).compile()
     state, metrics = compiled(state, batch)
@@ -205,7 +203,7 @@ def step_table(rounds: int) -> list:
       entry[1] = state
       entry[4].append((time.perf_counter() - start) / 3)
     print(f'round {index + 1}/{rounds}', flush=True)
-  base = np.asarray(built['all plain'][4])
+  base = np.asarray(built[next(iter(built))][4])
   rows = []
   for label, (_, _, _, loss, times) in built.items():
     times = np.asarray(times)
@@ -236,7 +234,8 @@ def main(argv=None):
     print('\n'.join(kernels))
   if steps:
     print(
-        '\n| synthetic train step, batch 32 | ms, median (min-max) | ratio to all plain | first loss |'
+        '\n| synthetic train step, batch 32 | ms, median (min-max) | ratio to switch off | '
+        'first loss |'
     )
     print('|---|---:|---:|---:|')
     print('\n'.join(steps))

@@ -99,6 +99,43 @@ def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict:
   return batch
 
 
+def abstract_params(model, config):
+  """The model's parameter shapes (`jax.ShapeDtypeStruct`s): nothing is allocated."""
+  size = int(config.data.image_size)
+  depth = jnp.zeros((1, size, size, 1)) if config.model.use_depth else None
+  return jax.eval_shape(
+      lambda: models.init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), depth)
+  )
+
+
+def step_parts(config, model, params):
+  """(step_fn, layout, state in the tree layout) as launch.py trains `config`.
+
+  `params` may be `jax.ShapeDtypeStruct`s (`abstract_params`): the state is then abstract too,
+  and the step can be lowered without a weight in memory.
+  """
+  num_steps = int(config.train.num_steps)  # the config's own schedule
+  optimizer = optim.make_optimizer(config.optim, num_steps)
+  ema_decay = float(config.optim.ema_decay)
+  make_state = lambda p: train_step_lib.create_train_state(
+      p, optimizer, jax.random.PRNGKey(1), ema_decay
+  )
+  abstract = isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct)
+  state = jax.eval_shape(make_state, params) if abstract else make_state(params)
+  loss_fn = train_step_lib.make_loss_fn(
+      model, config, procedural_mano.load_hand_model(config).faces
+  )
+  layout = flat_state.step_layout(config, num_steps, loss_fn, optimizer, state)  # as trained
+  step_fn = functools.partial(
+      train_step_lib.train_step,
+      loss_fn=layout.loss_fn,
+      optimizer=layout.optimizer,
+      schedule=optim.learning_rate_schedule(config.optim, num_steps),
+      ema_decay=ema_decay,
+  )
+  return step_fn, layout, state
+
+
 def build_step(config, step_cache_dir: str = ''):
   """(jitted step with the state donated, initial state, batch) for `config`.
 
@@ -112,23 +149,8 @@ def build_step(config, step_cache_dir: str = ''):
   params = jax.jit(
       lambda rng: models.init_params(model, rng, jnp.zeros((1, size, size, 3)), depth)
   )(jax.random.PRNGKey(0))
-  num_steps = int(config.train.num_steps)  # the config's own schedule
-  optimizer = optim.make_optimizer(config.optim, num_steps)
-  state = train_step_lib.create_train_state(
-      params, optimizer, jax.random.PRNGKey(1), float(config.optim.ema_decay)
-  )
-  loss_fn = train_step_lib.make_loss_fn(
-      model, config, procedural_mano.load_hand_model(config).faces
-  )
-  layout = flat_state.step_layout(config, num_steps, loss_fn, optimizer, state)  # as trained
+  step_fn, layout, state = step_parts(config, model, params)
   state = layout.to_step(state)
-  step_fn = functools.partial(
-      train_step_lib.train_step,
-      loss_fn=layout.loss_fn,
-      optimizer=layout.optimizer,
-      schedule=optim.learning_rate_schedule(config.optim, num_steps),
-      ema_decay=float(config.optim.ema_decay),
-  )
   if step_cache_dir:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     step = step_cache.CachedStep(

@@ -74,6 +74,10 @@ def paper_config(
   config.model.encoder = encoder
   config.model.encoder_size = encoder_size
   config.model.pretrained_image_size = 224
+  # The accelerator setting: plain JAX layers, tree-shaped state, no CPU tools.
+  config.model.cpu_kernels = False
+  config.train.flat_state = False
+  config.train.step_cache = False
   config.optim.learning_rate = PAPER_LEARNING_RATE
   config.optim.weight_decay = PAPER_WEIGHT_DECAY
   config.train.global_batch_size = PAPER_GLOBAL_BATCH

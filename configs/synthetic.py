@@ -86,6 +86,11 @@ def get_config(arg=None):
   config.model.aux_head = True  # auxiliary joint head on the image embedding (L_aux)
   config.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
   config.model.remat = False  # recompute decoder blocks in the backward pass (memory for time)
+  # CPU rewrites of the dense layers, attention and GELU (models/cpu_kernels.py): the same
+  # parameters, function and gradients, 0.8x the CPU train step (BENCHMARKS.md), but custom VJPs
+  # (no jax.jvp / jacfwd through the model). This CPU config turns them on; every other config
+  # and the sampling API run the plain JAX path. False: plain tracing for debugging.
+  config.model.cpu_kernels = True
 
   # ---- Diffusion ----
   config.schedule = ml_collections.ConfigDict()
@@ -126,9 +131,13 @@ def get_config(arg=None):
   config.train.num_epochs = 0.0
   config.train.t_max_fraction = 0.5  # share of each batch trained at t = T - 1 (DESIGN §5)
   config.train.parallelism = 'jit'  # 'jit' (NamedSharding over a 1-D data mesh) | 'pmap'
-  # The compiled step holds params, AdamW moments and EMA as flat vectors (flat_state.py):
-  # 0.24x the executable-load time of a warm start, same step time; checkpoints keep the tree.
+  # CPU tools, on in this CPU config only. flat_state: the compiled step holds params, AdamW
+  # moments and EMA as flat vectors (flat_state.py): 0.24x the executable-load time of a warm
+  # start on the CPU, same step time; checkpoints keep the tree. step_cache: the lowered step is
+  # kept on disk beside the compilation cache (step_cache.py), so a warm start skips tracing;
+  # False traces the Python loss every run (breakpoints, jax_debug_nans).
   config.train.flat_state = True
+  config.train.step_cache = False
   config.train.log_every = 25
   config.train.eval_every = 500
   config.train.checkpoint_every = 250

@@ -14,7 +14,7 @@ slicing in `jax.tree.leaves` order), so resuming stays bit-exact.
 from typing import Any, Callable, List, NamedTuple
 
 import jax
-from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
 import numpy as np
 
 from diffhand_jax import optim
@@ -35,7 +35,8 @@ class FlatLayout:
   Containers without leaves (optax's EmptyState, MaskedState) may differ.
 
   Args:
-    params: the parameter tree (its structure, shapes and dtype; one dtype for all leaves).
+    params: the parameter tree, or its `jax.ShapeDtypeStruct`s: only the structure, shapes and
+      dtype are read (one dtype for all leaves), so a layout needs no weights allocated.
     tree_opt_state: the tree optimiser's state for `params` (a template).
     flat_optimizer: the optimiser of the raveled `params` (`optim.make_flat_optimizer`); its
       state's shapes are taken with `jax.eval_shape`.
@@ -49,8 +50,10 @@ class FlatLayout:
           'set config.train.flat_state = False'
       )
     self._treedef = jax.tree.structure(params)
-    flat, self._unravel = ravel_pytree(params)
-    self.size = flat.size
+    self._shapes = [_shape(leaf) for leaf in jax.tree.leaves(params)]
+    self._offsets = np.cumsum([0] + [int(np.prod(shape)) for shape in self._shapes])
+    self.size = int(self._offsets[-1])
+    flat = jax.ShapeDtypeStruct((self.size,), dtypes.pop())
     flat_opt_state = jax.eval_shape(flat_optimizer.init, flat)
     self._tree_opt = jax.tree.structure(tree_opt_state, is_leaf=self._is_params)
     self._flat_opt = jax.tree.structure(flat_opt_state)
@@ -77,11 +80,15 @@ class FlatLayout:
 
   def ravel(self, tree) -> jax.Array:
     """A parameter-shaped tree -> [size] vector (leaves in `jax.tree.leaves` order)."""
-    return ravel_pytree(tree)[0]
+    return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(tree)])
 
   def unravel(self, vector: jax.Array):
     """[size] vector -> the parameter tree."""
-    return self._unravel(vector)
+    pieces = [
+        vector[start:end].reshape(shape)
+        for start, end, shape in zip(self._offsets[:-1], self._offsets[1:], self._shapes)
+    ]
+    return jax.tree.unflatten(self._treedef, pieces)
 
   def wrap_loss(self, loss_fn: Callable[..., Any]) -> Callable[..., Any]:
     """loss_fn(params_tree, batch, keys) as a function of the flat parameter vector."""

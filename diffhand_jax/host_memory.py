@@ -10,9 +10,12 @@ faults per step): the step takes 0.80-0.95x the time on the 2-core CPU (the larg
 the VM is idle), with bit-identical losses (BENCHMARKS.md, issue 11). Where the tunable is
 unknown (older glibc, musl) or THP is off, nothing changes.
 
-glibc reads its tunables once, at process start, so an entry point calls
-`reexec_with_huge_pages()` first thing: the process re-executes itself once (same PID, same
-arguments) with the tunable added to GLIBC_TUNABLES. DIFFHAND_HUGE_PAGES=0 turns this off.
+A CPU tool, off unless asked for: glibc reads its tunables once, at process start, so an entry
+point calls `reexec_with_huge_pages()` first thing, and with DIFFHAND_HUGE_PAGES=1 in the
+environment (`launch.py --huge_pages` sets it; `make demo` and `make bench` pass it) the process
+re-executes itself once (same PID, same arguments) with the tunable added to GLIBC_TUNABLES.
+Without it nothing happens, so accelerator hosts, debuggers and notebooks that run an entry
+point are never restarted.
 """
 
 import os
@@ -20,7 +23,7 @@ import sys
 from typing import Mapping, Optional
 
 TUNABLE = 'glibc.malloc.hugetlb'
-OPT_OUT = 'DIFFHAND_HUGE_PAGES'
+OPT_IN = 'DIFFHAND_HUGE_PAGES'  # '1' turns the re-execution on
 
 
 def environment_with_huge_pages(
@@ -28,12 +31,12 @@ def environment_with_huge_pages(
 ) -> Optional[dict]:
   """The environment to re-execute with, or None if there is nothing to do.
 
-  None on other systems than Linux, with DIFFHAND_HUGE_PAGES=0, and when GLIBC_TUNABLES
+  None on other systems than Linux, unless DIFFHAND_HUGE_PAGES=1, and when GLIBC_TUNABLES
   already names the tunable (whatever its value: the user's choice, or the re-executed
   process itself). Otherwise a copy of `environ` whose GLIBC_TUNABLES has the tunable
   appended to the tunables already there (colon-separated, as glibc reads them).
   """
-  if not platform.startswith('linux') or environ.get(OPT_OUT, '1').strip() == '0':
+  if not platform.startswith('linux') or environ.get(OPT_IN, '').strip() != '1':
     return None
   tunables = environ.get('GLIBC_TUNABLES', '')
   if any(item.split('=', 1)[0] == TUNABLE for item in tunables.split(':')):

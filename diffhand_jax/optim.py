@@ -3,7 +3,6 @@
 import math
 
 import jax
-from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -67,21 +66,24 @@ def make_flat_optimizer(
 ) -> optax.GradientTransformation:
   """`make_optimizer`'s transformation for the parameters raveled into one vector.
 
-  The same clip and AdamW (optax's defaults, as `optax.adamw`), with the decay mask of
-  `params` as a 0/1 vector (`diffhand_jax.flat_state`); for the same gradients it gives the
-  same updates up to the summation order of the clip's global norm.
+  The same clip and AdamW (optax's defaults, as `optax.adamw`); for the same gradients it gives
+  the same updates up to the summation order of the clip's global norm. The decay mask is
+  built inside the update from the leaves' sizes (`decay_mask_vector`), so the compiled step
+  holds no parameter-sized constant.
 
   Args:
     optim_config: config.optim.
     num_steps: total training steps (the end of the cosine decay).
-    params: the parameter tree the vector is raveled from (`jax.tree.leaves` order).
+    params: the parameter tree the vector is raveled from, or its `jax.ShapeDtypeStruct`s
+      (`jax.tree.leaves` order; only shapes are read).
   """
-  mask, _ = ravel_pytree(
-      jax.tree.map(lambda p, m: jnp.full(p.shape, m, p.dtype), params, _decay_mask(params))
-  )
+  leaves = jax.tree.leaves(params)
+  sizes = [math.prod(leaf.shape) for leaf in leaves]
+  decayed = jax.tree.leaves(_decay_mask(params))
   weight_decay = float(optim_config.weight_decay)
 
   def decay(updates, state, flat_params):
+    mask = decay_mask_vector(sizes, decayed, flat_params.dtype)
     return updates + weight_decay * mask * flat_params, state
 
   adamw = optax.chain(
@@ -90,6 +92,26 @@ def make_flat_optimizer(
       optax.scale_by_learning_rate(learning_rate_schedule(optim_config, num_steps)),
   )
   return _clipped(optim_config, adamw)
+
+
+def decay_mask_vector(sizes, decayed, dtype) -> jax.Array:
+  """[sum(sizes)] 0/1 vector: 1 over the leaves that get weight decay.
+
+  Built from runs of equal flags (a broadcast of a scalar each), never from a host array, so
+  under jit it lowers to a few small ops whatever the parameter count.
+
+  Args:
+    sizes: elements of each leaf, in `jax.tree.leaves` order.
+    decayed: bool per leaf.
+    dtype: the vector's dtype.
+  """
+  runs = []  # [flag, length] of consecutive leaves with the same flag
+  for size, flag in zip(sizes, decayed):
+    if runs and runs[-1][0] == bool(flag):
+      runs[-1][1] += size
+    else:
+      runs.append([bool(flag), size])
+  return jnp.concatenate([jnp.full((length,), float(flag), dtype) for flag, length in runs])
 
 
 def update_ema(ema_params, params, decay: float, count):

@@ -7,6 +7,9 @@ wrapped in `jax.jit` (model and the integer / string options static) and `jax.vm
   sample_fn = jax.jit(sampling.sample, static_argnames=(
       'model', 'num_sampling_steps', 'num_hypotheses', 'aggregate'))
   out = sample_fn(model, params, images, rng, num_sampling_steps=10)
+
+The model always runs as plain Flax/JAX here (library layers, `jax.nn.dot_product_attention`), so
+every transformation works through sampling, forward-mode autodiff included.
 """
 
 from typing import Optional, Sequence
@@ -57,9 +60,14 @@ def _hypotheses(
 ):
   """K meshes per image (metres, as predicted) and the camera.
 
+  The model runs on its plain JAX path (`diffhand.plain_path`) whatever its `cpu_kernels`: the
+  CPU rewrites only speed up training's backward pass, and the plain path lets callers
+  differentiate the samples in either mode (`jax.jvp`, `jax.jacfwd`).
+
   Returns:
     hypotheses [B, K, N, 3], camera [B, 3].
   """
+  model = diffhand.plain_path(model)
   variables = _variables(params)
   batch, k, n = images.shape[0], num_hypotheses, model.num_points
   tokens, embedding = model.apply(variables, images, depth, method='encode')

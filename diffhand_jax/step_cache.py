@@ -1,17 +1,22 @@
 """A disk cache of lowered train steps (`jax.export`): a warm start skips tracing and lowering.
 
-JAX's persistent compilation cache (launch.py's `--compilation_cache`) lets a second run of
-the same program skip XLA's compile, but not the Python tracing and lowering that come first:
-for the synthetic train step they take 3-5 s of a 6-10 s warm start on a 2-core CPU
-(BENCHMARKS.md, issue 11). `CachedStep` stores the lowered step (StableHLO, via
-`jax.export`) next to that cache, under a key over everything the step is built from: the
-caller's key (the config and the hand-model file, `config_key`), the package's source files,
-the library versions, the platform and devices, and the structure, shapes, dtypes and
-shardings of the arguments. A later process with the same key loads it and lowers only a
-call to it (~0.2 s); its XLA executable then comes from the compilation cache.
+A CPU tool, off by default (`config.train.step_cache`; `make demo` turns it on). JAX's
+persistent compilation cache (launch.py's `--compilation_cache`) lets a second run of the same
+program skip XLA's compile, but not the Python tracing and lowering that come first: for the
+synthetic train step they take 3-5 s of a 6-10 s warm start on a 2-core CPU (BENCHMARKS.md).
+`CachedStep` stores the lowered step (StableHLO, via `jax.export`) next to that cache, under a
+key over everything the lowering depends on: the caller's key (the config and the hand-model
+file, `config_key`), the package's source files, the library versions, every `jax.config` flag,
+XLA_FLAGS, the platform and devices, the process count, and the structure, shapes, dtypes and
+shardings of the arguments. A later process with the same key loads it and lowers only a call
+to it (~0.2 s); its XLA executable then comes from the compilation cache.
 
-A file that cannot be read or loaded is reported with a warning and the step is traced
-instead; nothing is ever trusted without the full key matching its name.
+Several processes (hosts on a shared file system) may use one folder: only process 0 writes,
+under a temporary name unique to its host, process and call, renamed into place atomically, so
+a reader sees the whole file or none. A missing file is traced; a file that cannot be read or
+loaded is reported with a warning and traced; nothing is trusted without the full key matching
+its name. To debug inside the Python loss (breakpoints, `jax_debug_nans`), leave the cache off:
+with it a warm start never runs the Python step.
 """
 
 import functools
@@ -20,6 +25,8 @@ import importlib.metadata
 import json
 import os
 import pathlib
+import socket
+import uuid
 from typing import Any, Callable, List, Optional
 
 from absl import logging
@@ -80,6 +87,15 @@ def default_cache_dir() -> Optional[str]:
   """<jax_compilation_cache_dir>/exported, or None when that cache is off."""
   base = jax.config.jax_compilation_cache_dir
   return os.path.join(base, 'exported') if base else None
+
+
+def lowering_flags() -> dict:
+  """Every `jax.config` flag (as text) and the XLA / libtpu flag variables: what else can
+  change the lowered program for the same arguments."""
+  flags = {name: str(value) for name, value in sorted(jax.config.values.items())}
+  for variable in ('XLA_FLAGS', 'LIBTPU_INIT_ARGS'):
+    flags[variable] = os.environ.get(variable, '')
+  return flags
 
 
 def _describe(tree) -> List[str]:
@@ -146,8 +162,7 @@ class CachedStep:
         key=self._key,
         sources=source_digest(),
         versions=_versions(),
-        x64=bool(jax.config.jax_enable_x64),
-        precision=str(jax.config.jax_default_matmul_precision),
+        flags=lowering_flags(),
         backend=jax.default_backend(),
         devices=[str(d.device_kind) for d in jax.devices()],
         processes=jax.process_count(),
@@ -162,12 +177,15 @@ class CachedStep:
     return os.path.join(self._cache_dir, f'step-{name}.bin')
 
   def _load(self, path: str):
-    """(exported, metric names) from `path`, or None with a warning if it cannot be used."""
+    """(exported, metric names) from `path`; None if it is missing (silently) or cannot be used
+    (with a warning)."""
     try:
       with open(path, 'rb') as f:
         header = json.loads(f.readline())
         exported = jax.export.deserialize(bytearray(f.read()))
       return exported, list(header['metrics'])
+    except FileNotFoundError:
+      return None
     except Exception as error:  # pylint: disable=broad-except
       logging.warning(
           'Exported train step %s is unusable (%s); tracing the step instead.', path, error
@@ -202,10 +220,13 @@ class CachedStep:
 
   @staticmethod
   def _save(path: str, exported, names: List[str]) -> bool:
-    """Writes the file atomically (readers never see half of it); False if it could not."""
+    """Writes the file atomically (readers never see half of it); False if it could not.
+
+    The temporary name is unique to this host, process and call, so writers never share one.
+    """
+    temporary = f'{path}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}.tmp'
     try:
       os.makedirs(os.path.dirname(path), exist_ok=True)
-      temporary = f'{path}.{os.getpid()}.tmp'
       with open(temporary, 'wb') as f:
         f.write(json.dumps(dict(metrics=names)).encode() + b'\n')
         f.write(exported.serialize())
@@ -213,11 +234,13 @@ class CachedStep:
       return True
     except OSError as error:
       logging.warning('Could not save the exported train step to %s: %s', path, error)
+      if os.path.exists(temporary):
+        os.remove(temporary)
       return False
 
   def _prepare(self, state, batch):
     path = self.file_for(state, batch)
-    found = self._load(path) if path and os.path.exists(path) else None
+    found = self._load(path) if path else None
     self.loaded_from_cache = found is not None
     if found:
       exported, names = found
@@ -230,7 +253,8 @@ class CachedStep:
         # is raised again by the plain jit.
         logging.warning('The train step cannot be exported (%s); it is traced every run.', error)
         return plain_jit(self._fun, self._state_sharding, self._batch_sharding)
-      if path and self._save(path, exported, names):
+      # One writer: every process exports the same program, process 0 keeps it.
+      if path and jax.process_index() == 0 and self._save(path, exported, names):
         logging.info('Train step traced and saved to %s.', path)
     state_tree = jax.tree.structure(state)
 

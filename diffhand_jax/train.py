@@ -192,7 +192,9 @@ def run_training(
   if skip_nonfinite:
     step_fn = skip_nonfinite_updates(step_fn)
   # The step is built from the config: the task's loss and the optimiser and schedule here.
-  cache_key = step_cache.config_key(config) if task.cacheable else None
+  # config.train.step_cache (a CPU tool, off by default): keep the lowered step on disk.
+  use_cache = task.cacheable and bool(train_config.get('step_cache', False))
+  cache_key = step_cache.config_key(config) if use_cache else None
   runner = parallel.data_parallel(step_fn, train_config.parallelism, devices, cache_key=cache_key)
   parallel.check_batch_divisible(
       int(train_config.global_batch_size), runner.num_devices, 'train.global_batch_size'

@@ -114,32 +114,12 @@ def np_bicubic_aa_matrix(in_size, out_size):
 
 def test_exact_gelu_matches_erf_and_differs_from_tanh():
   x = np.linspace(-4.0, 4.0, 801)
-  exact = np.asarray(layers.exact_gelu(jnp.asarray(x, jnp.float32)))
-  np.testing.assert_allclose(exact, np_gelu(x), atol=2e-6)
+  for cpu in (False, True):
+    exact = np.asarray(layers.gelu(jnp.asarray(x, jnp.float32), cpu))
+    np.testing.assert_allclose(exact, np_gelu(x), atol=2e-6)
   tanh = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
   np.testing.assert_allclose(jax.nn.gelu(x, approximate=True), tanh, atol=2e-6)
   assert np.abs(exact - tanh).max() > 1e-4  # the choice is observable
-
-
-def test_add_to_every_example_value_and_gradients():
-  rng = np.random.default_rng(3)
-  x, table = rng.normal(size=(5, 7, 4)), rng.normal(size=(7, 4))
-  cotangent = rng.normal(size=x.shape)
-  out, vjp = jax.vjp(
-      layers.add_to_every_example, jnp.asarray(x, jnp.float32), jnp.asarray(table, jnp.float32)
-  )
-  np.testing.assert_allclose(out, x + table[None], atol=1e-6)
-  d_x, d_table = vjp(jnp.asarray(cotangent, jnp.float32))
-  np.testing.assert_allclose(d_x, cotangent, atol=1e-6)
-  np.testing.assert_allclose(d_table, cotangent.sum(axis=0), atol=1e-5)  # summed over the batch
-  # bfloat16 activations, float32 table: the result follows x, the table's gradient the table.
-  out, vjp = jax.vjp(
-      layers.add_to_every_example, jnp.asarray(x, jnp.bfloat16), jnp.asarray(table, jnp.float32)
-  )
-  assert out.dtype == jnp.bfloat16
-  assert vjp(jnp.ones(x.shape, jnp.bfloat16))[1].dtype == jnp.float32
-  with pytest.raises(ValueError, match='x.shape'):  # a broadcastable table is refused too
-    layers.add_to_every_example(jnp.zeros((5, 7, 4)), jnp.zeros((1, 4)))
 
 
 def test_self_attention_matches_per_head_loop():

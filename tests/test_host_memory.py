@@ -18,20 +18,29 @@ from diffhand_jax import host_memory
     ],
 )
 def test_appends_the_tunable_to_what_is_there(tunables, want):
-  environ = {'PATH': '/bin'} if tunables is None else {'PATH': '/bin', 'GLIBC_TUNABLES': tunables}
+  environ = {'PATH': '/bin', 'DIFFHAND_HUGE_PAGES': '1'}
+  if tunables is not None:
+    environ['GLIBC_TUNABLES'] = tunables
   got = host_memory.environment_with_huge_pages(environ, 'linux')
-  assert got == {'PATH': '/bin', 'GLIBC_TUNABLES': want}
+  assert got == {'PATH': '/bin', 'DIFFHAND_HUGE_PAGES': '1', 'GLIBC_TUNABLES': want}
   assert 'GLIBC_TUNABLES' not in environ or environ['GLIBC_TUNABLES'] == tunables  # not mutated
 
 
 @pytest.mark.parametrize(
     'environ,platform',
     [
-        ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}, 'linux'),  # re-executed already
-        ({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0'}, 'linux'),  # user
+        ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1', 'DIFFHAND_HUGE_PAGES': '1'}, 'linux'),  # done
+        (
+            {
+                'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0',
+                'DIFFHAND_HUGE_PAGES': '1',
+            },
+            'linux',
+        ),  # the user's own value
+        ({}, 'linux'),  # off by default: accelerator hosts, debuggers, notebooks
         ({'DIFFHAND_HUGE_PAGES': '0'}, 'linux'),
-        ({}, 'darwin'),
-        ({}, 'win32'),
+        ({'DIFFHAND_HUGE_PAGES': '1'}, 'darwin'),
+        ({'DIFFHAND_HUGE_PAGES': '1'}, 'win32'),
     ],
 )
 def test_nothing_to_do(environ, platform):
@@ -53,6 +62,11 @@ def test_reexecutes_once_with_the_same_arguments(tmp_path):
       k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'DIFFHAND_HUGE_PAGES')
   }
   environ['PYTHONPATH'] = root
+  plain = subprocess.run(
+      [sys.executable, '-u', str(script)], env=environ, capture_output=True, text=True, check=True
+  ).stdout.split('\n')
+  assert len([line for line in plain if line.startswith('start')]) == 1  # not asked: no re-exec
+  environ['DIFFHAND_HUGE_PAGES'] = '1'
   out = subprocess.run(
       [sys.executable, '-u', str(script), 'a', '--b=c'],
       env=environ,

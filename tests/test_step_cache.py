@@ -1,6 +1,7 @@
 """step_cache.CachedStep: a warm process runs the exported step without tracing, same numbers."""
 
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +110,67 @@ def test_key_arguments_and_devices_select_the_file(tmp_path):
   other = parallel.make_data_mesh(jax.devices()[1:2])
   assert path != cached(make_step([]), other, 'key-a', str(tmp_path)).file_for(*initial(other))
   assert cached(make_step([]), mesh, 'key-a', None).file_for(state, batch) is None
+
+
+def test_lowering_flags_select_the_file(tmp_path, monkeypatch):
+  mesh = parallel.make_data_mesh(jax.devices()[:1])
+  step = cached(make_step([]), mesh, 'key-a', str(tmp_path))
+  state, batch = initial(mesh)
+  path = step.file_for(state, batch)
+  monkeypatch.setenv(
+      'XLA_FLAGS', os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_enable_fast_math=false'
+  )
+  assert step.file_for(state, batch) != path
+  monkeypatch.undo()
+  assert step.file_for(state, batch) == path
+  precision = jax.config.jax_default_matmul_precision
+  jax.config.update('jax_default_matmul_precision', 'highest')
+  try:
+    assert step.file_for(state, batch) != path
+  finally:
+    jax.config.update('jax_default_matmul_precision', precision)
+
+
+def test_only_process_zero_writes(tmp_path, monkeypatch):
+  mesh = parallel.make_data_mesh(jax.devices()[:1])
+  traces = []
+  expected = run(cached(make_step(traces), mesh, 'key-a', str(tmp_path / 'zero')), mesh)
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  other = cached(make_step(traces), mesh, 'key-a', str(tmp_path / 'one'))
+  result = run(other, mesh)
+  assert other.loaded_from_cache is False and len(traces) == 2
+  assert not (tmp_path / 'one').exists() or not os.listdir(tmp_path / 'one')
+  assert_same(result, expected)
+
+
+def test_concurrent_writers_leave_one_whole_file(tmp_path):
+  mesh = parallel.make_data_mesh(jax.devices()[:1])
+  state, batch = initial(mesh)
+  step = cached(make_step([]), mesh, 'key-a', str(tmp_path))
+  exported, names = step._export(state, batch)  # pylint: disable=protected-access
+  path = step.file_for(state, batch)
+  results = []
+  writers = [
+      threading.Thread(target=lambda: results.append(step._save(path, exported, names)))
+      for _ in range(8)
+  ]
+  for writer in writers:
+    writer.start()
+  for writer in writers:
+    writer.join()
+  assert results == [True] * 8
+  assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temporary file left behind
+  warm = cached(make_step([]), mesh, 'key-a', str(tmp_path))
+  run(warm, mesh)
+  assert warm.loaded_from_cache is True
+
+
+def test_a_file_removed_before_reading_is_traced_quietly(tmp_path, caplog):
+  mesh = parallel.make_data_mesh(jax.devices()[:1])
+  step = cached(make_step([]), mesh, 'key-a', str(tmp_path))
+  with caplog.at_level('WARNING'):
+    assert step._load(str(tmp_path / 'step-gone.bin')) is None  # pylint: disable=protected-access
+  assert not caplog.text
 
 
 def test_unreadable_file_is_reported_and_the_step_traced(tmp_path, caplog):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffhand_jax import checks
-from diffhand_jax.models.layers import Mlp, MultiHeadAttention, add_to_every_example, dense
+from diffhand_jax.models.layers import Mlp, MultiHeadAttention, dense
 
 Dtype = Any
 LevelIndices = Tuple[Tuple[int, ...], ...]
@@ -119,19 +119,23 @@ class AttentionBlock(nn.Module):
   num_heads: int
   mlp_ratio: int
   dtype: Dtype = jnp.float32
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, h: jax.Array, g: jax.Array, tokens: jax.Array) -> jax.Array:
     """Args: h: [B, n, C] points; g: [B, C]; tokens: [B, P, C]. Returns: [B, n, C]."""
     width = h.shape[-1]
-    attention = lambda name: MultiHeadAttention(self.num_heads, self.dtype, name=name)
+    attention = lambda name: MultiHeadAttention(
+        self.num_heads, self.dtype, self.cpu_kernels, name=name
+    )
     x = _layer_norm(self.dtype, 'norm_self')(h)
     h = h + attention('self_attention')(x, x)
     h = h + g[:, None, :].astype(h.dtype)
     x = _layer_norm(self.dtype, 'norm_cross')(h)
     h = h + attention('cross_attention')(x, tokens)
     x = _layer_norm(self.dtype, 'norm_mlp')(h)
-    return h + Mlp(self.mlp_ratio * width, dtype=self.dtype, name='mlp')(x)
+    mlp = Mlp(self.mlp_ratio * width, dtype=self.dtype, cpu_kernels=self.cpu_kernels, name='mlp')
+    return h + mlp(x)
 
 
 class FeatureBlock(nn.Module):
@@ -139,12 +143,14 @@ class FeatureBlock(nn.Module):
 
   mlp_ratio: int
   dtype: Dtype = jnp.float32
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:
     """Args: h: [B, n, C]. Returns: [B, n, C]."""
     x = _layer_norm(self.dtype, 'norm')(h)
-    return h + Mlp(self.mlp_ratio * h.shape[-1], dtype=self.dtype, name='mlp')(x)
+    width = self.mlp_ratio * h.shape[-1]
+    return h + Mlp(width, dtype=self.dtype, cpu_kernels=self.cpu_kernels, name='mlp')(x)
 
 
 class PointUpsample(nn.Module):
@@ -152,10 +158,12 @@ class PointUpsample(nn.Module):
 
   num_points: int
   dtype: Dtype = jnp.float32
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:
-    out = dense(self.num_points, self.dtype, 'point_map')(jnp.swapaxes(h, 1, 2))
+    point_map = dense(self.num_points, self.dtype, 'point_map', self.cpu_kernels)
+    out = point_map(jnp.swapaxes(h, 1, 2))
     return jnp.swapaxes(out, 1, 2)
 
 
@@ -180,6 +188,7 @@ class VertexBlock(nn.Module):
   num_heads: int
   mlp_ratio: int
   dtype: Dtype = jnp.float32
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, h: jax.Array, g: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -189,13 +198,20 @@ class VertexBlock(nn.Module):
       x = jnp.take(down[-1], np.asarray(indices, np.int32), axis=1)
       down.append(
           AttentionBlock(
-              self.num_heads, self.mlp_ratio, self.dtype, name=f'down_attention_{level}'
+              self.num_heads,
+              self.mlp_ratio,
+              self.dtype,
+              self.cpu_kernels,
+              name=f'down_attention_{level}',
           )(x, g, tokens)
       )
     up = down[-1]
     for level in range(len(self.level_indices), 0, -1):
       target = down[level - 1]
-      up = PointUpsample(target.shape[1], self.dtype, name=f'upsample_{level}')(up) + target
+      upsample = PointUpsample(
+          target.shape[1], self.dtype, self.cpu_kernels, name=f'upsample_{level}'
+      )
+      up = upsample(up) + target
     return up
 
 
@@ -218,6 +234,7 @@ class Decoder(nn.Module):
     dtype: computation dtype (parameters are float32; the output is float32).
     remat: recompute each block's activations in the backward pass instead of keeping them
       (`nn.remat`): less memory per step for about one more forward pass; same parameters.
+    cpu_kernels: the CPU rewrites of layers.py (same parameters and function).
   """
 
   num_points: int
@@ -229,6 +246,7 @@ class Decoder(nn.Module):
   kind: str = 'cross_modality'
   dtype: Dtype = jnp.float32
   remat: bool = False
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(
@@ -260,12 +278,12 @@ class Decoder(nn.Module):
         (self.num_points, self.width),
         jnp.float32,
     )
-    h = add_to_every_example(dense(self.width, self.dtype, 'vertex_embed')(x_t), position)
-    time_features = Mlp(self.width, dtype=self.dtype, name='time_mlp')(
-        timestep_embedding(t, self.width)
-    )
-    g = dense(self.width, self.dtype, 'global_embed')(embedding) + time_features
-    tokens = dense(self.width, self.dtype, 'token_proj')(tokens)
+    cpu = self.cpu_kernels
+    h = dense(self.width, self.dtype, 'vertex_embed', cpu)(x_t) + position.astype(self.dtype)
+    time_mlp = Mlp(self.width, dtype=self.dtype, cpu_kernels=cpu, name='time_mlp')
+    time_features = time_mlp(timestep_embedding(t, self.width))
+    g = dense(self.width, self.dtype, 'global_embed', cpu)(embedding) + time_features
+    tokens = dense(self.width, self.dtype, 'token_proj', cpu)(tokens)
 
     wrap = nn.remat if self.remat else (lambda module: module)
     vertex_block, feature_block, attention_block = (
@@ -280,13 +298,14 @@ class Decoder(nn.Module):
             self.num_heads,
             self.mlp_ratio,
             self.dtype,
+            cpu,
             name=f'vertex_block_{block}',
         )(h, g, tokens)
-        h = feature_block(self.mlp_ratio, self.dtype, name=f'feature_block_{block}')(h)
+        h = feature_block(self.mlp_ratio, self.dtype, cpu, name=f'feature_block_{block}')(h)
       else:
         for layer in range(max(1, len(self.level_indices))):
           h = attention_block(
-              self.num_heads, self.mlp_ratio, self.dtype, name=f'layer_{block}_{layer}'
+              self.num_heads, self.mlp_ratio, self.dtype, cpu, name=f'layer_{block}_{layer}'
           )(h, g, tokens)
     h = _layer_norm(self.dtype, 'norm_out')(h)
-    return dense(3, self.dtype, 'out')(h).astype(jnp.float32)
+    return dense(3, self.dtype, 'out', cpu)(h).astype(jnp.float32)

@@ -205,6 +205,13 @@ class DiffHand(nn.Module):
     return out
 
 
+def plain_path(model: DiffHand) -> DiffHand:
+  """`model` with `cpu_kernels` off in its encoder and decoder: the same parameters and
+  function on the plain Flax/JAX path (library layers, autodiff, `jax.nn` attention)."""
+  plain = lambda m: m.clone(cpu_kernels=False) if getattr(m, 'cpu_kernels', False) else m
+  return model.clone(encoder=plain(model.encoder), decoder=plain(model.decoder))
+
+
 def build_model(config) -> DiffHand:
   """Builds DiffHand from the experiment config (contract of docs/ARCHITECTURE.md).
 
@@ -232,7 +239,7 @@ def assemble_model(
   """DiffHand from explicit parts (what `build_model` uses; tests pass stand-ins).
 
   Reads config.model (width, num_heads, num_blocks, downsample_rate, num_levels, mlp_ratio,
-  aux_head, dtype, remat), config.decoder, config.diffusion, config.vertex_scale, config.schedule
+  aux_head, dtype, remat, cpu_kernels), config.decoder, config.diffusion, config.vertex_scale, config.schedule
   and config.data.image_size.
 
   Args:
@@ -266,6 +273,7 @@ def assemble_model(
       kind=config.decoder,
       dtype=dtype,
       remat=bool(config.model.get('remat', False)),
+      cpu_kernels=encoder_lib.cpu_kernels_enabled(config.model),
   )
   return DiffHand(
       encoder=encoder,

@@ -132,7 +132,13 @@ def build_encoder(model_config, dtype: Any = jnp.float32, image_size: int = 0) -
       use_depth=model_config.use_depth,
       depth_zero_init=model_config.depth_zero_init,
       dtype=dtype,
+      cpu_kernels=cpu_kernels_enabled(model_config),
   )
+
+
+def cpu_kernels_enabled(model_config) -> bool:
+  """config.model.cpu_kernels (False when absent: configs and checkpoints that predate it)."""
+  return bool(model_config.get('cpu_kernels', False))
 
 
 def init_from_adapter(model_config):

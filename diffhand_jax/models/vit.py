@@ -97,11 +97,13 @@ class EncoderBlock(nn.Module):
     num_heads: attention heads.
     mlp_dim: hidden width of the MLP.
     dtype: computation dtype.
+    cpu_kernels: the CPU rewrites of layers.py (same parameters and function).
   """
 
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -109,8 +111,10 @@ class EncoderBlock(nn.Module):
     norm = lambda name: nn.LayerNorm(
         LAYER_NORM_EPS, dtype=self.dtype, param_dtype=jnp.float32, name=name
     )
-    x = x + layers.SelfAttention(self.num_heads, dtype=self.dtype, name='attn')(norm('norm1')(x))
-    return x + layers.Mlp(self.mlp_dim, dtype=self.dtype, name='mlp')(norm('norm2')(x))
+    cpu = self.cpu_kernels
+    attention = layers.SelfAttention(self.num_heads, self.dtype, cpu, name='attn')
+    x = x + attention(norm('norm1')(x))
+    return x + layers.Mlp(self.mlp_dim, None, self.dtype, cpu, name='mlp')(norm('norm2')(x))
 
 
 class VisionTransformer(nn.Module):
@@ -128,6 +132,7 @@ class VisionTransformer(nn.Module):
     use_depth: create the zero-initialised depth branch added to the patch embedding.
     depth_zero_init: see `depth.DepthBranch.zero_init`.
     dtype: computation dtype (parameters stay float32).
+    cpu_kernels: the CPU rewrites of layers.py in every block.
   """
 
   width: int
@@ -140,6 +145,7 @@ class VisionTransformer(nn.Module):
   use_depth: bool = False
   depth_zero_init: str = 'all'
   dtype: Dtype = jnp.float32
+  cpu_kernels: bool = False
 
   @property
   def num_prefix_tokens(self) -> int:
@@ -208,7 +214,11 @@ class VisionTransformer(nn.Module):
 
     for i in range(self.depth):
       x = EncoderBlock(
-          self.num_heads, self.mlp_ratio * self.width, dtype=self.dtype, name=f'block{i}'
+          self.num_heads,
+          self.mlp_ratio * self.width,
+          self.dtype,
+          self.cpu_kernels,
+          name=f'block{i}',
       )(x)
     x = nn.LayerNorm(LAYER_NORM_EPS, dtype=self.dtype, param_dtype=jnp.float32, name='norm')(x)
     tokens = x[:, self.num_prefix_tokens :]
