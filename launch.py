@@ -114,20 +114,26 @@ def main(argv):
     from diffhand_jax import checkpointing  # pylint: disable=g-import-not-at-top
     from diffhand_jax import evaluate  # pylint: disable=g-import-not-at-top
 
-    evaluate.evaluate_checkpoint(checkpointing.adopt_trained_model(config, workdir), workdir)
+    config = checkpointing.adopt_trained_model(config, workdir, overridden_fields(sys.argv))
+    evaluate.evaluate_checkpoint(config, workdir)
   else:
     from diffhand_jax import checkpointing  # pylint: disable=g-import-not-at-top
     from diffhand_jax import predict  # pylint: disable=g-import-not-at-top
 
     if not FLAGS.input:
       raise app.UsageError('--mode=predict needs --input=IMAGE_OR_FOLDER')
-    config = checkpointing.adopt_trained_model(config, workdir)
+    config = checkpointing.adopt_trained_model(config, workdir, overridden_fields(sys.argv))
     predict.predict(config, workdir, FLAGS.input, overwrite=FLAGS.overwrite)
 
 
 def _config_argument() -> str:
   """The raw --config value (file[:variant]) as given on the command line."""
   return FLAGS['config'].serialize().partition('=')[2]
+
+
+def overridden_fields(argv) -> list[str]:
+  """Dotted config fields set on the command line: 'model.width' from '--config.model.width=8'."""
+  return [arg[len('--config.') :].partition('=')[0] for arg in argv if arg.startswith('--config.')]
 
 
 def unknown_config_keys(config, argv) -> list[str]:

@@ -45,9 +45,9 @@ class Task(NamedTuple):
   evaluate: (params, step) -> dict of metrics (lower-is-better
     config.train.best_metric among them), or None to skip evaluation.
   cacheable: True when everything `loss_fn` is built from is determined by the config given
-    to `run_training` (the DiffHand task): the lowered step is then kept on disk beside JAX's
-    compilation cache under `step_cache.config_key(config)`. False (a task with its own
-    functions): traced every run.
+    to `run_training` (the DiffHand task): with config.train.step_cache on, the lowered step
+    is then kept on disk beside JAX's compilation cache under `step_cache.config_key(config)`.
+    False (a task with its own functions): traced every run.
   """
 
   init_params: Callable[[jax.Array], Any]
@@ -365,6 +365,25 @@ def resolve_epochs(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return resolved
 
 
+def warn_if_from_scratch(config: ml_collections.ConfigDict) -> bool:
+  """Warns (and returns True) when a real-data run starts its encoder from random weights.
+
+  The paper's recipe fine-tunes an ImageNet-pretrained encoder; training DeiT-Large or HRNet
+  from scratch on FreiHAND / DexYCB / HO-3D is rarely what was meant. Runs that start from
+  another run (`init_from`) and the synthetic default (trained from scratch by design) are quiet.
+  """
+  if config.data.name == 'synthetic' or config.model.pretrained_path or config.init_from:
+    return False
+  logging.warning(
+      'config.model.pretrained_path is empty: the %s-%s encoder starts from random weights, '
+      'while the paper fine-tunes ImageNet weights. Pass '
+      '--config.model.pretrained_path=/path/to/timm_weights.safetensors (README, "Real data").',
+      config.model.encoder,
+      config.model.encoder_size,
+  )
+  return True
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, periodic_eval: bool = True
 ) -> train_step_lib.TrainState:
@@ -374,6 +393,7 @@ def train_and_evaluate(
   evaluates on an unseen seed afterwards instead).
   """
   checkpointing.check_writable(workdir)  # before the data set is built
+  warn_if_from_scratch(config)
   config = resolve_epochs(config)
   task = build_task(config, workdir)
   if not periodic_eval:

@@ -10,6 +10,7 @@ import pytest
 
 from configs import synthetic
 from diffhand_jax import checkpointing
+from diffhand_jax import models
 
 
 def _folder_bytes(path):
@@ -80,3 +81,56 @@ def test_eval_and_predict_adopt_the_trained_model(tmp_path, caplog):
   assert adopted.model.to_dict() == {**given.model.to_dict(), 'space_to_depth': 2, 'width': 48}
   assert 'model.space_to_depth=2' in caplog.text and 'data.image_size=128' in caplog.text
   assert 'dtype' not in caplog.text
+
+
+def _saved_run(tmp_path, trained):
+  run = str(tmp_path / 'run')
+  state = {'step': jnp.asarray(3, jnp.int32), 'params': {'w': np.zeros((2,), np.float32)}}
+  with checkpointing.make_manager(run) as manager:
+    checkpointing.save(manager, 3, state, trained)
+    manager.wait_until_finished()
+  return run
+
+
+@pytest.mark.parametrize(
+    'field,value',
+    [('diffusion', False), ('decoder', 'vanilla'), ('vertex_scale', 0.2)],
+)
+def test_the_trained_function_is_adopted_or_a_conflicting_flag_stops(
+    tmp_path, caplog, field, value
+):
+  """A direct regressor, a vanilla decoder or another vertex scale is evaluated as trained."""
+  trained = synthetic.get_config('smoke')
+  trained[field] = value
+  trained.schedule.num_timesteps = 500
+  run = _saved_run(tmp_path, trained)
+  given = synthetic.get_config('smoke')
+  assert given[field] != value
+  with caplog.at_level('WARNING'):
+    adopted = checkpointing.adopt_trained_model(given, run)
+  assert adopted[field] == value and adopted.schedule.num_timesteps == 500
+  assert f'{field}={value!r}' in caplog.text
+  model = models.build_model(adopted)
+  built = {'diffusion': model.diffusion, 'decoder': model.decoder.kind}
+  built['vertex_scale'] = model.vertex_scale
+  assert built[field] == value and model.num_timesteps == 500
+  # Set on the command line to the other value: an error naming the field, nothing adopted.
+  with pytest.raises(ValueError, match=f'trained with {field}={value!r}.*sets {field}='):
+    checkpointing.adopt_trained_model(given, run, explicit=[field, 'sampling.eta'])
+  # The same value on the command line is no conflict.
+  given[field] = value
+  assert checkpointing.adopt_trained_model(given, run, explicit=[field])[field] == value
+
+
+def test_every_field_that_defines_the_function_is_adopted(tmp_path):
+  trained = synthetic.get_config('smoke')
+  trained.data.render_size, trained.data.crop_margin, trained.mano_seed = 96, 1.6, 3
+  trained.model.cpu_kernels = not trained.model.cpu_kernels  # compute only: not adopted
+  adopted = checkpointing.adopt_trained_model(
+      synthetic.get_config('smoke'), _saved_run(tmp_path, trained)
+  )
+  assert (adopted.data.render_size, adopted.data.crop_margin, adopted.mano_seed) == (96, 1.6, 3)
+  assert adopted.model.cpu_kernels == synthetic.get_config('smoke').model.cpu_kernels
+  fields = checkpointing.trained_function_fields(adopted)
+  assert {'diffusion', 'decoder', 'vertex_scale', 'schedule.cosine_s', 'model.width'} <= set(fields)
+  assert not {'model.dtype', 'model.cpu_kernels', 'sampling.num_sampling_steps'} & set(fields)

@@ -12,6 +12,7 @@ from ml_collections import config_flags
 from configs import common
 from configs import dexycb
 from configs import freihand
+from configs import synthetic
 from configs import freihand_depth
 from configs import ho3d
 import launch
@@ -174,3 +175,29 @@ def test_bad_command_lines_fail_with_one_clear_line(args, expected, tmp_path):
   assert 'launch.py: bad command line:' in result.stderr and expected in result.stderr
   assert 'Traceback' not in result.stderr
   assert not os.listdir(tmp_path)  # nothing was started
+
+
+def test_overridden_fields_are_the_config_flags():
+  argv = [
+      'launch.py',
+      '--config=configs/synthetic.py',
+      '--config.diffusion=False',
+      '--config.model.width=8',
+      '--workdir=runs/x',
+      '--mode=eval',
+  ]
+  assert launch.overridden_fields(argv) == ['diffusion', 'model.width']
+
+
+@pytest.mark.parametrize('name', ['freihand', 'dexycb', 'ho3d'])
+def test_paper_recipes_warn_without_pretrained_weights(name, caplog):
+  from diffhand_jax import train  # pylint: disable=g-import-not-at-top
+
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config.model.pretrained_path = ''
+  with caplog.at_level('WARNING'):
+    assert train.warn_if_from_scratch(config)
+  assert 'pretrained_path is empty' in caplog.text
+  config.model.pretrained_path = '/weights/vit_large.safetensors'
+  assert not train.warn_if_from_scratch(config)
+  assert not train.warn_if_from_scratch(synthetic.get_config())

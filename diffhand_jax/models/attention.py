@@ -1,6 +1,8 @@
-"""Multi-head dot-product attention with a hand-written backward pass.
+"""Multi-head dot-product attention with a hand-written backward pass: a CPU rewrite.
 
-Same result as `flax.linen.dot_product_attention` without mask or dropout (query scaled by
+Used only by models built with `cpu_kernels=True` (layers.attend; configs/synthetic.py); the
+plain path, and every accelerator config, runs `jax.nn.dot_product_attention` (fused kernels on
+GPUs). Same result as `jax.nn.dot_product_attention` without mask or dropout (query scaled by
 1/sqrt(head width), softmax over keys in float32), but faster to differentiate on a CPU.
 Automatic differentiation of the einsum form leaves XLA CPU with a full [B, H, Nq, Nk] buffer of
 the scale constant, another of the broadcast softmax denominator, a softmax backward over
