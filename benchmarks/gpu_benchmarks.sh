@@ -1,37 +1,44 @@
 #!/bin/bash
-# The accelerator part of BENCHMARKS.md (issue 11) in one go: about 8 minutes on one H200.
-# Needs jax with CUDA, flax, optax, ml_collections and, for the PyTorch side, torch; not
-# TensorFlow. Each piece has its own time limit, so one failure leaves the others' tables.
-#   bash benchmarks/gpu_benchmarks.sh [out_dir]
+# The accelerator part of BENCHMARKS.md (issues 11, 35) as ONE markdown table, in under 10
+# minutes on one GPU: DeiT-Base and DeiT-Large train step in bf16 (ms, images/s, MFU against the
+# bf16 matmul rate measured in the same run and against a given peak, planned memory without /
+# with remat, the largest batch), sampling S = 10 with K = 1 and 16, and the same network in
+# PyTorch eager and torch.compile. Each piece runs in a process with a time limit; a piece that
+# fails or runs out of time says so in its rows (benchmarks/gpu_table.py).
+#
+# Needs jax with CUDA, flax, optax, ml_collections and, for the PyTorch rows, torch (without it
+# those rows say 'not installed'); not TensorFlow.
+#   bash benchmarks/gpu_benchmarks.sh [--toy] [out_dir]
+#     --toy (or GPU_BENCH_TOY=1): ViT-micro at 32 px, batch 2: the whole table on a CPU in a
+#     minute or two, to check the plumbing.
+#   PYTHON=python3 (default), PEAK_TFLOPS=989 (H100/H200 SXM dense bf16; --toy: 1),
+#   BUDGET_S=560 (all pieces together; --toy: 600).
+# Writes <out>/gpu_table.md (and .json, one .log per piece); prints the table.
 set -u
+toy=${GPU_BENCH_TOY:-}
+if [ "${1:-}" = "--toy" ]; then
+  toy=1
+  shift
+fi
 out=${1:-runs/gpu_benchmarks}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
+mkdir -p "$out"
 
-piece() {  # piece <name> <seconds> <command...>
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name (limit ${limit} s) ==="
-  local start=$SECONDS
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1
-  echo "exit $? after $((SECONDS - start)) s"
-  grep -E '^\||^device|^machine' "$out/$name.log" | head -40
-}
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+"$python" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
+  "optax", optax.__version__)'
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c 'import jax, flax, optax, torch; print("jax", jax.__version__, jax.devices(),
-  "flax", flax.__version__, "optax", optax.__version__, "torch", torch.__version__)'
-
-# 1. Train step: FreiHAND setting (DeiT-Base 224, batch 64) in bf16 and fp32, the synthetic
-#    default in bf16; MFU against the measured bf16/fp32 matmul rate and the 989 TFLOP/s peak.
-piece train_step 150 python3 benchmarks/train_step.py --configs=freihand_base,synthetic \
-  --dtypes=bfloat16,float32 --steps=10 --repeats=5 --peak_tflops=989 --json="$out/train_step.json"
-# 2. PyTorch side by side (eager, torch.compile) on the same inputs.
-piece torch_reference 170 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 python3 benchmarks/torch_reference.py --device=cuda --repeats=10
-# 3. Sampling latency and throughput: S = 10, K = 1 and 16, batch 1 and 64.
-piece sampling 100 python3 benchmarks/sampling.py --models=deit_base,default --steps=10 \
-  --hypotheses=1,16 --batches=1,64 --compile=false --repeats=10
-# 4. Memory: remat on/off and the largest batch that fits (bf16, FreiHAND setting).
-piece memory 100 python3 benchmarks/train_step.py --configs=freihand_base --dtypes=bfloat16 \
-  --remat=false,true --steps=5 --repeats=3 --fit_batch --json="$out/memory.json"
+args=(--out="$out" --python="$python")
+if [ -n "$toy" ]; then
+  args+=(--toy)
+fi
+if [ -n "${PEAK_TFLOPS:-}" ]; then
+  args+=(--peak_tflops="$PEAK_TFLOPS")
+fi
+if [ -n "${BUDGET_S:-}" ]; then
+  args+=(--budget_s="$BUDGET_S")
+fi
+exec "$python" benchmarks/gpu_table.py "${args[@]}"

@@ -52,21 +52,30 @@ def model_config(name):
   return config
 
 
-def median_times(fns, repeats):
-  """Median wall times (s) of each fn() after one warm-up call each (compilation).
+def call_times(fns, repeats):
+  """(first-call seconds, per-call seconds) of each fn(), `repeats` calls after the first.
 
-  The calls are interleaved round by round, so that load from other processes on a shared
-  machine affects all of them alike.
+  The first call of each (compilation included) comes first; then the calls are interleaved
+  round by round, so that load from other processes on a shared machine affects all of them
+  alike.
   """
+  first = []
   for fn in fns:
+    start = time.perf_counter()
     jax.block_until_ready(fn())
+    first.append(time.perf_counter() - start)
   times = [[] for _ in fns]
   for _ in range(repeats):
     for fn, fn_times in zip(fns, times):
       start = time.perf_counter()
       jax.block_until_ready(fn())
       fn_times.append(time.perf_counter() - start)
-  return [float(np.median(t)) for t in times]
+  return first, times
+
+
+def median_times(fns, repeats):
+  """Median wall times (s) of each fn() after one warm-up call each (`call_times`)."""
+  return [float(np.median(t)) for t in call_times(fns, repeats)[1]]
 
 
 def compile_time(model, params, images, num_sampling_steps):

@@ -46,6 +46,7 @@ Usage:
 """
 
 import argparse
+import contextlib
 import copy
 import datetime
 import functools
@@ -592,8 +593,19 @@ def synchronize(device):
     torch.cuda.synchronize(device)
 
 
-def torch_train_step(model, inputs, device, compiled, compile_mode):
-  """() -> loss: forward + loss + backward + Adam, eager or torch.compile'd."""
+def autocast(device, dtype: str):
+  """torch.autocast to `dtype` ('bfloat16', as our config.model.dtype) or no autocast."""
+  if dtype == 'float32':
+    return contextlib.nullcontext()
+  return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def torch_train_step(model, inputs, device, compiled, compile_mode, dtype='float32'):
+  """() -> loss: forward + loss + backward + Adam, eager or torch.compile'd.
+
+  With `dtype` 'bfloat16' the forward and loss run under `torch.autocast` (parameters, their
+  gradients and Adam stay float32), as our model computes with config.model.dtype.
+  """
   model = copy.deepcopy(model).to(device).train()
   batch = torch_batch(inputs, device)
   loss_module = TrainLoss(model)
@@ -607,7 +619,8 @@ def torch_train_step(model, inputs, device, compiled, compile_mode):
 
   def run():
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(batch)
+    with autocast(device, dtype):
+      loss = loss_fn(batch)
     loss.backward()
     opt_step()
     synchronize(device)
@@ -728,16 +741,22 @@ def _ratio(ours, other):
 FRAMEWORKS = ('jax', 'eager', 'compile')
 
 
-def benchmark_config(name, args, jax_device, torch_device) -> dict:
+def benchmark_config(name, args, jax_device, torch_device, config=None) -> dict:
   """Builds both models, checks them and times the frameworks of `args.frameworks`.
+
+  `config` (optional) replaces `get_config(name)`; its train.global_batch_size is then the
+  batch. `args.dtype` (default float32) is the compute dtype of both frameworks.
 
   Returns:
     {'description': str, 'batch': int, 'results': {workload: {framework: result}}} with
     workload 'train' or the number of hypotheses K (as a string), and result a
     (first call s, [repeat s]) pair or the failure's message.
   """
-  config = get_config(name)
-  if name == 'freihand':
+  given = config is not None
+  config = config if given else get_config(name)
+  dtype = getattr(args, 'dtype', 'float32')
+  config.model.dtype = dtype
+  if name == 'freihand' and not given:
     batch = args.freihand_batch or (CPU_FREIHAND_BATCH if torch_device.type == 'cpu' else 64)
   else:
     batch = int(config.train.global_batch_size)
@@ -765,7 +784,7 @@ def benchmark_config(name, args, jax_device, torch_device) -> dict:
       if framework == 'jax':
         return jax_train_step(flax_model, params, inputs, jax_device)
       return torch_train_step(
-          torch_model, inputs, torch_device, framework == 'compile', args.compile_mode
+          torch_model, inputs, torch_device, framework == 'compile', args.compile_mode, dtype
       )
     k = int(workload)
     images = inputs['images'][:1]
@@ -843,6 +862,7 @@ def benchmark_in_processes(name, args) -> dict:
           f'--repeats={args.repeats}',
           f'--freihand_batch={args.freihand_batch}',
           f'--compile_mode={args.compile_mode}',
+          f'--dtype={args.dtype}',
           f'--results_json={out}',
       ] + (['--skip_sampling'] if args.skip_sampling else [])
       print(f'[{name}] {framework} in its own process ...', flush=True)
@@ -897,6 +917,12 @@ def main(argv=None):
       '--frameworks', default=','.join(FRAMEWORKS), help='subset of jax,eager,compile'
   )
   parser.add_argument('--compile_mode', default='default', help='torch.compile mode')
+  parser.add_argument(
+      '--dtype',
+      default='float32',
+      choices=('float32', 'bfloat16'),
+      help='compute dtype: our config.model.dtype; PyTorch under torch.autocast (train step)',
+  )
   parser.add_argument('--skip_sampling', action='store_true')
   parser.add_argument(
       '--isolation',
