@@ -41,8 +41,10 @@ class MetricWriter:
       self._writer = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard', name))
 
   def scalars(self, step: int, scalars: Mapping[str, float]):
+    """Writes the 0-d values of `scalars`, but no mean of an empty bucket (`without_empty`)."""
     if self._writer is None:
       return
+    scalars = without_empty(scalars)
     scalars = {key: float(value) for key, value in scalars.items() if np.ndim(value) == 0}
     with self._writer.as_default():
       for key, value in scalars.items():
@@ -68,13 +70,32 @@ class MetricWriter:
       self._writer.close()
 
 
-class ProgressLogger:
-  """Prints `step, steps/s, ETA, loss, lr, ...` lines (process 0 only)."""
+def without_empty(scalars: Mapping[str, float]) -> dict:
+  """`scalars` without each 'loss_<name>' whose companion count 'examples_<name>' is 0.
 
-  def __init__(self, num_steps: int, start_step: int = 0):
+  A per-bucket mean over no examples (e.g. a timestep bucket a batch did not sample) has no
+  value; it is left out of the logs instead of being written as 0.
+  """
+  empty = {
+      'loss_' + key[len('examples_') :]
+      for key, value in scalars.items()
+      if key.startswith('examples_') and np.ndim(value) == 0 and float(value) == 0
+  }
+  return {key: value for key, value in scalars.items() if key not in empty}
+
+
+class ProgressLogger:
+  """Prints one short line per log step (process 0 only): step, steps/s, ETA and `keys`.
+
+  Everything else a step returns goes to TensorBoard and metrics_train.jsonl (`MetricWriter`);
+  the line stays within a terminal's width.
+  """
+
+  def __init__(self, num_steps: int, start_step: int = 0, keys=('loss', 'lr')):
     self._num_steps = num_steps
     self._last_step = start_step
     self._last_time = time.perf_counter()
+    self._keys = tuple(keys)
 
   def log(self, step: int, metrics: Mapping[str, float]) -> Optional[str]:
     """step: the number of completed steps. Returns the printed line."""
@@ -87,8 +108,8 @@ class ProgressLogger:
         f'{steps_per_sec:.3g} steps/s',
         f'ETA {_format_duration(eta)}',
     ]
-    ordered = ['loss', 'lr'] + sorted(k for k in metrics if k not in ('loss', 'lr'))
-    parts += [f'{k} {float(metrics[k]):.4g}' for k in ordered if k in metrics]
+    shown = without_empty(metrics)
+    parts += [f'{k} {float(shown[k]):.4g}' for k in self._keys if k in shown]
     line = ' | '.join(parts)
     if jax.process_index() == 0:
       print(line, flush=True)

@@ -169,16 +169,20 @@ def x0_loss_by_timestep(per_example: jax.Array, t: jax.Array, num_timesteps: int
     num_timesteps: T.
   Returns:
     {'loss_x0_t{low}': mean over the examples with low <= t < next edge (t < T - 1 for the
-    last), 'loss_x0_tmax': mean over t = T - 1}; 0 for a bucket without examples.
+    last), 'loss_x0_tmax': mean over t = T - 1}, each with its example count
+    'examples_x0_t{low}' / 'examples_x0_tmax'. The mean of a bucket without examples is 0 here
+    and its count 0: the logs leave it out (`logging_utils.without_empty`).
   """
   last = num_timesteps - 1
   highs = T_BUCKET_EDGES[1:] + (last,)
-  buckets = {f'loss_x0_t{low}': (t >= low) & (t < high) for low, high in zip(T_BUCKET_EDGES, highs)}
-  buckets['loss_x0_tmax'] = t == last
-  return {
-      name: jnp.sum(jnp.where(inside, per_example, 0.0)) / jnp.maximum(jnp.sum(inside), 1)
-      for name, inside in buckets.items()
-  }
+  buckets = {f'x0_t{low}': (t >= low) & (t < high) for low, high in zip(T_BUCKET_EDGES, highs)}
+  buckets['x0_tmax'] = t == last
+  out = {}
+  for name, inside in buckets.items():
+    count = jnp.sum(inside)
+    out[f'loss_{name}'] = jnp.sum(jnp.where(inside, per_example, 0.0)) / jnp.maximum(count, 1)
+    out[f'examples_{name}'] = count.astype(jnp.float32)
+  return out
 
 
 def make_loss_fn(model, config: ml_collections.ConfigDict, faces) -> LossFn:

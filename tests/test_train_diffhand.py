@@ -16,6 +16,8 @@ from diffhand_jax import procedural_mano
 from diffhand_jax import models
 from diffhand_jax import optim
 from diffhand_jax import parallel
+from diffhand_jax import logging_utils
+from diffhand_jax import train
 from diffhand_jax import train_step as train_step_lib
 
 BATCH = 4
@@ -107,8 +109,31 @@ def test_x0_loss_by_timestep_matches_a_loop():
       'loss_x0_t500': 0.0,
       'loss_x0_t750': 5.0,
       'loss_x0_tmax': 5.0,
+      'examples_x0_t0': 2,
+      'examples_x0_t250': 1,
+      'examples_x0_t500': 0,
+      'examples_x0_t750': 1,
+      'examples_x0_tmax': 2,
   }
   assert {k: float(v) for k, v in got.items()} == pytest.approx(expected)
+  # The empty bucket [500, 750) is not logged as 0: it is not logged.
+  logged = logging_utils.without_empty(got)
+  assert 'loss_x0_t500' not in logged and set(got) - set(logged) == {'loss_x0_t500'}
+
+
+def test_the_progress_line_fits_a_terminal(capsys):
+  """The DiffHand progress line: step, steps/s, ETA, loss, lr and train.WATCH, <= 160 chars."""
+  config, _, loss_fn, params = model_and_loss('cross_modality', True)
+  batch = jax.tree.map(jnp.asarray, fake_batch(config, 0))
+  keys = train_step_lib.example_keys(jax.random.PRNGKey(1), 0, BATCH)
+  _, aux = jax.jit(loss_fn)(params, batch, keys)
+  metrics = dict(aux, loss=123.456789, lr=1.23456e-4, grad_norm=12345.6, param_norm=1.0)
+  logger = logging_utils.ProgressLogger(100_000, 0, keys=('loss', 'lr', *train.WATCH))
+  line = logger.log(99_999, metrics)
+  assert len(line) <= 160, line
+  for name in ('step 99999/100000', 'steps/s', 'ETA', 'loss 123.5', 'lr 0.0001235'):
+    assert name in line
+  assert 'loss_2d' not in line and 'param_norm' not in line  # those go to TensorBoard only
 
 
 @pytest.mark.parametrize('use_diffusion', [True, False])
