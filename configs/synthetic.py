@@ -119,6 +119,9 @@ def get_config(arg=None):
   config.loss.reprojection_weight = 0.1
   config.loss.normal_weight = 0.05
   config.loss.aux_weight = 1.0
+  # L_lap (losses.laplacian_loss): the predicted mesh's umbrella Laplacian against the true one's,
+  # a surface term for smooth meshes (issue 36); 0 = off (the step without the term).
+  config.loss.laplacian_weight = 0.0
 
   # ---- Optimiser ----
   config.optim = ml_collections.ConfigDict()

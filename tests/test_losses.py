@@ -256,3 +256,49 @@ def test_missing_weight_raises():
             'aux_weight': 1.0,
         },
     )
+
+
+def _naive_laplacian(verts, faces):
+  """v - mean of its distinct edge neighbours, by a loop over vertices (float64)."""
+  out = np.zeros_like(verts, np.float64)
+  for v in range(verts.shape[1]):
+    ring = {int(u) for face in faces if v in face for u in face if u != v}
+    if ring:
+      out[:, v] = verts[:, v] - verts[:, sorted(ring)].mean(axis=1)
+    else:
+      out[:, v] = verts[:, v]
+  return out
+
+
+def test_laplacian_matches_a_loop_and_the_metric():
+  pred_x0, _, batch, _, faces = _toy_problem(np.random.default_rng(5), num_points=9)
+  faces = np.concatenate([faces, [[0, 4, 7]]])  # an irregular extra triangle
+  got = np.asarray(losses.umbrella_laplacian(jnp.asarray(pred_x0), faces))
+  np.testing.assert_allclose(got, _naive_laplacian(pred_x0, faces), atol=1e-6)
+  gt = batch['verts'] / _SCALE
+  want = np.mean(np.sum((_naive_laplacian(pred_x0, faces) - _naive_laplacian(gt, faces)) ** 2, -1))
+  got = losses.laplacian_loss(pred_x0, gt, faces, jnp.ones(gt.shape[0]))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  shifted = losses.laplacian_loss(gt + 3.0, gt, faces, jnp.ones(gt.shape[0]))
+  assert float(shifted) < 1e-10  # a translated mesh has the same local shape
+
+
+def test_laplacian_term_only_with_a_positive_weight():
+  pred_x0, camera, batch, regressor, faces = _toy_problem(np.random.default_rng(6))
+  _, terms = _loss(pred_x0, camera, batch, regressor, faces)
+  assert 'loss_laplacian' not in terms
+  weights = dict(_WEIGHTS, laplacian_weight=2.0)
+  outputs = {'x0': jnp.asarray(pred_x0), 'camera': jnp.asarray(camera)}
+  total, terms = losses.compute_losses(
+      outputs,
+      batch,
+      regressor=jnp.asarray(regressor),
+      faces=faces,
+      vertex_scale=_SCALE,
+      weights=weights,
+  )
+  base, _ = _loss(pred_x0, camera, batch, regressor, faces)
+  np.testing.assert_allclose(
+      float(total), float(base) + 2.0 * float(terms['loss_laplacian']), rtol=1e-5
+  )
+  assert float(terms['loss_laplacian']) > 0
