@@ -11,7 +11,7 @@ from configs import synthetic
 from diffhand_jax import demo
 from diffhand_jax import logging_utils
 from diffhand_jax import render
-import test_train_e2e
+from helpers import launch
 
 
 @pytest.mark.parametrize('factor', [2, 3])
@@ -46,7 +46,7 @@ def test_smoke_demo_writes_its_outputs_and_reuses_the_model(tmp_path):
       f'--config.data.tfds_data_dir={tmp_path / "tfds"}',
       '--mode=demo',
   ]
-  out = test_train_e2e.launch(*args, devices=1)
+  out = launch(*args, devices=1)
   assert 'step 4/4' in out and 'Evaluation at step' not in out  # no train-seed evaluation
   unseen = synthetic.get_config('smoke').seed + demo.UNSEEN_SEED_OFFSET
   assert f'hands of seed {unseen}' in out
@@ -62,5 +62,5 @@ def test_smoke_demo_writes_its_outputs_and_reuses_the_model(tmp_path):
   assert os.path.getsize(os.path.join(out_dir, 'training_curve.png')) > 0
   assert [r['step'] for r in logging_utils.read_scalars(workdir, 'train')] == [1, 2, 3, 4]
   # A second run reuses the trained model and only evaluates again.
-  out = test_train_e2e.launch(*args, devices=1)
+  out = launch(*args, devices=1)
   assert 'Reusing the trained model' in out and 'step 1/4' not in out

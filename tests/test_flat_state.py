@@ -12,7 +12,7 @@ from diffhand_jax import logging_utils
 from diffhand_jax import optim
 from diffhand_jax import train
 from diffhand_jax import train_step as train_step_lib
-import test_train_loop as loop
+import helpers
 
 
 def _params(seed=0):
@@ -25,7 +25,7 @@ def _params(seed=0):
 
 
 def _config(clip=0.05, decay=0.1):
-  config = loop.tiny_config()
+  config = helpers.tiny_config()
   config.optim.grad_clip_norm = clip
   config.optim.weight_decay = decay
   return config
@@ -126,9 +126,9 @@ def test_mismatched_layouts_raise():
 def test_training_with_and_without_the_flat_layout_agrees(tmp_path, parallelism):
   runs = {}
   for flat in (False, True):
-    config = loop.tiny_config(parallelism=parallelism, flat_state=flat)
+    config = helpers.tiny_config(parallelism=parallelism, flat_state=flat)
     workdir = str(tmp_path / str(flat))
-    state = train.run_training(config, workdir, loop.tiny_task(config))
+    state = train.run_training(config, workdir, helpers.tiny_task(config))
     losses = [r['loss'] for r in logging_utils.read_scalars(workdir, 'train')]
     runs[flat] = (losses, jax.device_get(state))
   (tree_losses, tree_state), (flat_losses, flat_state_) = runs[False], runs[True]
@@ -137,6 +137,6 @@ def test_training_with_and_without_the_flat_layout_agrees(tmp_path, parallelism)
   # The returned state is in the tree layout either way.
   assert jax.tree.structure(flat_state_) == jax.tree.structure(tree_state)
   for name in ('params', 'ema_params', 'opt_state'):
-    assert loop.max_rel_diff(getattr(flat_state_, name), getattr(tree_state, name)) < 1e-5, name
-  initial = loop.tiny_init(jax.random.split(jax.random.PRNGKey(config.seed))[0])  # as trained
-  assert loop.max_rel_diff(tree_state.params, initial) > 1e-3  # the runs did move
+    assert helpers.max_rel_diff(getattr(flat_state_, name), getattr(tree_state, name)) < 1e-5, name
+  initial = helpers.tiny_init(jax.random.split(jax.random.PRNGKey(config.seed))[0])  # as trained
+  assert helpers.max_rel_diff(tree_state.params, initial) > 1e-3  # the runs did move

@@ -1,48 +1,33 @@
 """Tests of diffhand_jax/models/diffhand.py: build_model, init_params and the model methods."""
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import synthetic
 from diffhand_jax import diffusion
 from diffhand_jax import mano
 from diffhand_jax import procedural_mano
 from diffhand_jax.models import build_model
 from diffhand_jax.models import diffhand
 from diffhand_jax.models import init_params
+from helpers import SMOKE_IMAGE_SIZE
+from helpers import smoke_config
+from helpers import smoke_images
+from helpers import smoke_params
 
-IMAGE_SIZE = 32  # micro ViT, patch 16: 4 tokens
-
-
-def _config(decoder='cross_modality', use_diffusion=True, dtype='float32'):
-  config = synthetic.get_config('smoke')
-  config.decoder = decoder
-  config.diffusion = use_diffusion
-  config.model.dtype = dtype
-  return config
-
-
-def _images(batch=2, seed=0):
-  return jax.random.normal(jax.random.key(seed), (batch, IMAGE_SIZE, IMAGE_SIZE, 3))
-
-
-@functools.lru_cache(maxsize=None)
-def _params(decoder='cross_modality'):
-  """Parameters shared by tests: they do not depend on config.diffusion or model.dtype."""
-  return init_params(build_model(_config(decoder)), jax.random.key(0), _images())
+IMAGE_SIZE = SMOKE_IMAGE_SIZE  # the smoke ResNet (stride 16): 4 tokens
 
 
 @pytest.mark.parametrize('decoder', ['cross_modality', 'vanilla'])
 def test_variants_shapes_and_methods(decoder):
   """Both decoders, diffusion on and off, in one compiled function per decoder."""
-  model, regressor_model = build_model(_config(decoder)), build_model(_config(decoder, False))
-  params = _params(decoder)
-  images = _images()
+  model, regressor_model = build_model(smoke_config(decoder)), build_model(
+      smoke_config(decoder, False)
+  )
+  params = smoke_params(decoder)
+  images = smoke_images()
   x_t = jax.random.normal(jax.random.key(1), (2, 778, 3))
   t = jnp.array([5, 900])
 
@@ -80,10 +65,10 @@ def test_variants_shapes_and_methods(decoder):
 
 
 def test_build_model_is_hashable_static_and_uses_the_hand_model():
-  config = _config()
+  config = smoke_config()
   model_a, model_b = build_model(config), build_model(config)
   assert model_a == model_b and hash(model_a) == hash(model_b)
-  assert model_a != build_model(_config('vanilla'))
+  assert model_a != build_model(smoke_config('vanilla'))
   hand = procedural_mano.load_hand_model(config)
   np.testing.assert_allclose(
       model_a.joint_regressor.array, mano.joint_regressor21(hand, config.tip_vertex_ids), rtol=1e-6
@@ -98,7 +83,7 @@ def test_build_model_is_hashable_static_and_uses_the_hand_model():
 
   camera_fn = jax.jit(camera_fn, static_argnums=0)
   for seed in range(3):  # a rebuilt, equal model hits the cache: one trace only
-    camera = camera_fn(build_model(config), _params(), _images(2, seed))
+    camera = camera_fn(build_model(config), smoke_params(), smoke_images(2, seed))
   # s is positive and about INITIAL_CAMERA_SCALE at initialisation.
   assert (
       0.5 * diffhand.INITIAL_CAMERA_SCALE
@@ -108,17 +93,17 @@ def test_build_model_is_hashable_static_and_uses_the_hand_model():
 
 
 def test_bfloat16_compute_float32_params_and_outputs():
-  model, model32 = build_model(_config(dtype='bfloat16')), build_model(_config())
-  params = _params()
+  model, model32 = build_model(smoke_config(dtype='bfloat16')), build_model(smoke_config())
+  params = smoke_params()
   assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype('float32')}
   # bfloat16 models initialise float32 parameters of the same structure.
-  shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0), _images()))
+  shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0), smoke_images()))
   assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), shapes) == (
       jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), params)
   )
   run = jax.jit(
       lambda p: [
-          m.apply({'params': p}, _images(), jnp.zeros((2, 778, 3)), jnp.array([1, 2]))
+          m.apply({'params': p}, smoke_images(), jnp.zeros((2, 778, 3)), jnp.array([1, 2]))
           for m in (model, model32)
       ]
   )
@@ -128,16 +113,15 @@ def test_bfloat16_compute_float32_params_and_outputs():
   difference = np.abs(np.asarray(out['x0'] - out32['x0'])).max()
   assert 0 < difference < 0.1
   with pytest.raises(ValueError, match='dtype'):
-    build_model(_config(dtype='float16'))
+    build_model(smoke_config(dtype='float16'))
 
 
 def test_gradients_reach_every_parameter():
-  """A training-style loss (DESIGN §5 shape: x0, 2D camera and auxiliary-head terms) touches
-  every leaf."""
-  config = _config()
+  """A loss with the terms of losses.py (x0, 2D camera, auxiliary joints) touches every leaf."""
+  config = smoke_config()
   model = build_model(config)
-  images = _images()
-  params = _params()
+  images = smoke_images()
+  params = smoke_params()
   schedule = diffusion.schedule_from_config(config)
   x0 = 0.3 * jax.random.normal(jax.random.key(1), (2, 778, 3))
   t = jnp.array([10, 600])
@@ -163,7 +147,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_bad_input_raises():
-  model = build_model(_config())
+  model = build_model(smoke_config())
   with pytest.raises(ValueError, match=r'images must have shape \[batch, height, width, 3\]'):
     init_params(model, jax.random.key(0), jnp.zeros((IMAGE_SIZE, IMAGE_SIZE, 3)))
   with pytest.raises(ValueError, match='images must have shape'):
@@ -177,12 +161,12 @@ def test_bad_input_raises():
         jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)),
         depth=jnp.zeros((1, 16, 16, 1)),
     )
-  config = _config()
+  config = smoke_config()
   config.decoder = 'unet'
   with pytest.raises(ValueError, match='decoder'):
     build_model(config)
   with pytest.raises(ValueError, match='joint_regressor'):
-    diffhand.assemble_model(_config(), model.encoder, np.zeros((778, 3)), np.zeros((16, 778)))
+    diffhand.assemble_model(smoke_config(), model.encoder, np.zeros((778, 3)), np.zeros((16, 778)))
 
 
 def test_static_array_hash_and_equality():
@@ -200,7 +184,7 @@ def test_static_array_hash_and_equality():
 )
 def test_encoder_variants_shapes(encoder, size, distilled, use_depth):
   """Every encoder plugs into the model (abstract evaluation: shapes only, nothing compiled)."""
-  config = _config()
+  config = smoke_config()
   config.model.encoder, config.model.encoder_size = encoder, size
   config.model.distilled, config.model.use_depth = distilled, use_depth
   model = build_model(config)

@@ -9,27 +9,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import synthetic
 from diffhand_jax import sampling
 from diffhand_jax.models import build_model
 from diffhand_jax.models import diffhand
 from diffhand_jax.models import init_params
+from helpers import SMOKE_IMAGE_SIZE
+from helpers import smoke_config
+from helpers import smoke_images
+from helpers import smoke_model
+from helpers import smoke_params
 
-IMAGE_SIZE = 32
-STATIC = ('model', 'num_sampling_steps', 'num_hypotheses', 'aggregate')
-
-
-def _config(use_diffusion=True):
-  config = synthetic.get_config('smoke')
-  config.data.image_size = IMAGE_SIZE
-  config.diffusion = use_diffusion
-  return config
-
-
-MODEL = build_model(_config())
-IMAGES = jax.random.normal(jax.random.key(0), (2, IMAGE_SIZE, IMAGE_SIZE, 3))
-INTRINSICS = jnp.array(
-    [[[60.0, 0, 15.0], [0, 62.0, 17.0], [0, 0, 1]], [[45.0, 0, 16.0], [0, 44.0, 16.5], [0, 0, 1]]]
+IMAGE_SIZE = SMOKE_IMAGE_SIZE  # the smoke ResNet: 4 tokens
+INTRINSICS = np.array(
+    [[[60.0, 0, 15.0], [0, 62.0, 17.0], [0, 0, 1]], [[45.0, 0, 16.0], [0, 44.0, 16.5], [0, 0, 1]]],
+    np.float32,
 )
 
 
@@ -45,18 +38,15 @@ def _sample_2_3(model, params, images, rng, intrinsics):
 SAMPLE_2_3 = jax.jit(_sample_2_3, static_argnums=0)
 
 
-@functools.lru_cache(maxsize=None)
-def _params():
-  return init_params(MODEL, jax.random.key(0), IMAGES)
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _main_output():
-  return SAMPLE_2_3(MODEL, _params(), IMAGES, jax.random.key(1), intrinsics=INTRINSICS)
+  return SAMPLE_2_3(
+      smoke_model(), smoke_params(), smoke_images(), jax.random.key(1), intrinsics=INTRINSICS
+  )
 
 
 def _regressor():
-  return np.asarray(MODEL.joint_regressor.array, np.float64)
+  return np.asarray(smoke_model().joint_regressor.array, np.float64)
 
 
 def test_output_shapes_and_internal_consistency():
@@ -107,12 +97,12 @@ def test_camera_placement_reprojects_the_root():
 
 
 def test_determinism_keys_and_a_single_compilation():
-  params = _params()
+  model, params, images = smoke_model(), smoke_params(), smoke_images()
   first = _main_output()
-  again = SAMPLE_2_3(MODEL, params, IMAGES, jax.random.key(1), intrinsics=INTRINSICS)
-  other = SAMPLE_2_3(MODEL, params, IMAGES, jax.random.key(2), intrinsics=INTRINSICS)
+  again = SAMPLE_2_3(model, params, images, jax.random.key(1), intrinsics=INTRINSICS)
+  other = SAMPLE_2_3(model, params, images, jax.random.key(2), intrinsics=INTRINSICS)
   shifted = SAMPLE_2_3(
-      build_model(_config()), params, IMAGES + 0.5, jax.random.key(1), intrinsics=INTRINSICS
+      build_model(smoke_config()), params, images + 0.5, jax.random.key(1), intrinsics=INTRINSICS
   )  # an equal, rebuilt model: same cache entry
   np.testing.assert_array_equal(first['hypotheses'], again['hypotheses'])
   assert np.abs(np.asarray(first['hypotheses'] - other['hypotheses'])).max() > 1e-4
@@ -121,19 +111,19 @@ def test_determinism_keys_and_a_single_compilation():
 
 
 def test_vmap_matches_separate_calls():
-  params = _params()
-  images = jnp.stack([IMAGES, IMAGES[::-1]])
+  model, params = smoke_model(), smoke_params()
+  images = jnp.stack([smoke_images(), smoke_images()[::-1]])
   keys = jax.random.split(jax.random.key(5), 2)
   intrinsics = jnp.stack([INTRINSICS, INTRINSICS[::-1]])
   batched = jax.jit(
       jax.vmap(
           lambda im, key, k: sampling.sample(
-              MODEL, params, im, key, num_sampling_steps=2, num_hypotheses=3, intrinsics=k
+              model, params, im, key, num_sampling_steps=2, num_hypotheses=3, intrinsics=k
           )
       )
   )(images, keys, intrinsics)
   for i in range(2):
-    single = SAMPLE_2_3(MODEL, params, images[i], keys[i], intrinsics=intrinsics[i])
+    single = SAMPLE_2_3(model, params, images[i], keys[i], intrinsics=intrinsics[i])
     for name in ('hypotheses', 'vertices_camera', 'vertex_std'):
       np.testing.assert_allclose(batched[name][i], single[name], rtol=1e-4, atol=1e-5)
 
@@ -152,15 +142,15 @@ def _equations(jaxpr):
           yield from _equations(getattr(inner, 'jaxpr', inner))
 
 
-def _sample_jaxpr(num_sampling_steps, num_hypotheses, model=MODEL):
+def _sample_jaxpr(num_sampling_steps, num_hypotheses):
   return jax.make_jaxpr(
       functools.partial(
           sampling.sample,
-          model,
+          smoke_model(),
           num_sampling_steps=num_sampling_steps,
           num_hypotheses=num_hypotheses,
       )
-  )(_params(), IMAGES, jax.random.key(0)).jaxpr
+  )(smoke_params(), smoke_images(), jax.random.key(0)).jaxpr
 
 
 def _count(jaxpr, primitive):
@@ -179,7 +169,7 @@ def test_ddim_loop_is_one_scan_holding_the_decoder_and_flat_in_steps():
   )
   # The scan body holds a whole decoder call: as many matrix products as `denoise`.
   decoder_jaxpr = jax.make_jaxpr(
-      lambda p: MODEL.apply(
+      lambda p: smoke_model().apply(
           {'params': p},
           jnp.zeros((2, 778, 3)),
           jnp.zeros((2,), jnp.int32),
@@ -187,16 +177,16 @@ def test_ddim_loop_is_one_scan_holding_the_decoder_and_flat_in_steps():
           jnp.zeros((2, 64)),
           method='denoise',
       )
-  )(_params()).jaxpr
+  )(smoke_params()).jaxpr
   body = scan.params['jaxpr'].jaxpr
   assert _count(body, 'dot_general') == _count(decoder_jaxpr, 'dot_general') > 10
 
 
 def test_encoder_runs_once_whatever_steps_and_hypotheses():
   # Convolutions belong to the encoder (the smoke ResNet has several); the decoder has none.
-  encoder_jaxpr = jax.make_jaxpr(lambda p: MODEL.apply({'params': p}, IMAGES, method='encode'))(
-      _params()
-  ).jaxpr
+  encoder_jaxpr = jax.make_jaxpr(
+      lambda p: smoke_model().apply({'params': p}, smoke_images(), method='encode')
+  )(smoke_params()).jaxpr
   encoder_convs = _count(encoder_jaxpr, 'conv_general_dilated')
   assert encoder_convs >= 1
   for steps, hypotheses in ((1, 1), (2, 1), (5, 4), (10, 16)):
@@ -216,7 +206,9 @@ def test_summarise_medoid_and_mean_against_naive_loops():
   regressor = _regressor()
   centred = hypotheses - np.einsum('n,bknd->bkd', regressor[0], hypotheses)[:, :, None]
   for aggregate in ('mean', 'medoid'):
-    out = sampling._summarise(MODEL, jnp.asarray(hypotheses), camera, aggregate, None, IMAGE_SIZE)
+    out = sampling._summarise(
+        smoke_model(), jnp.asarray(hypotheses), camera, aggregate, None, IMAGE_SIZE
+    )
     for b in range(2):
       if aggregate == 'mean':
         expected = centred[b].mean(0)
@@ -232,19 +224,19 @@ def test_summarise_medoid_and_mean_against_naive_loops():
 
 def test_single_hypothesis_has_zero_spread():
   out = sampling._summarise(
-      MODEL, jnp.ones((2, 1, 778, 3)), jnp.ones((2, 3)), 'medoid', None, IMAGE_SIZE
+      smoke_model(), jnp.ones((2, 1, 778, 3)), jnp.ones((2, 3)), 'medoid', None, IMAGE_SIZE
   )
   np.testing.assert_array_equal(out['vertex_std'], 0)
 
 
 def test_regressor_mode_returns_the_direct_prediction():
-  model = build_model(_config(use_diffusion=False))
-  params = _params()
+  model = build_model(smoke_config(use_diffusion=False))
+  params, images = smoke_params(), smoke_images()
   out = jax.jit(functools.partial(sampling.sample, model, num_sampling_steps=4, num_hypotheses=3))(
-      params, IMAGES, jax.random.key(3)
+      params, images, jax.random.key(3)
   )
   direct = np.asarray(
-      model.apply({'params': params}, IMAGES, jnp.zeros((2, 778, 3)), jnp.zeros((2,), jnp.int32))[
+      model.apply({'params': params}, images, jnp.zeros((2, 778, 3)), jnp.zeros((2,), jnp.int32))[
           'x0'
       ],
       np.float64,
@@ -260,55 +252,69 @@ def test_regressor_mode_returns_the_direct_prediction():
 def test_noise_scale_zero_starts_every_hypothesis_at_zero():
   # One step from x_T = 0 is the decoder applied once at t = T - 1 to zeros: every key and
   # every hypothesis gives that same mesh (a naive computation through model.apply).
-  params = _params()
+  model, params, images = smoke_model(), smoke_params(), smoke_images()
   run = jax.jit(
       functools.partial(
-          sampling.sample, MODEL, num_sampling_steps=1, num_hypotheses=3, noise_scale=0.0
+          sampling.sample, model, num_sampling_steps=1, num_hypotheses=3, noise_scale=0.0
       )
   )
-  out, other_key = run(params, IMAGES, jax.random.key(3)), run(params, IMAGES, jax.random.key(4))
-  t_last = jnp.full((2,), MODEL.num_timesteps - 1, jnp.int32)
+  out, other_key = run(params, images, jax.random.key(3)), run(params, images, jax.random.key(4))
+  t_last = jnp.full((2,), model.num_timesteps - 1, jnp.int32)
   direct = np.asarray(
-      MODEL.apply({'params': params}, IMAGES, jnp.zeros((2, 778, 3)), t_last)['x0'], np.float64
+      model.apply({'params': params}, images, jnp.zeros((2, 778, 3)), t_last)['x0'], np.float64
   )
-  direct *= MODEL.vertex_scale
+  direct *= model.vertex_scale
   direct -= np.einsum('n,bnd->bd', _regressor()[0], direct)[:, None]
   for k in range(3):
     np.testing.assert_allclose(out['hypotheses'][:, k], direct, rtol=1e-4, atol=1e-6)
   np.testing.assert_array_equal(out['hypotheses'], other_key['hypotheses'])
   # A scale of 1 (the default) draws a different start per key.
-  default = sampling.sample(MODEL, params, IMAGES, jax.random.key(3), num_sampling_steps=1)
+  default = sampling.sample(model, params, images, jax.random.key(3), num_sampling_steps=1)
   assert np.abs(np.asarray(default['hypotheses'][:, 0]) - direct).max() > 1e-4
+
+
+def _one_nan(shape, index):
+  """Zeros of `shape` with a NaN at `index` (numpy: nothing runs JAX at collection)."""
+  array = np.zeros(shape, np.float32)
+  array[index] = np.nan
+  return array
 
 
 @pytest.mark.parametrize(
     'change,message',
     [
-        (dict(images=jnp.zeros((IMAGE_SIZE, IMAGE_SIZE, 3))), 'images must have shape'),
-        (dict(images=jnp.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 1))), 'images must have shape'),
-        (dict(images=jnp.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.int32)), 'floating'),
+        (dict(images=np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)), 'images must have shape'),
+        (
+            dict(images=np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32)),
+            'images must have shape',
+        ),
+        (dict(images=np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.int32)), 'floating'),
         (dict(num_sampling_steps=0), 'num_sampling_steps'),
         (dict(num_sampling_steps=2.5), 'num_sampling_steps'),
         (dict(num_sampling_steps=1001), 'num_sampling_steps'),
         (dict(num_hypotheses=0), 'num_hypotheses'),
-        (dict(depth=jnp.zeros((2, 16, 16, 1))), 'depth'),
+        (dict(depth=np.zeros((2, 16, 16, 1), np.float32)), 'depth'),
         (dict(aggregate='median'), 'aggregate'),
         (dict(noise_scale=-1.0), 'noise_scale'),
         (dict(noise_scale=float('nan')), 'noise_scale'),
-        (dict(intrinsics=jnp.zeros((2, 3))), 'intrinsics'),
-        (dict(images=IMAGES.at[1, 2, 3, 0].set(jnp.nan)), 'NaN'),
-        (dict(depth=jnp.full((2, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.inf)), 'NaN or infinite'),
+        (dict(intrinsics=np.zeros((2, 3), np.float32)), 'intrinsics'),
+        (dict(images=_one_nan((2, IMAGE_SIZE, IMAGE_SIZE, 3), (1, 2, 3, 0))), 'NaN'),
+        (
+            dict(depth=np.full((2, IMAGE_SIZE, IMAGE_SIZE, 1), np.inf, np.float32)),
+            'NaN or infinite',
+        ),
     ],
 )
 def test_bad_input_raises_before_tracing(change, message):
-  kwargs = dict(images=IMAGES, num_sampling_steps=2, num_hypotheses=1)
-  kwargs.update(change)
+  kwargs = dict(images=smoke_images(), num_sampling_steps=2, num_hypotheses=1)
+  # The parameters are numpy (collection runs no JAX); the sampler gets jax arrays.
+  kwargs.update({k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in change.items()})
   images = kwargs.pop('images')
   # Params are never touched: validation comes first.
   with pytest.raises(ValueError, match=message):
-    sampling.sample(MODEL, None, images, jax.random.key(0), **kwargs)
+    sampling.sample(smoke_model(), None, images, jax.random.key(0), **kwargs)
   with pytest.raises(ValueError, match=message):
-    sampling.tta_sample(MODEL, None, images, jax.random.key(0), **kwargs)
+    sampling.tta_sample(smoke_model(), None, images, jax.random.key(0), **kwargs)
 
 
 # ---- Test-time augmentation ----
@@ -334,7 +340,7 @@ def test_tta_with_angle_zero_equals_sample():
   out = jax.jit(
       functools.partial(sampling.tta_sample, angles=(0.0,), num_sampling_steps=2, num_hypotheses=3),
       static_argnums=0,
-  )(MODEL, _params(), IMAGES, jax.random.key(1), intrinsics=INTRINSICS)
+  )(smoke_model(), smoke_params(), smoke_images(), jax.random.key(1), intrinsics=INTRINSICS)
   reference = _main_output()
   for name in reference:
     np.testing.assert_allclose(out[name], reference[name], rtol=1e-5, atol=1e-6)
@@ -370,9 +376,11 @@ class _LinearDecoder(nn.Module):
 
 def _equivariant_model_and_params():
   model = diffhand.DiffHand(
-      encoder=_CentroidEncoder(), decoder=_LinearDecoder(), joint_regressor=MODEL.joint_regressor
+      encoder=_CentroidEncoder(),
+      decoder=_LinearDecoder(),
+      joint_regressor=smoke_model().joint_regressor,
   )
-  params = init_params(model, jax.random.key(0), IMAGES)
+  params = init_params(model, jax.random.key(0), smoke_images())
   # Camera translation = 0.5 * centroid, raw scale 0: equivariant like the mesh.
   params = {
       'camera_head': {'kernel': jnp.array([[0.0, 0.5, 0.0], [0.0, 0.0, 0.5]]), 'bias': jnp.zeros(3)}

@@ -2,36 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def launch(*args, devices=2, timeout=900):
-  """Runs launch.py in a fresh process; returns its combined output."""
-  env = dict(
-      os.environ,
-      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-      JAX_PLATFORMS='cpu',
-      TF_CPP_MIN_LOG_LEVEL='3',
-  )
-  result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'launch.py'), *args],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=timeout,
-      check=False,
-  )
-  output = result.stdout + result.stderr
-  assert result.returncode == 0, output[-4000:]
-  return output
+from helpers import launch
 
 
 @pytest.mark.slow

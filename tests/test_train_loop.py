@@ -6,78 +6,23 @@ learning-rate schedule.
 
 import math
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import synthetic
 from diffhand_jax import checkpointing
 from diffhand_jax import optim
 from diffhand_jax import parallel
 from diffhand_jax import train
 from diffhand_jax import train_step as train_step_lib
-
-FEATURES, TARGETS = 6, 3
-
-
-def tiny_loss(params, batch, keys):
-  """Regression from noisy inputs: uses the per-example keys like diffusion."""
-  noise = jax.vmap(lambda k: jax.random.normal(k, (FEATURES,)))(keys)
-  hidden = jnp.tanh((batch['x'] + 0.1 * noise) @ params['w1'] + params['b1'])
-  pred = hidden @ params['w2']
-  loss = jnp.mean((pred - batch['y']) ** 2)
-  return loss, {'abs_err': jnp.mean(jnp.abs(pred - batch['y']))}
-
-
-def tiny_init(rng):
-  k1, k2 = jax.random.split(rng)
-  return {
-      'w1': jax.random.normal(k1, (FEATURES, 16)) * 0.5,
-      'b1': jnp.zeros((16,)),
-      'w2': jax.random.normal(k2, (16, TARGETS)) * 0.5,
-  }
-
-
-def tiny_batch(seed, step, batch_size, nan=False):
-  rng = np.random.default_rng([seed, step])
-  x = rng.normal(size=(batch_size, FEATURES)).astype(np.float32)
-  y = np.sin(x[:, :TARGETS]).astype(np.float32)
-  if nan:
-    x[0, 0] = np.nan
-  return {'x': x, 'y': y}
-
-
-def tiny_iterator(config, start_step, nan_at=None, sigterm_at=None):
-  step = start_step
-  while True:
-    if sigterm_at is not None and step == sigterm_at:
-      os.kill(os.getpid(), signal.SIGTERM)
-    yield tiny_batch(config.seed, step, config.train.global_batch_size, nan=step == nan_at)
-    step += 1
-
-
-def tiny_config(**train_overrides):
-  config = synthetic.get_config('smoke')
-  config.train.num_steps = 4
-  config.train.global_batch_size = 8
-  config.train.log_every = 1
-  config.train.checkpoint_every = 2
-  config.optim.warmup_steps = 1
-  config.optim.learning_rate = 0.05
-  config.optim.ema_decay = 0.5
-  config.train.update(train_overrides)
-  return config
-
-
-def tiny_task(config, **iterator_kwargs):
-  return train.Task(
-      init_params=tiny_init,
-      loss_fn=tiny_loss,
-      train_iterator=lambda start: tiny_iterator(config, start, **iterator_kwargs),
-  )
+from helpers import max_rel_diff
+from helpers import tiny_batch
+from helpers import tiny_config
+from helpers import tiny_init
+from helpers import tiny_loss
+from helpers import tiny_task
 
 
 def run_steps(parallelism, devices, num_steps=3):
@@ -107,13 +52,6 @@ def run_steps(parallelism, devices, num_steps=3):
     placed, metrics = runner.step(placed, runner.put_batch(tiny_batch(0, step, 8)))
     losses.append(float(metrics['loss']))
   return np.array(losses), jax.device_get(runner.get_state(placed))
-
-
-def max_rel_diff(a, b):
-  leaves = jax.tree.leaves(
-      jax.tree.map(lambda x, y: np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12), a, b)
-  )
-  return max(leaves)
 
 
 def test_jit_pmap_and_one_device_agree():

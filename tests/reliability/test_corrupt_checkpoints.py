@@ -15,7 +15,7 @@ import pytest
 
 from diffhand_jax import checkpointing
 from diffhand_jax import train
-import test_train_loop as tiny
+import helpers
 
 # tensorstore's callbacks into an event loop orbax has closed, after a failed read: harmless.
 pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
@@ -67,11 +67,11 @@ DAMAGES = [truncate_data, garbage_data, truncate_manifest, missing_metadata, mis
 def trained(tmp_path_factory):
   """A 4-step run with checkpoints 2 and 4, and an uninterrupted 6-step run to compare with."""
   base = tmp_path_factory.mktemp('base')
-  config = tiny.tiny_config()
-  train.run_training(config, str(base / 'run'), tiny.tiny_task(config))
-  six = tiny.tiny_config()
+  config = helpers.tiny_config()
+  train.run_training(config, str(base / 'run'), helpers.tiny_task(config))
+  six = helpers.tiny_config()
   six.train.num_steps = 6
-  straight = train.run_training(six, str(base / 'straight'), tiny.tiny_task(six))
+  straight = train.run_training(six, str(base / 'straight'), helpers.tiny_task(six))
   return str(base / 'run'), jax.device_get(straight)
 
 
@@ -91,10 +91,10 @@ def warnings_text(caplog):
 def test_training_resumes_from_the_previous_good_checkpoint(trained, tmp_path, caplog, damage):
   workdir = damaged_copy(trained, tmp_path, damage)
   bad = os.path.join(checkpointing.checkpoint_dir(workdir), '4')
-  config = tiny.tiny_config()
+  config = helpers.tiny_config()
   config.train.num_steps = 6
   with caplog.at_level(logging.WARNING):
-    resumed = train.run_training(config, workdir, tiny.tiny_task(config))
+    resumed = train.run_training(config, workdir, helpers.tiny_task(config))
   text = warnings_text(caplog)
   assert f'Unreadable checkpoint {bad}:' in text, text
   assert f'Using the checkpoint of step 2 in {checkpointing.checkpoint_dir(workdir)}' in text
@@ -134,9 +134,9 @@ def test_no_readable_checkpoint_is_an_error_naming_the_folder(trained, tmp_path)
   ) as raised:
     checkpointing.restore_params(workdir)
   assert f'{folder}/4:' in str(raised.value) and f'{folder}/2:' in str(raised.value)
-  config = tiny.tiny_config()
+  config = helpers.tiny_config()
   with pytest.raises(checkpointing.UnreadableCheckpointError, match=f'in {folder}: '):
-    train.run_training(config, workdir, tiny.tiny_task(config))
+    train.run_training(config, workdir, helpers.tiny_task(config))
   # Training moved both aside, deleting nothing: the next run starts afresh and keeps them.
   assert sorted(os.listdir(os.path.join(workdir, checkpointing.UNREADABLE_DIR))) == ['2', '4']
 

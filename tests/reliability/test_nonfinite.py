@@ -18,11 +18,11 @@ from diffhand_jax import parallel
 from configs import synthetic
 from diffhand_jax import train
 from diffhand_jax import train_step as train_step_lib
-import test_train_loop as tiny
+import helpers
 
 
 def six_step_config(**overrides):
-  config = tiny.tiny_config(**overrides)
+  config = helpers.tiny_config(**overrides)
   config.train.num_steps = 6
   return config
 
@@ -38,7 +38,7 @@ def test_nan_batch_stops_naming_the_step(tmp_path, parallelism):
   with pytest.raises(
       FloatingPointError, match=r'non-finite loss \(nan\) in train step 3 .*checkpoint: step 3'
   ):
-    train.run_training(config, workdir, tiny.tiny_task(config, nan_at=3))
+    train.run_training(config, workdir, helpers.tiny_task(config, nan_at=3))
   # The state after the NaN update (step 4) was never written; step 3 is intact.
   assert checkpointing.latest_step(workdir) == 3
   assert_finite(checkpointing.restore_params(workdir))
@@ -53,12 +53,12 @@ def reference_with_step_skipped(config, skipped_step):
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   ema_decay = float(config.optim.ema_decay)
   state = train_step_lib.create_train_state(
-      tiny.tiny_init(init_rng), optimizer, state_rng, ema_decay
+      helpers.tiny_init(init_rng), optimizer, state_rng, ema_decay
   )
   step_fn = jax.jit(
       functools.partial(
           train_step_lib.train_step,
-          loss_fn=tiny.tiny_loss,
+          loss_fn=helpers.tiny_loss,
           optimizer=optimizer,
           schedule=schedule,
           ema_decay=ema_decay,
@@ -68,7 +68,7 @@ def reference_with_step_skipped(config, skipped_step):
     if step == skipped_step:
       state = state.replace(step=state.step + 1)
       continue
-    batch = tiny.tiny_batch(config.seed, step, config.train.global_batch_size)
+    batch = helpers.tiny_batch(config.seed, step, config.train.global_batch_size)
     state, _ = step_fn(state, batch)
   return jax.device_get(state)
 
@@ -77,7 +77,7 @@ def test_skip_nonfinite_drops_the_update_counts_it_and_trains_on(tmp_path, caplo
   config = six_step_config(skip_nonfinite=True)
   workdir = str(tmp_path / 'run')
   with caplog.at_level(logging.WARNING):
-    final = train.run_training(config, workdir, tiny.tiny_task(config, nan_at=3))
+    final = train.run_training(config, workdir, helpers.tiny_task(config, nan_at=3))
   final = jax.device_get(final)
   assert int(final.step) == 6
   warnings = [r.getMessage() for r in caplog.records if 'non-finite update' in r.getMessage()]
@@ -86,7 +86,9 @@ def test_skip_nonfinite_drops_the_update_counts_it_and_trains_on(tmp_path, caplo
   for got, want in zip(jax.tree.leaves(final), jax.tree.leaves(expected)):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
   # The reference really differs from a run that trained on step 3 (with a finite batch).
-  straight = jax.device_get(train.run_training(config, str(tmp_path / 'b'), tiny.tiny_task(config)))
+  straight = jax.device_get(
+      train.run_training(config, str(tmp_path / 'b'), helpers.tiny_task(config))
+  )
   assert not np.allclose(straight.params['w1'], final.params['w1'])
   # The count is logged, and the checkpoints are finite and restore.
   records = logging_utils.read_scalars(workdir, 'train')
@@ -98,14 +100,14 @@ def test_skip_nonfinite_drops_the_update_counts_it_and_trains_on(tmp_path, caplo
 def test_skip_nonfinite_drops_an_overflowing_update(tmp_path):
   """A finite loss with an update that overflows the params (lr 1e38) is dropped as well:
   every update is, and the params stay at their initial values."""
-  config = tiny.tiny_config(checkpoint_every=1, skip_nonfinite=True)
+  config = helpers.tiny_config(checkpoint_every=1, skip_nonfinite=True)
   config.optim.warmup_steps = 0
   config.optim.learning_rate = 1e38
   config.optim.grad_clip_norm = 0.0
   workdir = str(tmp_path / 'run')
-  final = jax.device_get(train.run_training(config, workdir, tiny.tiny_task(config)))
+  final = jax.device_get(train.run_training(config, workdir, helpers.tiny_task(config)))
   init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
-  for got, want in zip(jax.tree.leaves(final.params), jax.tree.leaves(tiny.tiny_init(init_rng))):
+  for got, want in zip(jax.tree.leaves(final.params), jax.tree.leaves(helpers.tiny_init(init_rng))):
     np.testing.assert_array_equal(got, want)
   assert int(final.step) == 4
   assert [r['skipped'] for r in logging_utils.read_scalars(workdir, 'train')] == [1, 2, 3, 4]

@@ -17,7 +17,7 @@ import pytest
 
 from diffhand_jax import checkpointing
 from diffhand_jax import train
-import test_train_loop as tiny
+import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_STEPS = 12
@@ -26,23 +26,23 @@ _SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path[:0] = [{root!r}, {tests!r}, {here!r}]
     import test_sigkill_resume
-    import test_train_loop as tiny
+    import helpers
     from diffhand_jax import train
 
     config = test_sigkill_resume.run_config()
 
     def slow(start):  # ~0.1 s a step: the kills land in steps and in async saves
-      for batch in tiny.tiny_iterator(config, start):
+      for batch in helpers.tiny_iterator(config, start):
         time.sleep(0.1)
         yield batch
 
-    train.run_training(config, sys.argv[1], tiny.tiny_task(config)._replace(train_iterator=slow))
+    train.run_training(config, sys.argv[1], helpers.tiny_task(config)._replace(train_iterator=slow))
     print('FINISHED', flush=True)
 """)
 
 
 def run_config():
-  config = tiny.tiny_config(checkpoint_every=1, keep_checkpoints=2)
+  config = helpers.tiny_config(checkpoint_every=1, keep_checkpoints=2)
   config.train.num_steps = NUM_STEPS
   return config
 
@@ -74,7 +74,7 @@ def kill_after_step(process, step, extra_delay):
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_rerun_matches_an_uninterrupted_run(tmp_path):
   straight = jax.device_get(
-      train.run_training(run_config(), str(tmp_path / 'straight'), tiny.tiny_task(run_config()))
+      train.run_training(run_config(), str(tmp_path / 'straight'), helpers.tiny_task(run_config()))
   )
   script = tmp_path / 'train.py'
   script.write_text(

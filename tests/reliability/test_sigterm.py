@@ -15,7 +15,7 @@ import pytest
 from diffhand_jax import checkpointing
 from diffhand_jax import train
 import test_sigkill_resume
-import test_train_loop as tiny
+import helpers
 
 NUM_STEPS = 12
 SIGTERM_AFTER_STEP = 5
@@ -28,7 +28,7 @@ _SCRIPT = test_sigkill_resume._SCRIPT.replace(  # pylint: disable=protected-acce
 
 def run_config():
   # No periodic checkpoint before the end: the only one on disk is the one SIGTERM wrote.
-  config = tiny.tiny_config(checkpoint_every=1000, keep_checkpoints=2)
+  config = helpers.tiny_config(checkpoint_every=1000, keep_checkpoints=2)
   config.train.num_steps = NUM_STEPS
   return config
 
@@ -67,7 +67,7 @@ def test_sigterm_saves_the_current_step_exits_0_and_the_rerun_resumes(tmp_path):
   assert rerun.returncode == 0 and 'FINISHED' in output, output[-3000:]
   assert f'step {saved}/{NUM_STEPS}' not in output and f'step {saved + 1}/{NUM_STEPS}' in output
   straight = jax.device_get(
-      train.run_training(run_config(), str(tmp_path / 'straight'), tiny.tiny_task(run_config()))
+      train.run_training(run_config(), str(tmp_path / 'straight'), helpers.tiny_task(run_config()))
   )
   with checkpointing.make_manager(str(workdir), read_only=True) as manager:
     final = checkpointing.restore_state(manager, NUM_STEPS)

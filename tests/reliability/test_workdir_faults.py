@@ -18,7 +18,7 @@ import pytest
 from diffhand_jax import checkpointing
 from diffhand_jax import train
 from orbax.checkpoint._src.path import async_path
-import test_train_loop as tiny
+import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,41 +31,41 @@ def counting_task(config, seen):
   """The tiny task; `seen` gets every step index whose batch was taken."""
 
   def batches(start):
-    for index, batch in enumerate(tiny.tiny_iterator(config, start)):
+    for index, batch in enumerate(helpers.tiny_iterator(config, start)):
       seen.append(start + index)
       yield batch
 
-  return tiny.tiny_task(config)._replace(train_iterator=batches)
+  return helpers.tiny_task(config)._replace(train_iterator=batches)
 
 
 def test_checkpoint_folder_that_is_a_file_fails_before_training(tmp_path):
-  config = tiny.tiny_config()
+  config = helpers.tiny_config()
   workdir = tmp_path / 'run'
   workdir.mkdir()
   (workdir / 'checkpoints').write_text('not a folder')
-  task = tiny.tiny_task(config)._replace(train_iterator=never_iterated)
+  task = helpers.tiny_task(config)._replace(train_iterator=never_iterated)
   with pytest.raises(checkpointing.WorkdirError, match=f'cannot write to {workdir}/checkpoints'):
     train.run_training(config, str(workdir), task)
   assert (workdir / 'checkpoints').read_text() == 'not a folder'  # left as it was
 
 
 def test_workdir_below_a_file_fails_before_training(tmp_path):
-  config = tiny.tiny_config()
+  config = helpers.tiny_config()
   (tmp_path / 'file').write_text('')
   workdir = tmp_path / 'file' / 'run'
-  task = tiny.tiny_task(config)._replace(train_iterator=never_iterated)
+  task = helpers.tiny_task(config)._replace(train_iterator=never_iterated)
   with pytest.raises(checkpointing.WorkdirError, match=f'cannot write to {workdir}'):
     train.run_training(config, str(workdir), task)
 
 
 def test_full_disk_fails_before_training_naming_the_folder(tmp_path, monkeypatch):
-  config = tiny.tiny_config()
+  config = helpers.tiny_config()
   workdir = tmp_path / 'run'
   free = 5 << 20
   monkeypatch.setattr(
       checkpointing.shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(free, 0, free)
   )
-  task = tiny.tiny_task(config)._replace(train_iterator=never_iterated)
+  task = helpers.tiny_task(config)._replace(train_iterator=never_iterated)
   with pytest.raises(
       checkpointing.WorkdirError,
       match=f'not enough free disk space in {workdir}/checkpoints: 5.0 MiB free',
@@ -89,10 +89,10 @@ def test_background_save_failure_stops_training_at_once(tmp_path, monkeypatch):
   """The save of step 2 fails in orbax's background thread (its final rename): training
   stops naming the step within a few steps, not at the next save (the last step, 200)."""
   workdir = tmp_path / 'run'
-  first = tiny.tiny_config(checkpoint_every=1)
+  first = helpers.tiny_config(checkpoint_every=1)
   first.train.num_steps = 1
   first.optim.warmup_steps = 0
-  train.run_training(first, str(workdir), tiny.tiny_task(first))  # checkpoint 1, written well
+  train.run_training(first, str(workdir), helpers.tiny_task(first))  # checkpoint 1, written well
   original_rename = async_path.rename
 
   async def failing_rename(src, dst):
@@ -102,7 +102,7 @@ def test_background_save_failure_stops_training_at_once(tmp_path, monkeypatch):
 
   monkeypatch.setattr(async_path, 'rename', failing_rename)
   # The only save before the end: step 2 (an evaluation with metrics); the next is at 200.
-  config = tiny.tiny_config(checkpoint_every=1000, eval_every=2, best_metric='', log_every=1000)
+  config = helpers.tiny_config(checkpoint_every=1000, eval_every=2, best_metric='', log_every=1000)
   config.train.num_steps = 200
   seen = []
   task = counting_task(config, seen)
@@ -134,20 +134,20 @@ def test_background_save_failure_stops_training_at_once(tmp_path, monkeypatch):
 _READ_ONLY_SCRIPT = textwrap.dedent("""
     import os, sys
     sys.path[:0] = [{root!r}, {tests!r}]
-    import test_train_loop as tiny
+    import helpers
     from diffhand_jax import checkpointing, train
 
     workdir, break_at = sys.argv[1], int(sys.argv[2])
-    config = tiny.tiny_config(checkpoint_every=1)
+    config = helpers.tiny_config(checkpoint_every=1)
     config.train.num_steps = 8
 
     def batches(start):
-      for index, batch in enumerate(tiny.tiny_iterator(config, start)):
+      for index, batch in enumerate(helpers.tiny_iterator(config, start)):
         if start + index == break_at:
           os.chmod(checkpointing.checkpoint_dir(workdir), 0o555)
         yield batch
 
-    train.run_training(config, workdir, tiny.tiny_task(config)._replace(train_iterator=batches))
+    train.run_training(config, workdir, helpers.tiny_task(config)._replace(train_iterator=batches))
 """)
 
 
