@@ -85,15 +85,15 @@ def pieces() -> list:
   """The pieces in the order they run (most important first), with their GPU time shares (s)."""
   train_env = {'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.95'}  # the largest batch may use the GPU
   torch_env = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}  # JAX only builds the weights there
-  out = [Piece('matmul', ('--piece=matmul',), ('matmul',), 25)]
+  out = [Piece('matmul', ('--piece=matmul',), ('matmul',), 20)]
   out += [
       Piece(f'train_{m}', ('--piece=train', f'--model={m}'), (f'train_{m}',), s, train_env)
-      for m, s in (('base', 115), ('large', 165))
+      for m, s in (('base', 110), ('large', 160))
   ]
-  for model, share in (('base', 30), ('large', 40)):
+  for model, share in (('base', 30), ('large', 35)):
     keys = (f'sample_{model}_k1', f'sample_{model}_k16')
     out.append(Piece(f'sample_{model}', ('--piece=sample', f'--model={model}'), keys, share))
-  for framework, shares in (('eager', (30, 35)), ('compile', (55, 45))):
+  for framework, shares in (('eager', (45, 45)), ('compile', (70, 45))):
     for model, share in zip(('base', 'large'), shares):
       name = f'torch_{framework}_{model}'
       args = ('--piece=torch', f'--model={model}', f'--framework={framework}')
@@ -101,17 +101,22 @@ def pieces() -> list:
   return out
 
 
+def timing(args) -> tuple:
+  """(train steps per repeat, repeats of the JAX pieces, calls of the PyTorch pieces)."""
+  return (2, 2, 2) if args.toy else (10, 5, 10)
+
+
 def piece_command(piece: Piece, args, result: str, deadline: float) -> list:
   """The command line of `piece`, writing its rows to `result`."""
   command = [args.python, PIECES_SCRIPT, *piece.args, f'--result={result}']
   command += [f'--peak_tflops={args.peak_tflops}', f'--deadline={deadline:.1f}']
   command += [f'--matmul_json={os.path.join(args.out, "matmul.json")}']
+  steps, repeats, torch_repeats = timing(args)
+  command += [f'--steps={steps}', f'--repeats={torch_repeats if piece.needs_torch else repeats}']
   if args.toy:
-    command += ['--toy', '--steps=2', '--repeats=2']
+    command += ['--toy']
     if piece.args[0] == '--piece=train':  # a pretend device limit; the fit is run at 2 x 2
       command += [f'--memory_limit_gib={args.toy_memory_gib}', '--max_fit_batch=4']
-  else:
-    command += ['--steps=10', f'--repeats={10 if piece.needs_torch else 5}']
   return command
 
 
@@ -296,21 +301,25 @@ def report(rows: dict, meta: dict, args) -> str:
         ' TOY MODE: every model is a ViT-micro at 32 px, batch 2 (plumbing, not a measurement).'
     )
   mfu_large = rows.get('train_large', {}).get('mfu_matmul')
+  steps, repeats, torch_repeats = timing(args)
   notes = [
       f'- Targets: DeiT-Large MFU vs matmul '
       f'{percent(mfu_large) if mfu_large is not None else "-"} (target >= 45 %); train step '
       f'vs torch.compile (images/s): DeiT-Base {speedup(rows, "base")}, DeiT-Large '
       f'{speedup(rows, "large")} (target >= 1.2x).',
       '- JAX train rows: the full DiffHand step (DESIGN §5 losses, AdamW, clipping, EMA) of '
-      'configs/freihand.py with cpu_kernels off, median (min-max) of 5 x 10 steps; FLOPs from '
-      "XLA's cost analysis of the lowered step; MFU vs matmul = TFLOP/s over the matmul row. "
-      'Planned memory = arguments + outputs + temporaries - donated (remat: compiled without '
-      'GEMM autotuning); largest batch without remat under 95 % of the device limit, linear '
-      "in the batch from batch B and 2B; 'ran' = one step ran there, 'planned' = not run.",
+      f'configs/freihand.py with cpu_kernels off, median (min-max) of {repeats} x {steps} '
+      "steps; FLOPs from XLA's cost analysis of the lowered step; MFU vs matmul = TFLOP/s over "
+      'the matmul row. Compile s = lower + XLA compile, beside the two compiles that plan '
+      'memory (remat on; twice the batch; both without GEMM autotuning). Planned memory = '
+      'arguments + outputs + temporaries - donated. Largest batch: without remat, under 95 % '
+      "of the memory limit, linear in the batch from B and 2B; 'ran' = one step ran there, "
+      "'planned' = no time left to run it.",
       '- PyTorch rows (benchmarks/torch_reference.py): the same network, forward + L2 loss + '
       'backward + Adam under bf16 autocast (less work than our full step); median (min-max) '
-      'of 10 calls after the first (first call s: compilation included). Sampling: '
-      '`sampling.sample`, one image, median of 5 calls. Each piece: a process with a time limit.',
+      f'of {torch_repeats} calls after the first (first call s: compilation included). '
+      f'Sampling: `sampling.sample`, one image, median (min-max) of {repeats} calls after the '
+      'first. Each piece: a process with a time limit.',
   ]
   return '\n'.join([header, '', *table_lines(rows), '', *notes]) + '\n'
 

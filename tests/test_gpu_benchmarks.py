@@ -56,8 +56,8 @@ def check_table(text: str, torch_installed: bool) -> dict:
     if kind == 'torch' and not torch_installed:
       assert status == 'not installed', (key, status)
       continue
-    if kind == 'torch' and 'compile' in key:
-      assert status == 'ok' or status.startswith('failed'), (key, status)  # needs a compiler
+    if kind == 'torch' and 'compile' in key:  # needs a C++ compiler and may run out of time
+      assert status == 'ok' or status.startswith(('failed', 'timeout')), (key, status)
     else:
       assert status == 'ok', (key, status)
     for column in NUMERIC:
