@@ -119,6 +119,104 @@ def project_points(points, K):
 # ---- Rasterisation ----
 
 
+class _ScreenTriangles(NamedTuple):
+  """Screen-space setup of F faces for `rasterize`.
+
+  Attributes:
+    planes: [F, 9] float64, (a, b, c) of w_0, w_1 and 1/z, each `a u + b v + c` at pixel (u, v):
+      w_k are the screen-space barycentrics of corners 0 and 1.
+    inv_z: [F, 3] float64, 1/z of each corner.
+    x_lo: [F] int64, first pixel column of the face's bounding box.
+    y_lo: [F] int64, first pixel row of the face's bounding box.
+    box_width: [F] int64, columns of the bounding box (0 when it misses the image).
+    num_candidates: [F] int64, pixel centres in the bounding box (0 for skipped faces).
+  """
+
+  planes: np.ndarray
+  inv_z: np.ndarray
+  x_lo: np.ndarray
+  y_lo: np.ndarray
+  box_width: np.ndarray
+  num_candidates: np.ndarray
+
+
+def _screen_triangles(vertices, faces, K, height, width, near):
+  """Projects every face and sets up its plane equations and pixel bounding box.
+
+  Args:
+    vertices: [V, 3] camera-frame vertices.
+    faces: [F, 3] int vertex indices.
+    K: [3, 3] intrinsics.
+    height: image rows.
+    width: image columns.
+    near: faces with a vertex at z <= near are skipped (no candidates).
+
+  Returns:
+    A `_ScreenTriangles` of the F faces.
+  """
+  z = vertices[:, 2]
+  safe_z = np.where(z > near, z, 1.0)
+  uv = (vertices @ K.T)[:, :2] / safe_z[:, None]
+  tri_u, tri_v = uv[faces, 0], uv[faces, 1]  # [F, 3] each
+  tri_inv_z = 1.0 / safe_z[faces]  # [F, 3]
+  area2 = (tri_u[:, 1] - tri_u[:, 0]) * (tri_v[:, 2] - tri_v[:, 0]) - (
+      tri_u[:, 2] - tri_u[:, 0]
+  ) * (tri_v[:, 1] - tri_v[:, 0])
+  usable = np.all(z[faces] > near, axis=1) & (np.abs(area2) > 1e-12)
+  area2 = np.where(usable, area2, 1.0)
+
+  x_lo = np.clip(np.ceil(tri_u.min(axis=1)), 0, width).astype(np.int64)
+  x_hi = np.clip(np.floor(tri_u.max(axis=1)), -1, width - 1).astype(np.int64)
+  y_lo = np.clip(np.ceil(tri_v.min(axis=1)), 0, height).astype(np.int64)
+  y_hi = np.clip(np.floor(tri_v.max(axis=1)), -1, height - 1).astype(np.int64)
+  box_width = np.maximum(x_hi - x_lo + 1, 0)
+  box_height = np.maximum(y_hi - y_lo + 1, 0)
+  return _ScreenTriangles(
+      planes=_plane_table(tri_u, tri_v, tri_inv_z, area2),
+      inv_z=tri_inv_z,
+      x_lo=x_lo,
+      y_lo=y_lo,
+      box_width=box_width,
+      num_candidates=np.where(usable, box_width * box_height, 0),
+  )
+
+
+def _plane_table(tri_u, tri_v, tri_inv_z, area2):
+  """The affine screen-space functions of each face as one table.
+
+  Screen-space barycentrics are affine in the pixel position, w_k = a_k u + b_k v + c_k (edge
+  functions over twice the area), and so is 1/z = sum_k w_k / z_k. One table of (a, b, c) for
+  w_0, w_1 and 1/z keeps the per-candidate work to a single gather.
+
+  Args:
+    tri_u: [F, 3] corner columns u, pixels.
+    tri_v: [F, 3] corner rows v, pixels.
+    tri_inv_z: [F, 3] corner 1/z.
+    area2: [F] twice the signed screen area (non-zero).
+
+  Returns:
+    [F, 9] float64: (a, b, c) of w_0, then of w_1, then of 1/z.
+  """
+  nxt, prv = [1, 2, 0], [2, 0, 1]
+  coef_a = (tri_v[:, nxt] - tri_v[:, prv]) / area2[:, None]
+  coef_b = (tri_u[:, prv] - tri_u[:, nxt]) / area2[:, None]
+  coef_c = (tri_u[:, nxt] * tri_v[:, prv] - tri_u[:, prv] * tri_v[:, nxt]) / area2[:, None]
+  return np.stack(
+      [
+          coef_a[:, 0],
+          coef_b[:, 0],
+          coef_c[:, 0],
+          coef_a[:, 1],
+          coef_b[:, 1],
+          coef_c[:, 1],
+          np.sum(coef_a * tri_inv_z, 1),
+          np.sum(coef_b * tri_inv_z, 1),
+          np.sum(coef_c * tri_inv_z, 1),
+      ],
+      axis=1,
+  )
+
+
 def _face_chunks(counts, max_candidates):
   """Splits faces into runs whose bounding boxes hold about max_candidates pixels or fewer.
 
@@ -129,6 +227,70 @@ def _face_chunks(counts, max_candidates):
   run_of_face = before // max(int(max_candidates), 1)
   bounds = np.concatenate([[0], np.flatnonzero(np.diff(run_of_face)) + 1, [len(counts)]])
   return zip(bounds[:-1].tolist(), bounds[1:].tolist())
+
+
+def _candidate_pixels(triangles, start, stop):
+  """Every pixel centre in the bounding boxes of faces [start, stop): N candidates.
+
+  Args:
+    triangles: a `_ScreenTriangles`.
+    start: first face.
+    stop: one past the last face.
+
+  Returns:
+    (face [N] int64, px [N] float64 column, py [N] float64 row), face-major.
+  """
+  chunk_counts = triangles.num_candidates[start:stop]
+  face = np.repeat(np.arange(start, stop), chunk_counts)
+  offset = np.arange(len(face)) - np.repeat(np.cumsum(chunk_counts) - chunk_counts, chunk_counts)
+  row, col = np.divmod(offset, triangles.box_width[face])
+  px = (triangles.x_lo[face] + col).astype(np.float64)
+  py = (triangles.y_lo[face] + row).astype(np.float64)
+  return face, px, py
+
+
+def _covered(planes, face, px, py):
+  """Keeps the candidates whose pixel centre lies in their face (edges included).
+
+  Args:
+    planes: [F, 9] the `_ScreenTriangles.planes` table.
+    face: [N] int64 face of each candidate.
+    px: [N] float64 pixel columns.
+    py: [N] float64 pixel rows.
+
+  Returns:
+    (face, px, py, w0, w1, inv_z), each [M] for the M covered candidates: w0 and w1 the
+    screen-space barycentrics of corners 0 and 1, inv_z the face's 1/z at the pixel.
+  """
+  coef = planes[face]
+  w0 = coef[:, 0] * px + coef[:, 1] * py + coef[:, 2]
+  w1 = coef[:, 3] * px + coef[:, 4] * py + coef[:, 5]
+  inside = np.flatnonzero(
+      (w0 >= -_INSIDE_EPS) & (w1 >= -_INSIDE_EPS) & (w0 + w1 <= 1.0 + _INSIDE_EPS)
+  )
+  face, w0, w1, coef = face[inside], w0[inside], w1[inside], coef[inside]
+  px, py = px[inside], py[inside]
+  inv_z = coef[:, 6] * px + coef[:, 7] * py + coef[:, 8]
+  return face, px, py, w0, w1, inv_z
+
+
+def _depth_test(best_inv_z, pixel, inv_z):
+  """Updates the z-buffer and picks, per pixel, one candidate at the nearest depth so far.
+
+  Args:
+    best_inv_z: [H * W] float64 z-buffer of 1/depth (0 = empty), updated in place.
+    pixel: [M] int64 flat pixel index of each candidate.
+    inv_z: [M] float64 1/depth of each candidate.
+
+  Returns:
+    [P] int64 indices into the M candidates: one per pixel whose nearest surface so far is
+    among them (the last on ties).
+  """
+  np.maximum.at(best_inv_z, pixel, inv_z)
+  nearest = np.flatnonzero(inv_z == best_inv_z[pixel])
+  winner = np.full(len(best_inv_z), -1, dtype=np.int64)
+  np.maximum.at(winner, pixel[nearest], nearest)
+  return winner[winner >= 0]
 
 
 def rasterize(vertices, faces, K, height, width, *, near=1e-4, max_candidates=1 << 21):
@@ -154,81 +316,22 @@ def rasterize(vertices, faces, K, height, width, *, near=1e-4, max_candidates=1 
   faces = mesh.check_faces(faces, len(vertices))
   K = _check_intrinsics(K)
   height, width = _check_size(height, width)
-
-  z = vertices[:, 2]
-  safe_z = np.where(z > near, z, 1.0)
-  uv = (vertices @ K.T)[:, :2] / safe_z[:, None]
-  tri_u, tri_v = uv[faces, 0], uv[faces, 1]  # [F, 3] each
-  tri_inv_z = 1.0 / safe_z[faces]  # [F, 3]
-  area2 = (tri_u[:, 1] - tri_u[:, 0]) * (tri_v[:, 2] - tri_v[:, 0]) - (
-      tri_u[:, 2] - tri_u[:, 0]
-  ) * (tri_v[:, 1] - tri_v[:, 0])
-  usable = np.all(z[faces] > near, axis=1) & (np.abs(area2) > 1e-12)
-  area2 = np.where(usable, area2, 1.0)
-
-  # Screen-space barycentrics are affine in the pixel position, w_k = a_k u + b_k v + c_k
-  # (edge functions over twice the area), and so is 1/z = sum_k w_k / z_k. One [F, 9] table
-  # of (a, b, c) for w_0, w_1 and 1/z keeps the per-candidate work to a single gather.
-  nxt, prv = [1, 2, 0], [2, 0, 1]
-  coef_a = (tri_v[:, nxt] - tri_v[:, prv]) / area2[:, None]
-  coef_b = (tri_u[:, prv] - tri_u[:, nxt]) / area2[:, None]
-  coef_c = (tri_u[:, nxt] * tri_v[:, prv] - tri_u[:, prv] * tri_v[:, nxt]) / area2[:, None]
-  table = np.stack(
-      [
-          coef_a[:, 0],
-          coef_b[:, 0],
-          coef_c[:, 0],
-          coef_a[:, 1],
-          coef_b[:, 1],
-          coef_c[:, 1],
-          np.sum(coef_a * tri_inv_z, 1),
-          np.sum(coef_b * tri_inv_z, 1),
-          np.sum(coef_c * tri_inv_z, 1),
-      ],
-      axis=1,
-  )
-
-  x_lo = np.clip(np.ceil(tri_u.min(axis=1)), 0, width).astype(np.int64)
-  x_hi = np.clip(np.floor(tri_u.max(axis=1)), -1, width - 1).astype(np.int64)
-  y_lo = np.clip(np.ceil(tri_v.min(axis=1)), 0, height).astype(np.int64)
-  y_hi = np.clip(np.floor(tri_v.max(axis=1)), -1, height - 1).astype(np.int64)
-  box_w = np.maximum(x_hi - x_lo + 1, 0)
-  box_h = np.maximum(y_hi - y_lo + 1, 0)
-  counts = np.where(usable, box_w * box_h, 0)
+  triangles = _screen_triangles(vertices, faces, K, height, width, near)
 
   best_inv_z = np.zeros(height * width)  # 1/depth of the nearest hit so far
   face_buf = np.full(height * width, -1, dtype=np.int64)
   bary_buf = np.zeros((height * width, 3))
-  for start, stop in _face_chunks(counts, max_candidates):
-    chunk_counts = counts[start:stop]
-    total = int(chunk_counts.sum())
-    if total == 0:
+  for start, stop in _face_chunks(triangles.num_candidates, max_candidates):
+    if not triangles.num_candidates[start:stop].any():
       continue
-    face = np.repeat(np.arange(start, stop), chunk_counts)
-    offset = np.arange(total) - np.repeat(np.cumsum(chunk_counts) - chunk_counts, chunk_counts)
-    row, col = np.divmod(offset, box_w[face])
-    px = (x_lo[face] + col).astype(np.float64)
-    py = (y_lo[face] + row).astype(np.float64)
-    coef = table[face]
-    w0 = coef[:, 0] * px + coef[:, 1] * py + coef[:, 2]
-    w1 = coef[:, 3] * px + coef[:, 4] * py + coef[:, 5]
-    inside = np.flatnonzero(
-        (w0 >= -_INSIDE_EPS) & (w1 >= -_INSIDE_EPS) & (w0 + w1 <= 1.0 + _INSIDE_EPS)
-    )
-    face, w0, w1, coef = face[inside], w0[inside], w1[inside], coef[inside]
-    px, py = px[inside], py[inside]
-    inv_z = coef[:, 6] * px + coef[:, 7] * py + coef[:, 8]
+    face, px, py = _candidate_pixels(triangles, start, stop)
+    face, px, py, w0, w1, inv_z = _covered(triangles.planes, face, px, py)
     pixel = py.astype(np.int64) * width + px.astype(np.int64)
-    np.maximum.at(best_inv_z, pixel, inv_z)
-    # Among candidates that reach the nearest depth keep one per pixel (the last on ties).
-    nearest = np.flatnonzero(inv_z == best_inv_z[pixel])
-    winner = np.full(height * width, -1, dtype=np.int64)
-    np.maximum.at(winner, pixel[nearest], nearest)
-    chosen = winner[winner >= 0]
+    chosen = _depth_test(best_inv_z, pixel, inv_z)
     screen = np.stack([w0[chosen], w1[chosen], 1.0 - w0[chosen] - w1[chosen]], axis=1)
     face_buf[pixel[chosen]] = face[chosen]
     # Perspective correction: weights proportional to w_k / z_k, normalised by 1/z.
-    bary_buf[pixel[chosen]] = screen * tri_inv_z[face[chosen]] / inv_z[chosen, None]
+    bary_buf[pixel[chosen]] = screen * triangles.inv_z[face[chosen]] / inv_z[chosen, None]
 
   hit = face_buf >= 0
   depth = np.where(hit, 1.0 / np.where(hit, best_inv_z, 1.0), 0.0)
@@ -272,17 +375,7 @@ def shade(
   """
   vertices = _check_vertices(vertices)
   faces = mesh.check_faces(faces, len(vertices))
-  per_vertex = np.ndim(color) == 2
-  if per_vertex:
-    color = checks.check_array('per-vertex color', color, (len(vertices), 3), dtype=np.float64)
-  else:
-    color = _check_color(color)
-  light = checks.check_array('light_dir', light_dir, (3,), dtype=np.float64)
-  if not np.any(light):
-    raise ValueError(f'light_dir must be non-zero, got {light_dir!r}')
-  if not 0.0 <= ambient <= 1.0:
-    raise ValueError(f'ambient must be in [0, 1], got {ambient}')
-  light = light / np.linalg.norm(light)
+  color, light = _check_shading(color, light_dir, ambient, len(vertices))
   height, width = raster.face_index.shape
   if background is None:
     image = np.zeros((height, width, 3), dtype=np.float32)
@@ -291,17 +384,60 @@ def shade(
 
   mask = raster.face_index >= 0
   face = raster.face_index[mask]
+  barycentric = raster.barycentric[mask]
+  normal = _smooth_normals(vertices, faces, face, barycentric)
+  intensity = ambient + (1.0 - ambient) * np.clip(normal @ light, 0.0, None)
+  if color.ndim == 2:
+    color = np.einsum('pk,pkc->pc', barycentric, color[faces[face]])
+  image[mask] = (intensity[:, None] * color).astype(np.float32)
+  return image
+
+
+def _check_shading(color, light_dir, ambient, num_vertices):
+  """Checks the lighting arguments of `shade`.
+
+  Args:
+    color: [3] or [V, 3] RGB albedo in [0, 1].
+    light_dir: [3] non-zero direction towards the light.
+    ambient: float in [0, 1].
+    num_vertices: V.
+
+  Returns:
+    (color [3] or [V, 3] float64, light [3] float64 unit vector).
+  """
+  if np.ndim(color) == 2:
+    color = checks.check_array('per-vertex color', color, (num_vertices, 3), dtype=np.float64)
+  else:
+    color = _check_color(color)
+  light = checks.check_array('light_dir', light_dir, (3,), dtype=np.float64)
+  if not np.any(light):
+    raise ValueError(f'light_dir must be non-zero, got {light_dir!r}')
+  if not 0.0 <= ambient <= 1.0:
+    raise ValueError(f'ambient must be in [0, 1], got {ambient}')
+  return color, light / np.linalg.norm(light)
+
+
+def _smooth_normals(vertices, faces, face, barycentric):
+  """Unit normals at P visible points, interpolated from the vertex normals of their faces.
+
+  A normal is flipped towards the camera on back faces (two-sided lighting).
+
+  Args:
+    vertices: [V, 3] camera-frame vertices.
+    faces: [F, 3] int.
+    face: [P] int face of each point.
+    barycentric: [P, 3] perspective-correct barycentric coordinates of each point.
+
+  Returns:
+    [P, 3] float64 unit normals.
+  """
   corner_normals = mesh.vertex_normals(vertices, faces)[faces[face]]  # [P, 3, 3]
-  normal = np.einsum('pk,pkc->pc', raster.barycentric[mask], corner_normals)
+  normal = np.einsum('pk,pkc->pc', barycentric, corner_normals)
   normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-30)
   centroid = vertices[faces].mean(axis=1)
   towards_camera = np.sum(mesh.face_normals(vertices, faces) * -centroid, axis=1) >= 0
   normal *= np.where(towards_camera[face], 1.0, -1.0)[:, None]
-  intensity = ambient + (1.0 - ambient) * np.clip(normal @ light, 0.0, None)
-  if per_vertex:
-    color = np.einsum('pk,pkc->pc', raster.barycentric[mask], color[faces[face]])
-  image[mask] = (intensity[:, None] * color).astype(np.float32)
-  return image
+  return normal
 
 
 def _background_float(background, height, width):
