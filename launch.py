@@ -111,18 +111,18 @@ def main(argv):
     else:
       train.train_and_evaluate(config, workdir)
   elif FLAGS.mode == 'eval':
-    from diffhand_jax import checkpointing  # pylint: disable=g-import-not-at-top
     from diffhand_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from diffhand_jax import trained_model  # pylint: disable=g-import-not-at-top
 
-    config = checkpointing.adopt_trained_model(config, workdir, overridden_fields(sys.argv))
+    config = trained_model.adopt_trained_model(config, workdir, overridden_fields(sys.argv))
     evaluate.evaluate_checkpoint(config, workdir)
   else:
-    from diffhand_jax import checkpointing  # pylint: disable=g-import-not-at-top
     from diffhand_jax import predict  # pylint: disable=g-import-not-at-top
+    from diffhand_jax import trained_model  # pylint: disable=g-import-not-at-top
 
     if not FLAGS.input:
       raise app.UsageError('--mode=predict needs --input=IMAGE_OR_FOLDER')
-    config = checkpointing.adopt_trained_model(config, workdir, overridden_fields(sys.argv))
+    config = trained_model.adopt_trained_model(config, workdir, overridden_fields(sys.argv))
     predict.predict(config, workdir, FLAGS.input, overwrite=FLAGS.overwrite)
 
 

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import synthetic
 from diffhand_jax import checkpointing
+from diffhand_jax import trained_model
 from diffhand_jax import diffusion
 from diffhand_jax import input_pipeline
 from diffhand_jax import metrics
@@ -75,11 +76,14 @@ def main():
   parser.add_argument('--hands', type=int, default=128)
   parser.add_argument('--batch_size', type=int, default=64)
   parser.add_argument('--taubin', default='1,2,4,8')
+  parser.add_argument('--steps', type=int, default=10, help="the sampler's DDIM steps")
+  parser.add_argument('--timesteps', default=','.join(map(str, TIMESTEPS)),
+                      help="t of the decoder's one-pass rows ('' = none)")
   parser.add_argument('--json', default='')
   args = parser.parse_args()
   if args.seed == 0:
     raise SystemExit('seed 0 is the training seed: score on unseen hands')
-  config = checkpointing.adopt_trained_model(synthetic.get_config(), args.workdir)
+  config = trained_model.adopt_trained_model(synthetic.get_config(), args.workdir)
   config.seed = args.seed
   config.eval.num_examples = args.hands
   config.eval.batch_size = args.batch_size
@@ -99,9 +103,11 @@ def main():
     return model.apply(variables, x_t, tt, tokens, embedding, method='denoise')
 
   sample_fn = jax.jit(
-      functools.partial(sampling.sample, model, num_sampling_steps=10, num_hypotheses=1)
+      functools.partial(sampling.sample, model, num_sampling_steps=args.steps, num_hypotheses=1)
   )
-  by_t = {t: [] for t in TIMESTEPS}
+  timesteps = tuple(int(t) for t in args.timesteps.split(',') if t)
+  sampler = f'sampler S={args.steps} K=1'
+  by_t = {t: [] for t in timesteps}
   sampled, gts = [], []
   rng = jax.random.PRNGKey(args.seed)
   for number, batch in enumerate(input_pipeline.create_eval_iterator(config)):
@@ -109,7 +115,7 @@ def main():
     gt = np.asarray(batch['verts'], np.float64)
     gts.append(gt[keep])
     key = jax.random.fold_in(rng, number)
-    for t in TIMESTEPS:
+    for t in timesteps:
       x0 = denoise_at(batch['image'], jnp.asarray(gt / model.vertex_scale, jnp.float32), t, key)
       verts = np.asarray(x0, np.float64) * model.vertex_scale
       root = np.einsum('n,bnd->bd', regressor[0], verts)
@@ -119,13 +125,13 @@ def main():
   gt = np.concatenate(gts)
   roughness_gt = float(np.mean(metrics.roughness(gt, faces))) * 1000
   rows = [row_of('truth', gt, gt, regressor, faces, roughness_gt)]
-  for t in TIMESTEPS:
+  for t in timesteps:
     rows.append(row_of(f'f(q(x0_true, t={t}), t)', np.concatenate(by_t[t]), gt, regressor,
                        faces, roughness_gt))
   sampled = np.concatenate(sampled)
-  rows.append(row_of('sampler S=10 K=1', sampled, gt, regressor, faces, roughness_gt))
+  rows.append(row_of(sampler, sampled, gt, regressor, faces, roughness_gt))
   for n in (int(i) for i in args.taubin.split(',') if i):
-    rows.append(row_of(f'sampler S=10 K=1 + Taubin x{n}', taubin(sampled, ring_mean, n), gt,
+    rows.append(row_of(f'{sampler} + Taubin x{n}', taubin(sampled, ring_mean, n), gt,
                        regressor, faces, roughness_gt))
     rows.append(row_of(f'truth + Taubin x{n}', taubin(gt, ring_mean, n), gt, regressor, faces,
                        roughness_gt))

@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import synthetic
 from diffhand_jax import checkpointing
+from diffhand_jax import trained_model
 from diffhand_jax import diffusion
 from diffhand_jax import evaluate
 from diffhand_jax import input_pipeline
@@ -274,7 +275,7 @@ def main():
   if args.seed == 0:
     raise SystemExit('seed 0 is the training seed: score on unseen hands')
 
-  config = checkpointing.adopt_trained_model(synthetic.get_config(), args.workdir)
+  config = trained_model.adopt_trained_model(synthetic.get_config(), args.workdir)
   config.seed = args.seed
   config.data.num_eval = max(int(config.data.num_eval), args.hands)
   config.eval.num_examples = args.hands

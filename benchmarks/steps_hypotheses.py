@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import synthetic
 from diffhand_jax import checkpointing
+from diffhand_jax import trained_model
 from diffhand_jax import demo
 from diffhand_jax import metrics
 from diffhand_jax import models
@@ -153,7 +154,7 @@ def main():
   args = parser.parse_args()
 
   # The model the checkpoint was trained as (e.g. 128 px with space_to_depth=2).
-  config = checkpointing.adopt_trained_model(
+  config = trained_model.adopt_trained_model(
       synthetic.get_config(args.config_variant), args.workdir
   )
   config.eval.num_examples = args.hands

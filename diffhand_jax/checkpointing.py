@@ -16,9 +16,8 @@ import logging as py_logging
 import math
 import os
 import shutil
-import sys
 import tempfile
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 from absl import logging
 import flax
@@ -41,10 +40,6 @@ MIN_FREE_BYTES = 64 << 20
 
 class WorkdirError(OSError):
   """The workdir or its checkpoint folder cannot take checkpoints (unwritable, disk full)."""
-
-
-class CheckpointSaveError(RuntimeError):
-  """An asynchronous checkpoint save failed; the checkpoints written before are intact."""
 
 
 class UnreadableCheckpointError(ValueError):
@@ -180,65 +175,8 @@ def save(
   )
 
 
-class AsyncSaver:
-  """Asynchronous saves whose failure surfaces at the next `check` rather than the next save.
-
-  Orbax finishes a save in background threads and, on failure, logs it and moves on; the
-  error would otherwise only surface at the next save (maybe hours later). `check` is cheap
-  (a lock and a flag while a save is in flight); call it every step.
-  """
-
-  def __init__(self, manager: ocp.CheckpointManager):
-    self.manager = manager
-    self._unchecked_step = None  # the last save not yet known to have succeeded
-
-  def save(self, step, state, config, metrics=None):
-    self.check()
-    try:
-      save(self.manager, step, state, config, metrics=metrics)
-    except Exception as e:  # an unwritable folder fails here, in this thread
-      raise self._error(step, e) from e
-    self._unchecked_step = step
-
-  def check(self):
-    """Raises CheckpointSaveError when the last save has finished and failed."""
-    if self._unchecked_step is None or self.manager.is_saving_in_progress():
-      return
-    step, self._unchecked_step = self._unchecked_step, None
-    try:
-      self.manager.wait_until_finished()
-    except Exception as e:
-      raise self._error(step, e) from e
-
-  def close(self):
-    """Waits for the save in flight and closes the manager, even when that save failed."""
-    step, self._unchecked_step = self._unchecked_step, None
-    error = None
-    try:
-      self.manager.wait_until_finished()
-    except Exception as e:
-      error = self._error(step, e)
-      error.__cause__ = e
-    # The failure is raised once per thread: close() now winds down orbax's threads.
-    self.manager.close()
-    if error is not None:
-      raise error
-
-  def _error(self, step, cause):
-    try:
-      self.manager.reload()
-      intact = self.manager.all_steps()
-    except Exception:  # the folder itself may be gone
-      intact = []
-    intact = [s for s in intact if s != step]
-    return CheckpointSaveError(
-        f'saving the checkpoint of step {step} to {self.manager.directory} failed '
-        f'({type(cause).__name__}: {_first_line(cause)}); training stopped. Checkpoints '
-        f'written before are intact: latest step {max(intact) if intact else None}.'
-    )
-
-
-def _first_line(error, limit=400):
+def error_summary(error, limit=400) -> str:
+  """The first line of an error's text, cut at `limit` characters."""
   text = str(error).strip().splitlines()
   text = text[0] if text else ''
   return text if len(text) <= limit else text[:limit] + '...'
@@ -292,7 +230,7 @@ def restore_latest_good(
     try:
       state = restore_state(manager, step, target)
     except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint
-      problem = f'{os.path.join(directory, str(step))}: {type(e).__name__}: {_first_line(e)}'
+      problem = f'{os.path.join(directory, str(step))}: {type(e).__name__}: {error_summary(e)}'
       logging.warning('Unreadable checkpoint %s; trying the previous one.', problem)
       problems.append(problem)
       if move_unreadable:
@@ -371,26 +309,6 @@ def restore_latest_params(workdir: str, step: Optional[int] = None):
   return step, jax.device_get(ema if ema else raw['params'])
 
 
-# config.model keys that change how the model computes or is initialised, not its function:
-# `adopt_trained_model` leaves them as the command line says.
-COMPUTE_ONLY_MODEL_KEYS = ('dtype', 'remat', 'pretrained_path', 'cpu_kernels')
-# Fields outside config.model that define the function a checkpoint was trained as: the
-# variant (Table 4), the diffusion space and schedule, the hand model's joints and the input
-# (crop size, synthetic render size, crop margin).
-TRAINED_FUNCTION_FIELDS = (
-    'decoder',
-    'diffusion',
-    'vertex_scale',
-    'tip_vertex_ids',
-    'mano_seed',
-    'schedule.num_timesteps',
-    'schedule.cosine_s',
-    'data.image_size',
-    'data.render_size',
-    'data.crop_margin',
-)
-
-
 def restore_config(workdir: str, step: Optional[int] = None) -> Optional[dict]:
   """The config saved with the latest (or given) checkpoint, as a dict; None when there is no
   checkpoint or it holds no readable config."""
@@ -407,70 +325,6 @@ def restore_config(workdir: str, step: Optional[int] = None) -> Optional[dict]:
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('checkpoint %d in %s: its config could not be read (%s)', step, workdir, e)
       return None
-
-
-def trained_function_fields(config: ml_collections.ConfigDict) -> List[str]:
-  """Dotted names of every config field that defines the trained function: each
-  `config.model` key but the compute-only ones, and TRAINED_FUNCTION_FIELDS."""
-  model = [f'model.{key}' for key in config.model if key not in COMPUTE_ONLY_MODEL_KEYS]
-  return model + list(TRAINED_FUNCTION_FIELDS)
-
-
-def _lookup(tree: dict, field: str):
-  """(True, value) of a dotted field in a nested dict, or (False, None) when it is absent."""
-  node = tree
-  for part in field.split('.'):
-    if not isinstance(node, dict) or part not in node:
-      return False, None
-    node = node[part]
-  return True, node
-
-
-def adopt_trained_model(
-    config: ml_collections.ConfigDict, workdir: str, explicit: Sequence[str] = ()
-) -> ml_collections.ConfigDict:
-  """`config` with the model the checkpoint in `workdir` was trained as.
-
-  Evaluation and prediction build the model from the command-line config; a checkpoint must be
-  evaluated as the function it was trained as (a direct regressor as a regressor, at its
-  vertex scale, crop size, ...). Every field of `trained_function_fields` whose saved value
-  differs is taken from the checkpoint's config with a warning naming it, unless the user set
-  that field on the command line (`explicit`): then the conflict stops the run with an error
-  naming it. Fields the saved config lacks (older runs) stay as given.
-
-  Args:
-    config: the command line's config.
-    workdir: the run (or exported model) to evaluate.
-    explicit: dotted names of the fields set on the command line (`launch.py` passes its
-      `--config.*` overrides).
-
-  Returns:
-    A copy of `config` (the same values when the checkpoint has no config).
-
-  Raises:
-    ValueError: a field set on the command line differs from the trained model's.
-  """
-  saved = restore_config(workdir)
-  config = ml_collections.ConfigDict(config.to_dict())
-  if not saved:
-    return config
-  given = json.loads(config.to_json_best_effort())
-  for field in trained_function_fields(config):
-    found, value = _lookup(saved, field)
-    if not found or value == _lookup(given, field)[1]:
-      continue
-    section, _, key = field.rpartition('.')
-    node = config[section] if section else config
-    old = node[key]
-    if field in explicit:
-      raise ValueError(
-          f'{workdir} was trained with {field}={value!r}, but the command line sets '
-          f'{field}={old!r}: a checkpoint is evaluated only as the model it was trained as '
-          '(drop the flag, or point --workdir at a run trained with it)'
-      )
-    logging.warning('%s was trained with %s=%r; using it instead of %r', workdir, field, value, old)
-    node[key] = type(old)(value) if isinstance(old, (tuple, float)) else value
-  return config
 
 
 def load_params_into(params, workdir: str, adapt=None):
@@ -514,40 +368,3 @@ def load_params_into(params, workdir: str, adapt=None):
         ', '.join(missing[:10]),
     )
   return flax.traverse_util.unflatten_dict(flat)
-
-
-def export_params(workdir: str, out_workdir: str, step: Optional[int] = None) -> int:
-  """Writes a small evaluation-only copy of a run: the parameters and the config.
-
-  `out_workdir/checkpoints/<step>` holds {'params'} (the EMA when the run kept one) and the
-  run's config: what `restore_params` (so --mode=eval / predict) and `init_from` read, a
-  third of a full checkpoint (no optimiser moments, no RNG state). Training cannot resume
-  from it; fine-tune with --config.init_from=out_workdir instead.
-
-  Returns:
-    The exported step.
-  """
-  with make_manager(workdir, read_only=True) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint under {checkpoint_dir(workdir)} to export')
-    config = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[
-        CONFIG
-    ]
-  params = restore_params(workdir, step)
-  with make_manager(out_workdir, keep=1) as out:
-    out.save(
-        step,
-        args=ocp.args.Composite(
-            **{STATE: ocp.args.StandardSave({'params': params}), CONFIG: ocp.args.JsonSave(config)}
-        ),
-        force=True,
-    )
-    out.wait_until_finished()
-  return step
-
-
-if __name__ == '__main__':
-  if len(sys.argv) != 4 or sys.argv[1] != 'export':
-    sys.exit('usage: python -m diffhand_jax.checkpointing export WORKDIR OUT_WORKDIR')
-  print(f'exported step {export_params(sys.argv[2], sys.argv[3])} to {sys.argv[3]}')

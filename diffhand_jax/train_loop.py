@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from diffhand_jax import checkpointing
+from diffhand_jax import checkpoint_saver
 from diffhand_jax import flat_state
 from diffhand_jax import logging_utils
 from diffhand_jax import optim
@@ -236,7 +237,7 @@ def run_training(
   guard = _Guard(bool(config.train.skip_nonfinite))
   guard.last_saved = start_step or None
   writer = logging_utils.MetricWriter(workdir, 'train')
-  saver = checkpointing.AsyncSaver(manager)
+  saver = checkpoint_saver.AsyncSaver(manager)
   # An error (e.g. a non-finite loss) must not lose the async saves in flight.
   try:
     with PreemptionFlag() as preemption:

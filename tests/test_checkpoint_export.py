@@ -1,4 +1,4 @@
-"""checkpointing.export_params: a small evaluation-only copy of a run."""
+"""export.export_params: a small evaluation-only copy of a run."""
 
 import os
 
@@ -10,6 +10,8 @@ import pytest
 
 from configs import synthetic
 from diffhand_jax import checkpointing
+from diffhand_jax import export
+from diffhand_jax import trained_model
 from diffhand_jax import models
 
 
@@ -35,7 +37,7 @@ def test_export_keeps_the_evaluated_params_and_the_config(tmp_path, with_ema):
     checkpointing.save(manager, 7, state, config)
     manager.wait_until_finished()
 
-  assert checkpointing.export_params(run, out) == 7
+  assert export.export_params(run, out) == 7
   exported = checkpointing.restore_params(out)
   expected = ema if with_ema else params
   np.testing.assert_array_equal(exported['layer']['kernel'], expected['layer']['kernel'])
@@ -48,7 +50,7 @@ def test_export_keeps_the_evaluated_params_and_the_config(tmp_path, with_ema):
 
 def test_export_without_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
-    checkpointing.export_params(str(tmp_path / 'empty'), str(tmp_path / 'out'))
+    export.export_params(str(tmp_path / 'empty'), str(tmp_path / 'out'))
 
 
 def test_eval_and_predict_adopt_the_trained_model(tmp_path, caplog):
@@ -60,7 +62,7 @@ def test_eval_and_predict_adopt_the_trained_model(tmp_path, caplog):
   trained.model.width, trained.model.dtype = 48, 'bfloat16'
   trained.sampling.num_hypotheses = 4
   run = str(tmp_path / 'run')
-  assert checkpointing.adopt_trained_model(synthetic.get_config('smoke'), run).model.width == (
+  assert trained_model.adopt_trained_model(synthetic.get_config('smoke'), run).model.width == (
       synthetic.get_config('smoke').model.width
   )  # no checkpoint: unchanged
   with checkpointing.make_manager(run) as manager:
@@ -69,7 +71,7 @@ def test_eval_and_predict_adopt_the_trained_model(tmp_path, caplog):
 
   given = synthetic.get_config('smoke')
   with caplog.at_level('WARNING'):
-    adopted = checkpointing.adopt_trained_model(given, run)
+    adopted = trained_model.adopt_trained_model(given, run)
   assert (adopted.model.space_to_depth, adopted.data.image_size, adopted.model.width) == (
       2,
       128,
@@ -107,7 +109,7 @@ def test_the_trained_function_is_adopted_or_a_conflicting_flag_stops(
   given = synthetic.get_config('smoke')
   assert given[field] != value
   with caplog.at_level('WARNING'):
-    adopted = checkpointing.adopt_trained_model(given, run)
+    adopted = trained_model.adopt_trained_model(given, run)
   assert adopted[field] == value and adopted.schedule.num_timesteps == 500
   assert f'{field}={value!r}' in caplog.text
   model = models.build_model(adopted)
@@ -116,21 +118,21 @@ def test_the_trained_function_is_adopted_or_a_conflicting_flag_stops(
   assert built[field] == value and model.num_timesteps == 500
   # Set on the command line to the other value: an error naming the field, nothing adopted.
   with pytest.raises(ValueError, match=f'trained with {field}={value!r}.*sets {field}='):
-    checkpointing.adopt_trained_model(given, run, explicit=[field, 'sampling.eta'])
+    trained_model.adopt_trained_model(given, run, explicit=[field, 'sampling.eta'])
   # The same value on the command line is no conflict.
   given[field] = value
-  assert checkpointing.adopt_trained_model(given, run, explicit=[field])[field] == value
+  assert trained_model.adopt_trained_model(given, run, explicit=[field])[field] == value
 
 
 def test_every_field_that_defines_the_function_is_adopted(tmp_path):
   trained = synthetic.get_config('smoke')
   trained.data.render_size, trained.data.crop_margin, trained.mano_seed = 96, 1.6, 3
   trained.model.cpu_kernels = not trained.model.cpu_kernels  # compute only: not adopted
-  adopted = checkpointing.adopt_trained_model(
+  adopted = trained_model.adopt_trained_model(
       synthetic.get_config('smoke'), _saved_run(tmp_path, trained)
   )
   assert (adopted.data.render_size, adopted.data.crop_margin, adopted.mano_seed) == (96, 1.6, 3)
   assert adopted.model.cpu_kernels == synthetic.get_config('smoke').model.cpu_kernels
-  fields = checkpointing.trained_function_fields(adopted)
+  fields = trained_model.trained_function_fields(adopted)
   assert {'diffusion', 'decoder', 'vertex_scale', 'schedule.cosine_s', 'model.width'} <= set(fields)
   assert not {'model.dtype', 'model.cpu_kernels', 'sampling.num_sampling_steps'} & set(fields)

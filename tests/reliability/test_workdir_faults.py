@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from diffhand_jax import checkpointing
+from diffhand_jax import checkpoint_saver
 from diffhand_jax import train
 from orbax.checkpoint._src.path import async_path
 import helpers
@@ -116,7 +117,7 @@ def test_background_save_failure_stops_training_at_once(tmp_path, monkeypatch):
   task = task._replace(
       train_iterator=slow, evaluate=lambda params, step: {'err': 1.0} if step == 2 else {}
   )
-  with pytest.raises(checkpointing.CheckpointSaveError) as raised:
+  with pytest.raises(checkpoint_saver.CheckpointSaveError) as raised:
     train.run_training(config, str(workdir), task)
   message = str(raised.value)
   assert 'saving the checkpoint of step 2' in message, message
