@@ -12,7 +12,7 @@
 #     --toy (or GPU_BENCH_TOY=1): ViT-micro at 32 px, batch 2: the whole table on a CPU in a
 #     minute or two, to check the plumbing.
 #   PYTHON=python3 (default), PEAK_TFLOPS=989 (H100/H200 SXM dense bf16; --toy: 1),
-#   BUDGET_S=560 (all pieces together; --toy: 600).
+#   BUDGET_S=540 (all pieces together; --toy: 1200, an upper bound for a loaded CPU).
 # Writes <out>/gpu_table.md (and .json, one .log per piece); prints the table.
 set -u
 toy=${GPU_BENCH_TOY:-}

@@ -235,54 +235,22 @@ def run_fit(config, guess: int, compile_s: float, deadline: float):
   return (batch, 'ran') if guess <= batch else (guess, 'planned')
 
 
-def compile_side_by_side(config, step, state, batch):
-  """The timed step and the memory plans, compiled at once (the host's cores, not its GPU).
-
-  Returns:
-    (compiled step, lower s, compile s, model FLOPs per step, {variant: planned bytes}) with
-    variants 'plain' (the timed step), 'remat' (remat on) and 'double' (twice the batch).
-  """
-  start = time.perf_counter()
-  lowered = step.lower(state, batch)
-  lower_s = time.perf_counter() - start
-  batch_size = int(config.train.global_batch_size)
-  variants = {
-      'remat': abstract_step(with_changes(config, remat=True)),
-      'double': abstract_step(with_changes(config, batch=2 * batch_size)),
-  }
-  with concurrent.futures.ThreadPoolExecutor(1 + len(variants)) as pool:
-    main = pool.submit(timed_compile, lowered)
-    plans = {name: pool.submit(compile_for_memory, stage) for name, stage in variants.items()}
-    compiled, compile_s = main.result()
-    planned = {name: train_step.planned_peak_bytes(p.result()) for name, p in plans.items()}
-  planned['plain'] = train_step.planned_peak_bytes(compiled)
-  return compiled, lower_s, compile_s, train_step.cost_flops(lowered), planned
-
-
-def run_train(args, rows: Rows) -> None:
-  """The train-step row of DeiT-`args.model`: compiles, timing, then the largest batch."""
-  key = f'train_{args.model}'
-  config = bench_config(args.model, args.toy)
+def start_memory_plans(pool, config) -> dict:
+  """{variant: future of its compiled step} for 'remat' (remat on) and 'double' (twice the
+  batch), lowered from abstract shapes and compiled in `pool` (the host's cores, not the GPU)."""
   batch = int(config.train.global_batch_size)
-  rows.update(key, status='running: compile', batch=batch)
-  roofline = roofline_rate(args)
-  step, state, data = train_step.build_step(config)
-  compiled, lower_s, compile_s, flops, planned = compile_side_by_side(config, step, state, data)
-  rows.update(
-      key,
-      status='running: time',
-      first_s=f'{lower_s:.1f} + {compile_s:.1f}',
-      gflop_per_step=flops / 1e9,
-      memory_gib=planned['plain'] / 2**30,
-      memory_remat_gib=planned['remat'] / 2**30,
-  )
-  seconds, (low, high), state = train_step.time_steps(
-      compiled, state, data, args.steps, args.repeats
-  )
-  del step, compiled, state, data
-  rows.update(
-      key,
-      status='running: run the largest batch',
+  variants = {
+      'remat': with_changes(config, remat=True),
+      'double': with_changes(config, batch=2 * batch),
+  }
+  return {name: pool.submit(compile_for_memory, abstract_step(c)) for name, c in variants.items()}
+
+
+def time_compiled(compiled, state, data, args, flops: float, roofline: float) -> dict:
+  """The timing fields of a train row: `args.repeats` x `args.steps` steps of `compiled`."""
+  seconds, (low, high), _ = train_step.time_steps(compiled, state, data, args.steps, args.repeats)
+  batch = int(jax.tree.leaves(data)[0].shape[0])
+  return dict(
       ms=1e3 * seconds,
       ms_min=1e3 * low,
       ms_max=1e3 * high,
@@ -291,14 +259,45 @@ def run_train(args, rows: Rows) -> None:
       mfu_matmul=flops / seconds / roofline,
       mfu_peak=flops / seconds / (args.peak_tflops * 1e12),
   )
+
+
+def run_train(args, rows: Rows) -> None:
+  """The train-step row of DeiT-`args.model`: compile (the memory plans alongside), time, then
+  the largest batch."""
+  key = f'train_{args.model}'
+  config = bench_config(args.model, args.toy)
+  batch = int(config.train.global_batch_size)
+  rows.update(key, status='running: compile', batch=batch)
+  roofline = roofline_rate(args)
+  step, state, data = train_step.build_step(config)
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    start = time.perf_counter()
+    lowered = step.lower(state, data)
+    lower_s = time.perf_counter() - start
+    main = pool.submit(timed_compile, lowered)
+    plans = start_memory_plans(pool, config)  # traced while the timed step compiles
+    compiled, compile_s = main.result()
+    flops, peak = train_step.cost_flops(lowered), train_step.planned_peak_bytes(compiled)
+    rows.update(
+        key,
+        status='running: time',
+        first_s=f'{lower_s:.1f} + {compile_s:.1f}',
+        gflop_per_step=flops / 1e9,
+        memory_gib=peak / 2**30,
+    )
+    fields = time_compiled(compiled, state, data, args, flops, roofline)
+    rows.update(key, status='running: plan memory', **fields)
+    del step, compiled, state, data
+    planned = {name: train_step.planned_peak_bytes(p.result()) for name, p in plans.items()}
+  rows.update(key, memory_remat_gib=planned['remat'] / 2**30)
   limit = memory_limit(args)
   rows.meta(memory_limit_gib=limit / 2**30)
   if not limit:
     rows.update(key, status='ok', largest_batch='n/a (no memory limit)')
     return
-  guess = fitted_batch(planned['plain'], planned['double'], batch, limit)
+  guess = fitted_batch(peak, planned['double'], batch, limit)
   guess = min(guess, args.max_fit_batch) if args.max_fit_batch else guess
-  rows.update(key, largest_batch=f'{guess} (planned)')
+  rows.update(key, status='running: run the largest batch', largest_batch=f'{guess} (planned)')
   fit, how = run_fit(config, guess, compile_s, args.deadline)
   rows.update(key, status='ok', largest_batch=f'{fit} ({how})')
 

@@ -187,42 +187,45 @@ def close_rows(piece: Piece, written: dict, outcome: str, limit_s: float) -> dic
   return rows
 
 
+def run_piece(piece: Piece, args, limit: float) -> tuple:
+  """Runs `piece` for at most `limit` seconds; returns (its rows, each with a status, meta)."""
+  result = os.path.join(args.out, f'{piece.name}.json')
+  if os.path.exists(result):
+    os.remove(result)
+  began = time.time()
+  print(f'=== {piece.name} (limit {limit:.0f} s) ===', flush=True)
+  command = piece_command(piece, args, result, began + limit)
+  log = os.path.join(args.out, f'{piece.name}.log')
+  outcome = run_process(command, limit, log, piece_env(piece, args))
+  print(f'    {outcome} after {time.time() - began:.0f} s', flush=True)
+  written = read_rows(result)
+  return close_rows(piece, written.get('rows', {}), outcome, limit), written.get('meta', {})
+
+
 def run_all(args) -> tuple:
-  """Runs every piece in its time limit; returns ({row key: row}, meta)."""
+  """Runs every piece in its time limit, the table saved after each; returns (rows, meta)."""
   os.makedirs(args.out, exist_ok=True)
   shutil.rmtree(os.path.join(args.out, 'xla_cache'), ignore_errors=True)  # toy: a cold start
   plan = pieces()
   scale = args.budget_s / sum(p.budget_s for p in plan)
   has_torch = importlib.util.find_spec('torch') is not None
   start = time.time()
-  end = start + args.budget_s
   rows, meta, bank = {}, {}, 0.0
   for piece in plan:
     share = piece.budget_s * scale
-    limit = min(share + bank, end - time.time())
+    limit = min(share + bank, start + args.budget_s - time.time())
+    began = time.time()
     if piece.needs_torch and not has_torch:
       rows.update({key: {'status': 'not installed'} for key in piece.rows})
-      bank += share
-      continue
-    if limit < MIN_PIECE_S:
+    elif limit < MIN_PIECE_S:
       rows.update({key: {'status': 'skipped: no time left'} for key in piece.rows})
-      continue
-    result = os.path.join(args.out, f'{piece.name}.json')
-    if os.path.exists(result):
-      os.remove(result)
-    began = time.time()
-    print(f'=== {piece.name} (limit {limit:.0f} s) ===', flush=True)
-    command = piece_command(piece, args, result, began + limit)
-    outcome = run_process(
-        command, limit, os.path.join(args.out, f'{piece.name}.log'), piece_env(piece, args)
-    )
-    used = time.time() - began
-    print(f'    {outcome} after {used:.0f} s', flush=True)
-    bank = max(0.0, share + bank - used)
-    written = read_rows(result)
-    meta.update(written.get('meta', {}))
-    rows.update(close_rows(piece, written.get('rows', {}), outcome, limit))
-  meta['total_s'] = time.time() - start
+    else:
+      piece_rows, piece_meta = run_piece(piece, args, limit)
+      rows.update(piece_rows)
+      meta.update(piece_meta)
+    bank = max(0.0, share + bank - (time.time() - began))
+    meta['total_s'] = time.time() - start
+    save(rows, meta, args)
   return rows, meta
 
 
@@ -270,7 +273,7 @@ def table_lines(rows: dict) -> list:
   """The markdown table: one line per entry of ROWS."""
   lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
   for key, workload, framework in ROWS:
-    row = dict(cells(rows.get(key, {'status': 'missing'})), workload=workload, framework=framework)
+    row = dict(cells(rows.get(key, {'status': 'not run'})), workload=workload, framework=framework)
     lines.append('| ' + ' | '.join(row[c] for c in COLUMNS) + ' |')
   return lines
 
@@ -341,26 +344,33 @@ def parse_args(argv=None):
   parser.add_argument('--out', default='runs/gpu_benchmarks')
   parser.add_argument('--toy', action='store_true', help='toy sizes: the plumbing on a CPU')
   parser.add_argument('--peak_tflops', type=float, default=0.0, help='0: 989 (1 with --toy)')
-  parser.add_argument('--budget_s', type=float, default=0.0, help='0: 560 (600 with --toy)')
+  parser.add_argument(
+      '--budget_s', type=float, default=0.0, help='0: 540 (--toy: 1200, for a loaded CPU)'
+  )
   parser.add_argument('--python', default=sys.executable, help='runs the pieces')
   parser.add_argument(
       '--toy_memory_gib', type=float, default=1.0, help='the pretend device limit of --toy'
   )
   args = parser.parse_args(argv)
   args.peak_tflops = args.peak_tflops or (1.0 if args.toy else 989.0)
-  args.budget_s = args.budget_s or (600.0 if args.toy else 560.0)
+  args.budget_s = args.budget_s or (1200.0 if args.toy else 540.0)
   return args
+
+
+def save(rows: dict, meta: dict, args) -> str:
+  """Writes the report (rows not yet run: 'not run') and the raw rows to args.out."""
+  text = report(rows, meta, args)
+  with open(os.path.join(args.out, 'gpu_table.md'), 'w') as f:
+    f.write(text)
+  with open(os.path.join(args.out, 'gpu_table.json'), 'w') as f:
+    json.dump({'rows': rows, 'meta': meta}, f, indent=1)
+  return text
 
 
 def main(argv=None):
   args = parse_args(argv)
   rows, meta = run_all(args)
-  text = report(rows, meta, args)
-  print('\n' + text)
-  with open(os.path.join(args.out, 'gpu_table.md'), 'w') as f:
-    f.write(text)
-  with open(os.path.join(args.out, 'gpu_table.json'), 'w') as f:
-    json.dump({'rows': rows, 'meta': meta}, f, indent=1)
+  print('\n' + save(rows, meta, args))
 
 
 if __name__ == '__main__':
