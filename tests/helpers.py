@@ -4,7 +4,8 @@
   pipeline (test_train_loop, test_flat_state and the reliability tests).
 - The smoke model on 32 x 32 crops, its images and parameters, built once per session on first
   use (test_model, test_sampling).
-- `launch`: launch.py in a fresh process (test_train_e2e, test_demo).
+- `launch`: launch.py in a fresh process (test_train_e2e, test_demo); `tiny_training_script`
+  and `start_script`: the tiny task trained in a process a test can signal (reliability).
 
 Nothing runs JAX at import time: pytest imports every test module before it runs any test.
 """
@@ -14,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -155,3 +157,51 @@ def launch(*args, devices=2, timeout=900):
   output = result.stdout + result.stderr
   assert result.returncode == 0, output[-4000:]
   return output
+
+
+# ---- The tiny task in a process of its own ----
+
+_TINY_TRAINING_SCRIPT = textwrap.dedent("""
+    import sys, time
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import helpers
+    from diffhand_jax import train_loop
+
+    config = helpers.tiny_config(**{train_overrides!r})
+    config.train.num_steps = {num_steps!r}
+
+    def slow(start):  # ~0.1 s a step: signals land in steps and in async saves
+      for batch in helpers.tiny_iterator(config, start):
+        time.sleep(0.1)
+        yield batch
+
+    task = helpers.tiny_task(config)._replace(train_iterator=slow)
+    train_loop.run_training(config, sys.argv[1], task)
+    print('FINISHED', flush=True)
+""")
+
+
+def tiny_training_script(path, num_steps, **train_overrides):
+  """Writes to `path` a script that trains `tiny_config(**train_overrides)` for `num_steps`
+  steps (~0.1 s each) in the workdir given as its argument, then prints FINISHED."""
+  path.write_text(
+      _TINY_TRAINING_SCRIPT.format(
+          root=ROOT,
+          tests=os.path.join(ROOT, 'tests'),
+          num_steps=num_steps,
+          train_overrides=train_overrides,
+      )
+  )
+  return path
+
+
+def start_script(script, workdir):
+  """Starts `script workdir` on 4 fake CPU devices; stdout and stderr in one text pipe."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  return subprocess.Popen(
+      [sys.executable, '-u', str(script), str(workdir)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )

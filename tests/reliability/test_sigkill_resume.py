@@ -4,11 +4,7 @@ Each rerun resumes from the last complete checkpoint (a partial one is never rea
 run ends with the same parameters, EMA and optimiser state as an uninterrupted run.
 """
 
-import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 
 import jax
@@ -19,43 +15,14 @@ from diffhand_jax import checkpointing
 from diffhand_jax import train
 import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_STEPS = 12
-
-_SCRIPT = textwrap.dedent("""
-    import sys, time
-    sys.path[:0] = [{root!r}, {tests!r}, {here!r}]
-    import test_sigkill_resume
-    import helpers
-    from diffhand_jax import train
-
-    config = test_sigkill_resume.run_config()
-
-    def slow(start):  # ~0.1 s a step: the kills land in steps and in async saves
-      for batch in helpers.tiny_iterator(config, start):
-        time.sleep(0.1)
-        yield batch
-
-    train.run_training(config, sys.argv[1], helpers.tiny_task(config)._replace(train_iterator=slow))
-    print('FINISHED', flush=True)
-""")
+RUN = dict(checkpoint_every=1, keep_checkpoints=2)  # config.train of the killed runs
 
 
 def run_config():
-  config = helpers.tiny_config(checkpoint_every=1, keep_checkpoints=2)
+  config = helpers.tiny_config(**RUN)
   config.train.num_steps = NUM_STEPS
   return config
-
-
-def start(script, workdir):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  return subprocess.Popen(
-      [sys.executable, '-u', str(script), str(workdir)],
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-  )
 
 
 def kill_after_step(process, step, extra_delay):
@@ -76,17 +43,14 @@ def test_sigkill_at_random_points_then_rerun_matches_an_uninterrupted_run(tmp_pa
   straight = jax.device_get(
       train.run_training(run_config(), str(tmp_path / 'straight'), helpers.tiny_task(run_config()))
   )
-  script = tmp_path / 'train.py'
-  script.write_text(
-      _SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, 'tests'), here=os.path.dirname(__file__))
-  )
+  script = helpers.tiny_training_script(tmp_path / 'train.py', NUM_STEPS, **RUN)
   workdir = tmp_path / 'killed'
   rng = np.random.default_rng(13)
   resumed_from = []
   kill_step = 0
   for _ in range(3):
     kill_step = int(rng.integers(kill_step + 1, kill_step + 4))
-    process = start(script, workdir)
+    process = helpers.start_script(script, workdir)
     output = kill_after_step(process, kill_step, float(rng.uniform(0.0, 0.15)))
     assert process.returncode == -signal.SIGKILL, output[-2000:]
     # What is on disk is complete: the latest checkpoint restores, whatever the kill hit.
@@ -95,7 +59,7 @@ def test_sigkill_at_random_points_then_rerun_matches_an_uninterrupted_run(tmp_pa
     with checkpointing.make_manager(str(workdir), read_only=True) as manager:
       assert int(checkpointing.restore_state(manager, latest)['step']) == latest
     resumed_from.append(latest)
-  process = start(script, workdir)
+  process = helpers.start_script(script, workdir)
   output, _ = process.communicate(timeout=300)
   assert process.returncode == 0 and 'FINISHED' in output, output[-3000:]
   assert 'Unreadable checkpoint' not in output  # no partial checkpoint was ever read

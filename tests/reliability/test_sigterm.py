@@ -4,7 +4,6 @@ The process saves a checkpoint of the step it has reached, says so, and exits 0 
 bounded time; the rerun resumes from that step and ends where an uninterrupted run ends.
 """
 
-import os
 import signal
 import time
 
@@ -14,36 +13,27 @@ import pytest
 
 from diffhand_jax import checkpointing
 from diffhand_jax import train
-import test_sigkill_resume
 import helpers
 
 NUM_STEPS = 12
 SIGTERM_AFTER_STEP = 5
 EXIT_WITHIN_S = 60
 
-_SCRIPT = test_sigkill_resume._SCRIPT.replace(  # pylint: disable=protected-access
-    'test_sigkill_resume.run_config()', 'test_sigterm.run_config()'
-).replace('import test_sigkill_resume', 'import test_sigterm')
+# No periodic checkpoint before the end: the only one on disk is the one SIGTERM wrote.
+RUN = dict(checkpoint_every=1000, keep_checkpoints=2)
 
 
 def run_config():
-  # No periodic checkpoint before the end: the only one on disk is the one SIGTERM wrote.
-  config = helpers.tiny_config(checkpoint_every=1000, keep_checkpoints=2)
+  config = helpers.tiny_config(**RUN)
   config.train.num_steps = NUM_STEPS
   return config
 
 
 @pytest.mark.slow
 def test_sigterm_saves_the_current_step_exits_0_and_the_rerun_resumes(tmp_path):
-  script = tmp_path / 'train.py'
-  here = os.path.dirname(os.path.abspath(__file__))
-  script.write_text(
-      _SCRIPT.format(
-          root=os.path.dirname(os.path.dirname(here)), tests=os.path.dirname(here), here=here
-      )
-  )
+  script = helpers.tiny_training_script(tmp_path / 'train.py', NUM_STEPS, **RUN)
   workdir = tmp_path / 'run'
-  process = test_sigkill_resume.start(script, workdir)
+  process = helpers.start_script(script, workdir)
   lines = []
   for line in process.stdout:
     lines.append(line)
@@ -62,7 +52,7 @@ def test_sigterm_saves_the_current_step_exits_0_and_the_rerun_resumes(tmp_path):
   assert f'SIGTERM: saved a checkpoint at step {saved}' in output
   assert f'step {saved + 1}/{NUM_STEPS}' not in output  # it stopped there
 
-  rerun = test_sigkill_resume.start(script, workdir)
+  rerun = helpers.start_script(script, workdir)
   output, _ = rerun.communicate(timeout=300)
   assert rerun.returncode == 0 and 'FINISHED' in output, output[-3000:]
   assert f'step {saved}/{NUM_STEPS}' not in output and f'step {saved + 1}/{NUM_STEPS}' in output
