@@ -426,7 +426,6 @@ def format_diagnostics(scores: dict) -> str:
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`--mode=eval`: the latest checkpoint of `workdir` (EMA params if kept)."""
-  input_pipeline.check_dataset_available(config)
   # The newest readable checkpoint (unreadable newer ones are skipped with a warning).
   step, params = checkpointing.restore_latest_params(workdir)
   return evaluate(config, params, workdir=workdir, checkpoint_step=step)

@@ -415,21 +415,6 @@ def eval_dataset_from(source, num_examples, config, *, batch_size, num_batches):
 
 # ---- Sources: TFDS builders from the config ----
 
-# Data sets whose readers are planned but not written yet (none left: DexYCB and HO-3D v2
-# are read by datasets/dexycb and datasets/ho3d).
-PLANNED_DATASETS = {}
-
-
-def check_dataset_available(config):
-  """Raises NotImplementedError for data sets whose reader is not written yet."""
-  name = config.data.name
-  if name in PLANNED_DATASETS:
-    raise NotImplementedError(
-        f'config.data.name={name!r}: the {PLANNED_DATASETS[name]} reader is not '
-        'implemented yet (planned issue); the config records the paper setting. '
-        "Available: 'synthetic', 'freihand', 'dexycb', 'ho3d'."
-    )
-
 
 def get_builder(config, need_train=True):
   """The prepared TFDS builder of `config.data.name` ('synthetic' | 'freihand' | 'dexycb' |
@@ -438,7 +423,6 @@ def get_builder(config, need_train=True):
   need_train=False: only the evaluation split is read (the synthetic set then skips rendering
   a training split that is not there yet).
   """
-  check_dataset_available(config)
   name = config.data.name
   if name == 'synthetic':
     return synthetic_hands.prepare(config, need_train=need_train)

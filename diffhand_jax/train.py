@@ -35,7 +35,6 @@ WATCH = ('loss_x0_tmax', 'grad_norm')
 # ---- The DiffHand task ----
 def build_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
   """The DiffHand model, losses, train stream and periodic evaluation."""
-  input_pipeline.check_dataset_available(config)
   # ---- Model ----
   model = models.build_model(config)
   faces = procedural_mano.load_hand_model(config).faces
