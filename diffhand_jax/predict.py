@@ -188,6 +188,162 @@ def _write_result(paths, record, image, faces):
     json.dump(serialisable, f)
 
 
+def _check_predictable(config):
+  """Refuses a config this mode cannot serve (depth-conditioned models)."""
+  if config.model.use_depth:
+    raise ValueError(
+        '--mode=predict does not support depth-conditioned models '
+        '(config.model.use_depth=True): user images come without depth maps'
+    )
+
+
+def _plan_outputs(input_path, output_dir, overwrite):
+  """The images to read and where each one's outputs go, checked before any work.
+
+  Args:
+    input_path: an image file or a folder of images.
+    output_dir: the output folder.
+    overwrite: whether existing output files may be replaced.
+
+  Returns:
+    [(image path, `output_paths` dict)], one per image file, sorted.
+
+  Raises:
+    ValueError: two images share a file stem (their outputs would collide).
+    FileExistsError: an output file exists and `overwrite` is False.
+  """
+  jobs = [(path, output_paths(output_dir, path)) for path in list_images(input_path)]
+  stems = [os.path.basename(paths['json']) for _, paths in jobs]
+  if len(set(stems)) != len(stems):
+    raise ValueError(
+        f'images in {input_path!r} share a file stem (e.g. a.jpg and a.png): '
+        'their outputs would collide'
+    )
+  _check_outputs_free(jobs, overwrite)
+  return jobs
+
+
+def _read_inputs(jobs, focal_length_224, image_size, skipped):
+  """Reads and crops each image in turn; reports and skips the unreadable ones.
+
+  Args:
+    jobs: [(image path, `output_paths` dict)].
+    focal_length_224: the assumed focal length at a 224 px crop.
+    image_size: the network's crop side, pixels.
+    skipped: a list that receives (image path, reason) per unreadable image.
+
+  Yields:
+    One dict per readable image: 'path', 'paths', 'number' (1-based in `jobs`), 'image' uint8
+    [H, W, 3], 'K' [3, 3] its assumed intrinsics, 'crop' [S, S, 3] the network input and
+    'crop_K' [3, 3] the crop's intrinsics (S = image_size).
+  """
+  for number, (path, paths) in enumerate(jobs, start=1):
+    try:
+      image = read_image(path)
+    except ValueError as error:
+      skipped.append((path, str(error)))
+      print(f'[{number}/{len(jobs)}] skipped: {error}', flush=True)
+      continue
+    K = assumed_intrinsics(image.shape[0], image.shape[1], focal_length_224)
+    crop, crop_K = input_pipeline.preprocess_image(image, image_size, K=K)
+    yield {
+        'path': path,
+        'paths': paths,
+        'image': image,
+        'K': K,
+        'crop': crop,
+        'crop_K': crop_K,
+        'number': number,
+    }
+
+
+def _batches(items, batch_size):
+  """Groups an iterable into lists of batch_size (the last one may be shorter)."""
+  pending = []
+  for item in items:
+    pending.append(item)
+    if len(pending) == batch_size:
+      yield pending
+      pending = []
+  if pending:
+    yield pending
+
+
+def _sample_batch(sample_fn, params, pending, batch_size, rng):
+  """Samples the meshes of one batch, padded to batch_size (one compilation).
+
+  Args:
+    sample_fn: `evaluate.make_sample_fn`'s sampler.
+    params: the model's 'params' collection, on one device.
+    pending: B <= batch_size dicts from `_read_inputs`.
+    batch_size: the padded batch size N.
+    rng: the PRNG key of this batch.
+
+  Returns:
+    The sampler's outputs on the host, [N, ...] each; rows past B are padding.
+  """
+  crops = np.stack([item['crop'] for item in pending])
+  crop_K = np.stack([item['crop_K'] for item in pending])
+  pad = batch_size - len(pending)
+  crops = np.concatenate([crops, np.repeat(crops[-1:], pad, axis=0)])
+  crop_K = np.concatenate([crop_K, np.repeat(crop_K[-1:], pad, axis=0)])
+  return jax.device_get(sample_fn(params, jnp.asarray(crops), rng, None, jnp.asarray(crop_K)))
+
+
+def _result_record(item, out, row, sampling):
+  """The JSON record of one image (keys in `JSON_KEYS`, less 'joints2d').
+
+  Args:
+    item: the image's dict from `_read_inputs`.
+    out: the batch's sampler outputs from `_sample_batch`.
+    row: the image's row in `out`.
+    sampling: config.sampling.
+
+  Returns:
+    A dict of numpy arrays and numbers.
+  """
+  joints_camera = np.asarray(out['joints_camera'][row], np.float64)
+  return {
+      'image': item['path'],
+      'image_size': list(item['image'].shape[:2]),
+      'intrinsics': item['K'],
+      'crop_intrinsics': item['crop_K'],
+      'camera': np.asarray(out['camera'][row]),
+      'root': joints_camera[0],  # the sampler's joints are wrist-relative
+      'joints': np.asarray(out['joints'][row]),
+      'vertices': np.asarray(out['vertices'][row]),
+      'joints_camera': joints_camera,
+      'vertices_camera': np.asarray(out['vertices_camera'][row]),
+      'vertex_std': np.asarray(out['vertex_std'][row]),
+      'num_hypotheses': int(sampling.num_hypotheses),
+      'num_sampling_steps': int(sampling.num_sampling_steps),
+      'noise_scale': float(sampling.get('noise_scale', 1.0)),
+  }
+
+
+def _write_batch(pending, out, sampling, faces, total):
+  """Writes the outputs of one sampled batch and reports each image.
+
+  Args:
+    pending: the batch's dicts from `_read_inputs`.
+    out: their sampler outputs from `_sample_batch`.
+    sampling: config.sampling.
+    faces: [F, 3] int mesh faces.
+    total: the number of input images (for the progress lines).
+
+  Returns:
+    The JSON paths written, in batch order.
+  """
+  written = []
+  for row, item in enumerate(pending):
+    record = _result_record(item, out, row, sampling)
+    _write_result(item['paths'], record, item['image'], faces)
+    written.append(item['paths']['json'])
+    note = '' if record['joints2d'] is not None else ' (mesh behind the camera: not drawn)'
+    print(f'[{item["number"]}/{total}] {item["path"]} -> {item["paths"]["json"]}{note}', flush=True)
+  return written
+
+
 def predict(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -216,21 +372,9 @@ def predict(
     FileExistsError: an output file exists and `overwrite` is False.
     ValueError: no images, or a config this mode cannot serve (depth-conditioned models).
   """
-  if config.model.use_depth:
-    raise ValueError(
-        '--mode=predict does not support depth-conditioned models '
-        '(config.model.use_depth=True): user images come without depth maps'
-    )
-  image_paths = list_images(input_path)
+  _check_predictable(config)
   output_dir = output_dir or os.path.join(workdir, OUTPUT_SUBDIR)
-  jobs = [(path, output_paths(output_dir, path)) for path in image_paths]
-  stems = [os.path.basename(paths['json']) for _, paths in jobs]
-  if len(set(stems)) != len(stems):
-    raise ValueError(
-        f'images in {input_path!r} share a file stem (e.g. a.jpg and a.png): '
-        'their outputs would collide'
-    )
-  _check_outputs_free(jobs, overwrite)
+  jobs = _plan_outputs(input_path, output_dir, overwrite)
   focal_length_224 = _focal_length_224(config)
   if params is None:
     params = checkpointing.restore_params(workdir)
@@ -241,80 +385,15 @@ def predict(
   model = models.build_model(config)
   faces = np.asarray(procedural_mano.load_hand_model(config).faces)
   sample_fn = evaluate.make_sample_fn(model, config)
-  image_size = int(config.data.image_size)
   # Every batch is padded to this size (one compilation); no bigger than the input needs.
   batch_size = max(1, min(int(config.eval.batch_size), len(jobs)))
   base_rng = jax.random.PRNGKey(config.seed)
   written, skipped = [], []
-  total = len(jobs)
-
-  def flush(pending, batch_number):
-    """Samples one batch (padded to batch_size: one compilation) and writes its results."""
-    crops = np.stack([item['crop'] for item in pending])
-    crop_K = np.stack([item['crop_K'] for item in pending])
-    pad = batch_size - len(pending)
-    crops = np.concatenate([crops, np.repeat(crops[-1:], pad, axis=0)])
-    crop_K = np.concatenate([crop_K, np.repeat(crop_K[-1:], pad, axis=0)])
-    out = jax.device_get(
-        sample_fn(
-            params,
-            jnp.asarray(crops),
-            jax.random.fold_in(base_rng, batch_number),
-            None,
-            jnp.asarray(crop_K),
-        )
-    )
-    for row, item in enumerate(pending):
-      joints_camera = np.asarray(out['joints_camera'][row], np.float64)
-      record = {
-          'image': item['path'],
-          'image_size': list(item['image'].shape[:2]),
-          'intrinsics': item['K'],
-          'crop_intrinsics': item['crop_K'],
-          'camera': np.asarray(out['camera'][row]),
-          'root': joints_camera[0],  # the sampler's joints are wrist-relative
-          'joints': np.asarray(out['joints'][row]),
-          'vertices': np.asarray(out['vertices'][row]),
-          'joints_camera': joints_camera,
-          'vertices_camera': np.asarray(out['vertices_camera'][row]),
-          'vertex_std': np.asarray(out['vertex_std'][row]),
-          'num_hypotheses': int(config.sampling.num_hypotheses),
-          'num_sampling_steps': int(config.sampling.num_sampling_steps),
-          'noise_scale': float(config.sampling.get('noise_scale', 1.0)),
-      }
-      _write_result(item['paths'], record, item['image'], faces)
-      written.append(item['paths']['json'])
-      note = '' if record['joints2d'] is not None else ' (mesh behind the camera: not drawn)'
-      print(
-          f'[{item["number"]}/{total}] {item["path"]} -> {item["paths"]["json"]}{note}', flush=True
-      )
-
-  pending, batch_number = [], 0
-  for number, (path, paths) in enumerate(jobs, start=1):
-    try:
-      image = read_image(path)
-    except ValueError as error:
-      skipped.append((path, str(error)))
-      print(f'[{number}/{total}] skipped: {error}', flush=True)
-      continue
-    K = assumed_intrinsics(image.shape[0], image.shape[1], focal_length_224)
-    crop, crop_K = input_pipeline.preprocess_image(image, image_size, K=K)
-    pending.append(
-        {
-            'path': path,
-            'paths': paths,
-            'image': image,
-            'K': K,
-            'crop': crop,
-            'crop_K': crop_K,
-            'number': number,
-        }
-    )
-    if len(pending) == batch_size:
-      flush(pending, batch_number)
-      pending, batch_number = [], batch_number + 1
-  if pending:
-    flush(pending, batch_number)
+  inputs = _read_inputs(jobs, focal_length_224, int(config.data.image_size), skipped)
+  for batch_number, pending in enumerate(_batches(inputs, batch_size)):
+    rng = jax.random.fold_in(base_rng, batch_number)
+    out = _sample_batch(sample_fn, params, pending, batch_size, rng)
+    written += _write_batch(pending, out, config.sampling, faces, len(jobs))
   print(
       f'Predicted {len(written)} image(s) into {output_dir}; skipped {len(skipped)} '
       'unreadable file(s)' + ''.join(f'\n  {reason}' for _, reason in skipped),
