@@ -301,7 +301,8 @@ def report(rows: dict, meta: dict, args) -> str:
   )
   if args.toy:
     header += (
-        ' TOY MODE: every model is a ViT-micro at 32 px, batch 2 (plumbing, not a measurement).'
+        ' TOY MODE: every model is a ViT-micro at 32 px, batch 2, the memory limit pretend '
+        '(the plumbing, not a measurement).'
     )
   mfu_large = rows.get('train_large', {}).get('mfu_matmul')
   steps, repeats, torch_repeats = timing(args)
