@@ -98,12 +98,14 @@ def get_config(arg=None):
   config.schedule.cosine_s = 0.008
   config.sampling = ml_collections.ConfigDict()
   # DDIM steps. 1 = one decoder call at t = T - 1 (the x̂0 of pure noise: the model's estimate of
-  # the posterior mean), the best measured setting of the shipped model on unseen hands (issue 36;
-  # seed 1000, 256 hands; docs/experiments/2026-12-08-sampler.md): MPJPE 33.6 / PA-MPJPE 18.6 mm
-  # (0.449 / 0.495 of the mean hand), roughness 1.37x the true meshes', at 1/10 of the cost. The
-  # paper's 10 steps (S = 10, K = 1): 40.2 / 22.0 mm (0.54 / 0.59); with noise_scale 0, 36.7 / 18.8;
-  # the mean of K = 8 samples of 10 steps, 34.7 / 19.0. (A 640-step `make demo` model keeps the
-  # better PA-MPJPE with 10 steps, 25.8 against 28.2 mm; pass num_sampling_steps=10 to compare.)
+  # the posterior mean), the best measured setting of the shipped model on unseen hands (issue 36,
+  # docs/experiments/2026-12-08-sampler.md; `--mode=eval --config.seed=1000`, 256 hands): MPJPE
+  # 33.0 / PA-MPJPE 18.8 mm (0.441 / 0.500 of the mean hand), roughness 1.37x the true meshes', at
+  # 1/10 of the cost. The paper's 10 steps (S = 10, K = 1): 39.5 / 21.9 mm (0.53 / 0.58); with
+  # noise_scale 0, 35.9 / 18.9; the mean of K = 8 samples of 10 steps, 34.4 / 19.2. (A 640-step
+  # `make demo` model keeps the better PA-MPJPE with 10 steps, 25.8 against 28.2 mm. Use 10 to
+  # compare with the paper, and with num_hypotheses > 1 for uncertainty: one-step hypotheses barely
+  # differ.)
   config.sampling.num_sampling_steps = 1
   config.sampling.eta = 0.0
   # Standard deviation of the starting noise x_T (the paper and training: 1; < 1 samples
