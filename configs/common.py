@@ -87,6 +87,7 @@ def paper_config(
   epoch_schedule(config, num_train_images)
   config.train.log_every = 100
   config.sampling.num_sampling_steps = 10
+  config.sampling.smoothing_iterations = 0  # the paper's raw decoder output
   config.eval.tta_angles = tuple(tta_angles)
 
   if arg == 'smoke':

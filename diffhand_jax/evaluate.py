@@ -63,6 +63,7 @@ def make_sample_fn(model, config: ml_collections.ConfigDict):
       aggregate=config.sampling.aggregate,
       eta=float(config.sampling.eta),
       noise_scale=float(config.sampling.get('noise_scale', 1.0)),
+      smoothing_iterations=int(config.sampling.get('smoothing_iterations', 0)),
   )
   angles = tuple(float(a) for a in config.eval.tta_angles)
   if angles:
@@ -183,49 +184,67 @@ def predict_split(
     parallel.check_batch_divisible(
         len(local['image']) * jax.process_count(), mesh.size, 'config.eval.batch_size'
     )
-    batch = parallel.global_batch(local, mesh)
-    batch_rng = jax.random.fold_in(base_rng, batch_number)
-    out = sample_fn(params, batch['image'], batch_rng, batch.get('depth'), batch.get('K'))
-    if diagnostics_fn is not None:
-      out = dict(out, **diagnostics_fn(params, batch['image'], batch_rng, batch.get('depth')))
-    host = _to_host(
-        {
-            'out': out,
-            'batch': {
-                k: batch[k]
-                for k in ('index', 'valid', 'verts', 'joints3d', 'root', 'is_right', 'image', 'K')
-                if k in batch
-            },
-        }
+    host = _sample_batch(
+        parallel.global_batch(local, mesh),
+        jax.random.fold_in(base_rng, batch_number),
+        params,
+        sample_fn,
+        diagnostics_fn,
     )
-    out, gt = host['out'], host['batch']
-    if overlay_batch is None:
-      overlay_batch = host
-    if 'vertices_camera' in out:
-      verts_cam, joints_cam = out['vertices_camera'], out['joints_camera']
-    else:
-      root_from = 'gt_root'
-      verts_cam = out['vertices'] + gt['root'][:, None]
-      joints_cam = out['joints'] + gt['root'][:, None]
-    if 'is_right' in gt:
-      mirror = np.where(gt['is_right'][:, None, None] == 0, -1.0, 1.0)
-      unmirror = np.concatenate([mirror, np.ones_like(mirror), np.ones_like(mirror)], axis=-1)
-      verts_cam, joints_cam = verts_cam * unmirror, joints_cam * unmirror
-    keep = np.asarray(gt['valid']) > 0
-    rows.append(
-        {
-            'index': gt['index'][keep],
-            'verts': out['vertices'][keep],
-            'joints': out['joints'][keep],
-            'verts_camera': verts_cam[keep],
-            'joints_camera': joints_cam[keep],
-            'vertex_std': out['vertex_std'][keep],
-            **({'hypotheses': out['hypotheses'][keep]} if keep_hypotheses else {}),
-            'gt_verts': gt['verts'][keep],
-            'gt_joints': gt['joints3d'][keep],
-            **{k: out[k][keep] for k in ('onestep_joints', 'aux_joints') if k in out},
-        }
-    )
+    overlay_batch = overlay_batch or host
+    row, has_camera = _valid_rows(host['out'], host['batch'], keep_hypotheses)
+    root_from = root_from if has_camera else 'gt_root'
+    rows.append(row)
+  merged = _merge_rows(rows)
+  merged['root_from'] = root_from
+  merged['overlay_batch'] = overlay_batch
+  merged['faces'] = np.asarray(procedural_mano.load_hand_model(config).faces)  # for roughness
+  return merged
+
+
+def _sample_batch(batch, rng, params, sample_fn, diagnostics_fn) -> dict:
+  """One global batch through the sampler (and diagnostics): {'out', 'batch'} on the host."""
+  out = sample_fn(params, batch['image'], rng, batch.get('depth'), batch.get('K'))
+  if diagnostics_fn is not None:
+    out = dict(out, **diagnostics_fn(params, batch['image'], rng, batch.get('depth')))
+  kept = ('index', 'valid', 'verts', 'joints3d', 'root', 'is_right', 'image', 'K')
+  return _to_host({'out': out, 'batch': {k: batch[k] for k in kept if k in batch}})
+
+
+def _valid_rows(out: dict, gt: dict, keep_hypotheses: bool):
+  """(the batch's valid examples as `predict_split` rows, whether the camera placed the root).
+
+  Camera-frame outputs come from the predicted camera and the crop's intrinsics when the
+  sampler had them, else from the true root; left hands are mirrored back.
+  """
+  has_camera = 'vertices_camera' in out
+  if has_camera:
+    verts_cam, joints_cam = out['vertices_camera'], out['joints_camera']
+  else:
+    verts_cam = out['vertices'] + gt['root'][:, None]
+    joints_cam = out['joints'] + gt['root'][:, None]
+  if 'is_right' in gt:
+    mirror = np.where(gt['is_right'][:, None, None] == 0, -1.0, 1.0)
+    unmirror = np.concatenate([mirror, np.ones_like(mirror), np.ones_like(mirror)], axis=-1)
+    verts_cam, joints_cam = verts_cam * unmirror, joints_cam * unmirror
+  keep = np.asarray(gt['valid']) > 0
+  row = {
+      'index': gt['index'][keep],
+      'verts': out['vertices'][keep],
+      'joints': out['joints'][keep],
+      'verts_camera': verts_cam[keep],
+      'joints_camera': joints_cam[keep],
+      'vertex_std': out['vertex_std'][keep],
+      **({'hypotheses': out['hypotheses'][keep]} if keep_hypotheses else {}),
+      'gt_verts': gt['verts'][keep],
+      'gt_joints': gt['joints3d'][keep],
+      **{k: out[k][keep] for k in ('onestep_joints', 'aux_joints') if k in out},
+  }
+  return row, has_camera
+
+
+def _merge_rows(rows: list) -> dict:
+  """The batches' rows concatenated and sorted by example index (each index exactly once)."""
   if not rows or not sum(len(r['index']) for r in rows):
     raise ValueError('the evaluation split yielded no valid examples')
   merged = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
@@ -235,11 +254,7 @@ def predict_split(
         'evaluation examples repeat an index: the eval iterator '
         'must cover the split exactly once'
     )
-  merged = {k: v[order] for k, v in merged.items()}
-  merged['root_from'] = root_from
-  merged['overlay_batch'] = overlay_batch
-  merged['faces'] = np.asarray(procedural_mano.load_hand_model(config).faces)  # for roughness
-  return merged
+  return {k: v[order] for k, v in merged.items()}
 
 
 def num_samples_per_image(config: ml_collections.ConfigDict) -> int:
@@ -324,77 +339,24 @@ def evaluate(
   scored = batches.has_targets
   scores = score_predictions(predictions) if scored else {}
   if scored and config.data.name == 'dexycb':
-    # The DexYCB protocol written out: wrist-aligned MPJPE / MPVPE and Procrustes-aligned
-    # errors (datasets/dexycb/evaluation.py); predictions and targets are root-relative.
-    scores.update(
-        {
-            f'dexycb_{k}': v
-            for k, v in dexycb_evaluation.dexycb_metrics(
-                predictions['joints'],
-                predictions['verts'],
-                predictions['gt_joints'],
-                predictions['gt_verts'],
-            ).items()
-        }
-    )
+    scores.update(_dexycb_scores(predictions))
   is_writer = jax.process_index() == 0
   pred_json = None
   if workdir is not None and is_writer:
     if write_predictions is None:
       write_predictions = step is None or not scored
     out_dir = os.path.join(workdir, 'eval', '' if step is None else f'step_{step}')
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-      json.dump(
-          dict(
-              scores,
-              num_examples=num_examples,
-              scored=scored,
-              step=step if step is not None else checkpoint_step,
-              frame='root-relative (wrist = 0)',
-              pred_json_root=predictions['root_from'],
-              tta_angles=list(config.eval.tta_angles),
-              num_sampling_steps=int(config.sampling.num_sampling_steps),
-              num_hypotheses=int(config.sampling.num_hypotheses),
-              noise_scale=float(config.sampling.get('noise_scale', 1.0)),
-          ),
-          f,
-          indent=2,
-      )
-    if scored:
-      metrics_lib.write_scores_txt(os.path.join(out_dir, 'scores.txt'), scores)
-    if write_predictions:
-      pred_json = os.path.join(out_dir, 'pred.json')
-      metrics_lib.write_pred_json(
-          pred_json, predictions['joints_camera'], predictions['verts_camera']
-      )
-      if num_samples_per_image(config) > 1:
-        write_uncertainty(os.path.join(out_dir, UNCERTAINTY_FILE), predictions)
-      if config.data.name == 'ho3d':
-        # The online server's format: HO-3D joint order, OpenGL frame, zipped pred.json.
-        ho3d_reader.write_submission(
-            os.path.join(out_dir, 'pred_ho3d.zip'),
-            predictions['joints_camera'],
-            predictions['verts_camera'],
-        )
+    pred_json = _write_outputs(
+        out_dir,
+        config,
+        predictions,
+        scores,
+        scored,
+        write_predictions,
+        step if step is not None else checkpoint_step,
+    )
   if is_writer:
-    at_step = '' if step is None else f' at step {step}'
-    if scored:
-      print(
-          f'Evaluation{at_step} on {num_examples} examples:\n'
-          + metrics_lib.format_table(scores)
-          + '\n'
-          + format_diagnostics(scores),
-          flush=True,
-      )
-    else:
-      where = f'; predictions written to {pred_json}' if pred_json else ''
-      print(
-          f'Evaluation{at_step}: the evaluation split has no ground truth '
-          f'(no annotation files), so its {num_examples} predictions are not '
-          f'scored{where}.',
-          flush=True,
-      )
+    _print_summary(scores, scored, num_examples, step, pred_json)
   if writer is not None and step is not None:
     if scores:
       writer.scalars(step, scores)
@@ -402,6 +364,79 @@ def evaluate(
     if len(images):
       writer.images(step, {'overlays': images})
   return scores
+
+
+def _dexycb_scores(predictions: dict) -> dict:
+  """The DexYCB protocol written out: wrist-aligned MPJPE / MPVPE and Procrustes-aligned errors
+  (datasets/dexycb/evaluation.py), prefixed 'dexycb_'; predictions and targets root-relative."""
+  found = dexycb_evaluation.dexycb_metrics(
+      predictions['joints'],
+      predictions['verts'],
+      predictions['gt_joints'],
+      predictions['gt_verts'],
+  )
+  return {f'dexycb_{k}': v for k, v in found.items()}
+
+
+def _write_outputs(out_dir, config, predictions, scores, scored, write_predictions, step):
+  """metrics.json, scores.txt (scored splits) and, when asked, pred.json (+ uncertainty.npz
+  with K > 1, HO-3D's submission zip) under `out_dir`. Returns pred.json's path or None."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
+    json.dump(
+        dict(
+            scores,
+            num_examples=int(len(predictions['index'])),
+            scored=scored,
+            step=step,
+            frame='root-relative (wrist = 0)',
+            pred_json_root=predictions['root_from'],
+            tta_angles=list(config.eval.tta_angles),
+            num_sampling_steps=int(config.sampling.num_sampling_steps),
+            num_hypotheses=int(config.sampling.num_hypotheses),
+            noise_scale=float(config.sampling.get('noise_scale', 1.0)),
+            smoothing_iterations=int(config.sampling.get('smoothing_iterations', 0)),
+        ),
+        f,
+        indent=2,
+    )
+  if scored:
+    metrics_lib.write_scores_txt(os.path.join(out_dir, 'scores.txt'), scores)
+  if not write_predictions:
+    return None
+  pred_json = os.path.join(out_dir, 'pred.json')
+  metrics_lib.write_pred_json(pred_json, predictions['joints_camera'], predictions['verts_camera'])
+  if num_samples_per_image(config) > 1:
+    write_uncertainty(os.path.join(out_dir, UNCERTAINTY_FILE), predictions)
+  if config.data.name == 'ho3d':
+    # The online server's format: HO-3D joint order, OpenGL frame, zipped pred.json.
+    ho3d_reader.write_submission(
+        os.path.join(out_dir, 'pred_ho3d.zip'),
+        predictions['joints_camera'],
+        predictions['verts_camera'],
+    )
+  return pred_json
+
+
+def _print_summary(scores, scored, num_examples, step, pred_json):
+  """The evaluation's table (or why nothing was scored) on stdout."""
+  at_step = '' if step is None else f' at step {step}'
+  if scored:
+    print(
+        f'Evaluation{at_step} on {num_examples} examples:\n'
+        + metrics_lib.format_table(scores)
+        + '\n'
+        + format_diagnostics(scores),
+        flush=True,
+    )
+    return
+  where = f'; predictions written to {pred_json}' if pred_json else ''
+  print(
+      f'Evaluation{at_step}: the evaluation split has no ground truth '
+      f'(no annotation files), so its {num_examples} predictions are not '
+      f'scored{where}.',
+      flush=True,
+  )
 
 
 def format_diagnostics(scores: dict) -> str:

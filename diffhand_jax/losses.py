@@ -118,36 +118,8 @@ def normal_consistency_loss(pred_verts, gt_verts, faces, valid):
   return _weighted_batch_mean(jnp.mean(cosines, axis=(1, 2)), valid)
 
 
-def one_ring_edges(faces, num_vertices: int):
-  """(senders, receivers, inverse degree): the mesh's directed edges, each undirected edge once
-  per direction, and 1 / (number of one-ring neighbours) per vertex (0 for an isolated one).
-
-  Static numpy arrays (E ~ 4,600 int32 pairs for MANO), so a compiled step holds a few kB.
-  """
-  faces = np.asarray(faces, np.int64)
-  pairs = np.concatenate([faces[:, [a, b]] for a, b in ((0, 1), (1, 2), (2, 0))])
-  pairs = np.concatenate([pairs, pairs[:, ::-1]])
-  pairs = np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)
-  degree = np.bincount(pairs[:, 1], minlength=num_vertices).astype(np.float32)
-  inverse = np.where(degree > 0, 1.0 / np.maximum(degree, 1.0), 0.0).astype(np.float32)
-  return pairs[:, 0].astype(np.int32), pairs[:, 1].astype(np.int32), inverse
-
-
-def umbrella_laplacian(verts: jax.Array, faces) -> jax.Array:
-  """v minus the mean of its one-ring neighbours, per vertex: [B, N, 3] -> [B, N, 3].
-
-  The uniform (umbrella) Laplacian whose length metrics.roughness averages; zero for an
-  isolated vertex's neighbour mean (it then returns v itself).
-  """
-  senders, receivers, inverse = one_ring_edges(faces, verts.shape[1])
-  sums = jax.vmap(
-      lambda v: jax.ops.segment_sum(v[senders], receivers, num_segments=verts.shape[1])
-  )(verts)
-  return verts - sums * inverse[None, :, None]
-
-
 def laplacian_loss(pred_verts, gt_verts, faces, valid):
-  """L_lap = mean over vertices of ||L(pred) - L(gt)||^2 (L: `umbrella_laplacian`).
+  """L_lap = mean over vertices of ||L(pred) - L(gt)||^2 (L: `mesh.umbrella_laplacian`).
 
   A surface term: the predicted mesh must have the true mesh's local shape, which the
   per-vertex L_x0 leaves to chance (each vertex's error can differ from its neighbours').
@@ -161,7 +133,8 @@ def laplacian_loss(pred_verts, gt_verts, faces, valid):
   Returns:
     scalar.
   """
-  difference = umbrella_laplacian(pred_verts, faces) - umbrella_laplacian(gt_verts, faces)
+  laplacian = lambda verts: mesh.umbrella_laplacian(verts, faces)
+  difference = laplacian(pred_verts) - laplacian(gt_verts)
   return _weighted_batch_mean(jnp.mean(jnp.sum(jnp.square(difference), -1), -1), valid)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from diffhand_jax import checks
 from diffhand_jax import diffusion
+from diffhand_jax import mesh
 from diffhand_jax.models import diffhand
 
 AGGREGATES = ('mean', 'medoid')
@@ -162,8 +163,23 @@ def aggregate_hypotheses(hypotheses: jax.Array, aggregate: str = 'mean') -> jax.
   return jnp.take_along_axis(hypotheses, best[:, None, None, None], axis=1)[:, 0]
 
 
-def _summarise(model, hypotheses, camera, aggregate, intrinsics, image_size):
-  """Root-centres the hypotheses, aggregates them and adds joints (and camera placement)."""
+def _check_smoothing(model, smoothing_iterations):
+  if not isinstance(smoothing_iterations, (int, np.integer)) or smoothing_iterations < 0:
+    raise ValueError(f'smoothing_iterations must be an integer >= 0, got {smoothing_iterations!r}')
+  if smoothing_iterations and model.faces is None:
+    raise ValueError(
+        "smoothing_iterations > 0 needs a model built with the hand's faces "
+        '(models.build_model gives them)'
+    )
+
+
+def _summarise(
+    model, hypotheses, camera, aggregate, intrinsics, image_size, smoothing_iterations=0
+):
+  """Smooths and root-centres the hypotheses, aggregates them and adds joints (and camera
+  placement)."""
+  if smoothing_iterations:
+    hypotheses = mesh.taubin_smooth(hypotheses, model.faces.array, smoothing_iterations)
   regressor = jnp.asarray(model.joint_regressor.array)
   # The decoder's mesh is root-relative only approximately; centring it on its own regressed
   # wrist makes joint 0 exactly zero, as in the ground truth.
@@ -198,6 +214,7 @@ def sample(
     eta: float = 0.0,
     intrinsics: Optional[jax.Array] = None,
     noise_scale: float = 1.0,
+    smoothing_iterations: int = 0,
 ) -> dict:
   """Reconstructs hand meshes: encoder once, DDIM with `num_sampling_steps` decoder steps.
 
@@ -215,6 +232,8 @@ def sample(
     noise_scale: standard deviation of the starting noise x_T (training saw 1; larger values
       spread the hypotheses, an experiment of benchmarks/uncertainty.py; smaller ones, a
       sampling temperature, start nearer the centre of the prior; 0 starts at x_T = 0).
+    smoothing_iterations: Taubin lambda|mu passes over each hypothesis (`mesh.taubin_smooth`;
+      static; 0 = none): removes the decoder's per-vertex output noise (issue 36).
 
   Returns:
     dict with 'vertices' [B, N, 3] and 'joints' [B, 21, 3] (metres, root-relative: joint 0 is
@@ -224,10 +243,13 @@ def sample(
   """
   _check_options(model, images, depth, intrinsics, num_sampling_steps, num_hypotheses, aggregate)
   _check_noise_scale(noise_scale)
+  _check_smoothing(model, smoothing_iterations)
   hypotheses, camera = _hypotheses(
       model, params, images, rng, num_sampling_steps, num_hypotheses, depth, eta, noise_scale
   )
-  return _summarise(model, hypotheses, camera, aggregate, intrinsics, images.shape[1])
+  return _summarise(
+      model, hypotheses, camera, aggregate, intrinsics, images.shape[1], smoothing_iterations
+  )
 
 
 # ---- Test-time augmentation ----
@@ -286,6 +308,7 @@ def tta_sample(
     eta: float = 0.0,
     intrinsics: Optional[jax.Array] = None,
     noise_scale: float = 1.0,
+    smoothing_iterations: int = 0,
 ) -> dict:
   """`sample` with test-time rotation augmentation.
 
@@ -307,6 +330,7 @@ def tta_sample(
     raise ValueError('tta_sample needs at least one angle')
   _check_options(model, images, depth, intrinsics, num_sampling_steps, num_hypotheses, aggregate)
   _check_noise_scale(noise_scale)
+  _check_smoothing(model, smoothing_iterations)
   batch = images.shape[0]
   rotated = jnp.concatenate([rotate_images(images, a) for a in angles])
   rotated_depth = None
@@ -333,4 +357,6 @@ def tta_sample(
   camera = camera.reshape(len(angles), batch, 3)
   translation = jnp.einsum('aij,abj->abi', undo, camera[..., 1:])
   camera = jnp.mean(jnp.concatenate([camera[..., :1], translation], axis=-1), axis=0)
-  return _summarise(model, hypotheses, camera, aggregate, intrinsics, images.shape[1])
+  return _summarise(
+      model, hypotheses, camera, aggregate, intrinsics, images.shape[1], smoothing_iterations
+  )

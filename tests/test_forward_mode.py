@@ -80,3 +80,25 @@ def test_sample_runs_the_plain_path_for_a_model_built_with_cpu_kernels():
   _, tangent = jax.jvp(vertices, (images,), (direction,))
   assert float(jnp.linalg.norm(tangent)) > 1e-6
   _assert_adjoint(vertices, images, direction, tangent)
+
+
+def test_sample_smooths_its_meshes_when_asked():
+  from diffhand_jax import metrics, procedural_mano  # pylint: disable=g-import-not-at-top
+
+  config = _cpu_config()
+  model = build_model(config)
+  images = jax.random.normal(jax.random.key(0), (2, IMAGE_SIZE, IMAGE_SIZE, 3))
+  params = init_params(model, jax.random.key(1), images)
+  faces = np.asarray(procedural_mano.load_hand_model(config).faces)
+  run = lambda n: sampling.sample(
+      model, params, images, jax.random.key(3), num_sampling_steps=1, smoothing_iterations=n
+  )
+  raw, smooth = run(0), run(1)
+  assert np.all(
+      metrics.roughness(smooth['vertices'], faces) < metrics.roughness(raw['vertices'], faces)
+  )
+  np.testing.assert_allclose(smooth['joints'][:, 0], 0.0, atol=1e-6)  # still root-relative
+  with np.testing.assert_raises_regex(ValueError, 'faces'):
+    sampling.sample(
+        model.clone(faces=None), params, images, jax.random.key(3), smoothing_iterations=1
+    )

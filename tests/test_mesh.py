@@ -165,3 +165,22 @@ def test_writers_reject_bad_input(tmp_path, writer):
     writer(tmp_path / 'a', np.zeros((3, 3)), np.array([[0, 1, 3]]))
   with pytest.raises(ValueError, match='vertices'):
     writer(tmp_path / 'a', np.zeros((3, 2)), np.array([[0, 1, 2]]))
+
+
+def test_taubin_smoothing_matches_the_dense_one_ring_form():
+  from diffhand_jax import metrics, procedural_mano  # pylint: disable=g-import-not-at-top
+
+  hand = procedural_mano.procedural_hand(0)
+  faces = np.asarray(hand.faces)
+  rng = np.random.default_rng(0)
+  verts = hand.v_template[None] + rng.normal(scale=0.002, size=(2, 778, 3))  # a rough hand
+  ring_mean = metrics.one_ring_mean_matrix(faces)  # independent: a dense [V, V] matrix
+  want = verts.copy()
+  for _ in range(2):
+    for factor in (0.5, -0.53):
+      want = want + factor * (np.einsum('uv,nvd->nud', ring_mean, want) - want)
+  got = np.asarray(mesh.taubin_smooth(jnp.asarray(verts, jnp.float32), faces, 2))
+  np.testing.assert_allclose(got, want, atol=2e-6)
+  assert np.all(metrics.roughness(got, faces) < 0.6 * metrics.roughness(verts, faces))
+  zero = jnp.asarray(verts, jnp.float32)
+  np.testing.assert_array_equal(mesh.taubin_smooth(zero, faces, 0), zero)

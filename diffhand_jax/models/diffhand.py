@@ -121,6 +121,7 @@ class DiffHand(nn.Module):
     dtype: computation dtype of the camera and auxiliary heads.
     image_size: S of the [B, S, S, 3] crops the model is built for (config.data.image_size);
       `sampling.sample` refuses other sizes. None: not recorded (any size).
+    faces: [F, 3] the hand model's triangles (for `sampling.sample`'s mesh smoothing), or None.
   """
 
   encoder: nn.Module
@@ -133,6 +134,7 @@ class DiffHand(nn.Module):
   aux_head: Optional[nn.Module] = None
   dtype: Any = jnp.float32
   image_size: Optional[int] = None
+  faces: Optional[StaticArray] = None
 
   @property
   def num_points(self) -> int:
@@ -230,11 +232,15 @@ def build_model(config) -> DiffHand:
   encoder = encoder_lib.build_encoder(
       config.model, compute_dtype(config.model.dtype), int(config.data.image_size)
   )
-  return assemble_model(config, encoder, hand.v_template, regressor)
+  return assemble_model(config, encoder, hand.v_template, regressor, hand.faces)
 
 
 def assemble_model(
-    config, encoder: nn.Module, template: np.ndarray, joint_regressor: np.ndarray
+    config,
+    encoder: nn.Module,
+    template: np.ndarray,
+    joint_regressor: np.ndarray,
+    faces: Optional[np.ndarray] = None,
 ) -> DiffHand:
   """DiffHand from explicit parts (what `build_model` uses; tests pass stand-ins).
 
@@ -247,6 +253,7 @@ def assemble_model(
     encoder: (images, depth=None) -> (tokens [B,P,D], embedding [B,D]) module.
     template: [N, 3] template vertices (for farthest point sampling).
     joint_regressor: [21, N] joints = R @ vertices.
+    faces: optional [F, 3] triangles of the template (for smoothing in `sampling.sample`).
 
   Returns:
     The DiffHand module.
@@ -286,6 +293,7 @@ def assemble_model(
       aux_head=(JointHead(joint_regressor.shape[0], dtype) if config.model.aux_head else None),
       dtype=dtype,
       image_size=int(config.data.image_size),
+      faces=None if faces is None else StaticArray(np.asarray(faces, np.int32)),
   )
 
 
