@@ -123,7 +123,8 @@ def test_x0_loss_by_timestep_matches_a_loop():
 
 def test_the_progress_line_fits_a_terminal(capsys):
   """The DiffHand progress line: step, steps/s, ETA, loss, lr and train.WATCH, <= 160 chars."""
-  config, _, loss_fn, params = model_and_loss('cross_modality', True)
+  # The variant and batch of test_loss_terms[True]: the compiled loss is shared.
+  config, _, loss_fn, params = model_and_loss('vanilla', True)
   batch = jax.tree.map(jnp.asarray, fake_batch(config, 0))
   keys = train_step_lib.example_keys(jax.random.PRNGKey(1), 0, BATCH)
   _, aux = jax.jit(loss_fn)(params, batch, keys)
@@ -143,7 +144,7 @@ def test_loss_terms(use_diffusion):
   keys = train_step_lib.example_keys(jax.random.PRNGKey(1), 0, BATCH)
   loss, aux = jax.jit(loss_fn)(params, batch, keys)
   assert np.isfinite(float(loss))
-  # Both variants get the same terms (DESIGN §3); only diffusion logs x0 by timestep.
+  # Both variants get the same terms (make_loss_fn); only diffusion logs x0 by timestep.
   assert ('loss_x0_tmax' in aux) is use_diffusion
   weights = config.loss
   expected = (
