@@ -77,8 +77,11 @@ def main():
   parser.add_argument('--batch_size', type=int, default=64)
   parser.add_argument('--taubin', default='1,2,4,8')
   parser.add_argument('--steps', type=int, default=10, help="the sampler's DDIM steps")
-  parser.add_argument('--timesteps', default=','.join(map(str, TIMESTEPS)),
-                      help="t of the decoder's one-pass rows ('' = none)")
+  parser.add_argument(
+      '--timesteps',
+      default=','.join(map(str, TIMESTEPS)),
+      help="t of the decoder's one-pass rows ('' = none)",
+  )
   parser.add_argument('--json', default='')
   args = parser.parse_args()
   if args.seed == 0:
@@ -126,24 +129,40 @@ def main():
   roughness_gt = float(np.mean(metrics.roughness(gt, faces))) * 1000
   rows = [row_of('truth', gt, gt, regressor, faces, roughness_gt)]
   for t in timesteps:
-    rows.append(row_of(f'f(q(x0_true, t={t}), t)', np.concatenate(by_t[t]), gt, regressor,
-                       faces, roughness_gt))
+    rows.append(
+        row_of(
+            f'f(q(x0_true, t={t}), t)', np.concatenate(by_t[t]), gt, regressor, faces, roughness_gt
+        )
+    )
   sampled = np.concatenate(sampled)
   rows.append(row_of(sampler, sampled, gt, regressor, faces, roughness_gt))
   for n in (int(i) for i in args.taubin.split(',') if i):
-    rows.append(row_of(f'{sampler} + Taubin x{n}', taubin(sampled, ring_mean, n), gt,
-                       regressor, faces, roughness_gt))
-    rows.append(row_of(f'truth + Taubin x{n}', taubin(gt, ring_mean, n), gt, regressor, faces,
-                       roughness_gt))
+    rows.append(
+        row_of(
+            f'{sampler} + Taubin x{n}',
+            taubin(sampled, ring_mean, n),
+            gt,
+            regressor,
+            faces,
+            roughness_gt,
+        )
+    )
+    rows.append(
+        row_of(f'truth + Taubin x{n}', taubin(gt, ring_mean, n), gt, regressor, faces, roughness_gt)
+    )
   for row in rows:
     print(json.dumps(row), flush=True)
   print(f'\n{len(gt)} hands of seed {args.seed}; true roughness {roughness_gt:.3f} mm\n')
-  print('| input | roughness mm (× true) | error-field roughness mm | MPVPE | PA-MPVPE | PA-MPJPE |')
+  print(
+      '| input | roughness mm (× true) | error-field roughness mm | MPVPE | PA-MPVPE | PA-MPJPE |'
+  )
   print('|---|---|---|---|---|---|')
   for r in rows:
-    print(f'| {r["name"]} | {r["roughness"]:.3f} ({r["roughness_ratio"]:.3f}) |'
-          f' {r["error_field_roughness"]:.3f} | {r["mpvpe"]:.2f} | {r["pa_mpvpe"]:.2f} |'
-          f' {r["pa_mpjpe"]:.2f} |')
+    print(
+        f'| {r["name"]} | {r["roughness"]:.3f} ({r["roughness_ratio"]:.3f}) |'
+        f' {r["error_field_roughness"]:.3f} | {r["mpvpe"]:.2f} | {r["pa_mpvpe"]:.2f} |'
+        f' {r["pa_mpjpe"]:.2f} |'
+    )
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'seed': args.seed, 'hands': len(gt), 'rows': rows}, f, indent=1)

@@ -88,8 +88,19 @@ def parse_variants(text):
   return out
 
 
-def custom_timesteps_sample(model, params, images, rng, *, timesteps, num_hypotheses, eta,
-                            noise_scale, depth=None, intrinsics=None):
+def custom_timesteps_sample(
+    model,
+    params,
+    images,
+    rng,
+    *,
+    timesteps,
+    num_hypotheses,
+    eta,
+    noise_scale,
+    depth=None,
+    intrinsics=None,
+):
   """`sampling.sample` with an explicit descending timestep sequence (same noise use)."""
   variables = {'params': params}
   batch, k, n = images.shape[0], num_hypotheses, model.num_points
@@ -228,8 +239,12 @@ def run_variant(config, params, model, name, options):
     mean_joints = np.einsum('jn,bnd->bjd', regressor, hypotheses.mean(axis=1))
     gap2 = np.mean(np.sum((mean_joints - onestep) ** 2, -1))
     diag['mean_to_onestep_rms_mm'] = float(np.sqrt(gap2)) * 1000
-    diag['mean_rms_error_mm'] = float(np.sqrt(np.mean(np.sum((mean_joints - gt_joints) ** 2, -1)))) * 1000
-    diag['onestep_rms_error_mm'] = float(np.sqrt(np.mean(np.sum((onestep - gt_joints) ** 2, -1)))) * 1000
+    diag['mean_rms_error_mm'] = (
+        float(np.sqrt(np.mean(np.sum((mean_joints - gt_joints) ** 2, -1)))) * 1000
+    )
+    diag['onestep_rms_error_mm'] = (
+        float(np.sqrt(np.mean(np.sum((onestep - gt_joints) ** 2, -1)))) * 1000
+    )
     if num_k > 1:
       hyp_joints = np.einsum('jn,bknd->bkjd', regressor, hypotheses)
       spread2 = np.mean(np.sum((hyp_joints - mean_joints[:, None]) ** 2, -1))

@@ -87,9 +87,7 @@ def test_eval_of_a_checkpoint_from_another_topology(labelled, capsys, caplog):
   )
   # Every evaluation reports the meshes' roughness beside the ground truth's (issue 36).
   assert metrics['roughness'] > 0 and metrics['roughness_gt'] > 0
-  assert metrics['roughness_ratio'] == pytest.approx(
-      metrics['roughness'] / metrics['roughness_gt']
-  )
+  assert metrics['roughness_ratio'] == pytest.approx(metrics['roughness'] / metrics['roughness_gt'])
   with open(os.path.join(workdir, 'eval', 'pred.json')) as f:
     xyz, verts = json.load(f)
   assert np.shape(xyz) == (NUM_EVAL, 21, 3) and np.shape(verts) == (NUM_EVAL, 778, 3)

@@ -380,7 +380,12 @@ def _grid_mesh(side, spacing=1.0):
   faces = []
   for a in range(side - 1):
     for b in range(side - 1):
-      v00, v01, v10, v11 = a * side + b, a * side + b + 1, (a + 1) * side + b, (a + 1) * side + b + 1
+      v00, v01, v10, v11 = (
+          a * side + b,
+          a * side + b + 1,
+          (a + 1) * side + b,
+          (a + 1) * side + b + 1,
+      )
       faces += [(v00, v10, v11), (v00, v11, v01)]
   return verts, np.array(faces)
 
@@ -411,9 +416,7 @@ def test_roughness_closed_forms():
   # Regular octahedron of radius r: the 4 neighbours of each vertex average to the centre.
   r = 0.03
   octahedron = np.array([(1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)]) * r
-  octahedron_faces = np.array(
-      [(a, b, c) for a in (0, 1) for b in (2, 3) for c in (4, 5)]
-  )
+  octahedron_faces = np.array([(a, b, c) for a in (0, 1) for b in (2, 3) for c in (4, 5)])
   assert metrics.roughness(octahedron[None], octahedron_faces)[0] == pytest.approx(r, rel=1e-12)
   # A flat regular grid: every interior vertex sits at the mean of its one-ring.
   side = 9
