@@ -18,10 +18,11 @@ def test_smoke_train_eval_predict(tmp_path):
       f'--workdir={workdir}',
       f'--config.data.tfds_data_dir={tmp_path / "tfds"}',
       f'--compilation_cache={tmp_path / "xla"}',
+      '--config.train.step_cache=True',  # a CPU tool, off by default: exercised here
   ]
 
   out = launch(*common, '--mode=train')
-  # The lowered train step is kept beside the compilation cache (step_cache.py).
+  # With the step cache on, the lowered train step is kept beside the compilation cache.
   (exported,) = os.listdir(tmp_path / 'xla' / 'exported')
   assert f'Train step traced and saved to {tmp_path / "xla" / "exported" / exported}' in out
   # Progress lines for each of the 4 steps, then the final evaluation.

@@ -128,7 +128,13 @@ def test_eval_writes_vertex_std_of_the_hypotheses_in_pred_json_order(evaluated):
   # The hypotheses again, here: the same batches and keys as the evaluation, one device.
   sample = jax.jit(
       lambda images, rng: sampling.sample(
-          model, params, images, rng, num_sampling_steps=2, num_hypotheses=NUM_HYPOTHESES
+          model,
+          params,
+          images,
+          rng,
+          num_sampling_steps=2,
+          num_hypotheses=NUM_HYPOTHESES,
+          smoothing_iterations=int(config.sampling.smoothing_iterations),
       )
   )
   expected_std, expected_mean = {}, {}
