@@ -110,7 +110,12 @@ def umbrella_laplacian(verts: jax.Array, faces) -> jax.Array:
   The uniform (umbrella) Laplacian whose length metrics.roughness averages; zero for an
   isolated vertex's neighbour mean (it then returns v itself).
   """
-  senders, receivers, inverse = one_ring_edges(faces, verts.shape[1])
+  return _laplacian(verts, one_ring_edges(faces, verts.shape[1]))
+
+
+def _laplacian(verts: jax.Array, edges) -> jax.Array:
+  """`umbrella_laplacian` over precomputed `one_ring_edges`."""
+  senders, receivers, inverse = edges
   sums = jax.vmap(
       lambda v: jax.ops.segment_sum(v[senders], receivers, num_segments=verts.shape[1])
   )(verts)
@@ -133,9 +138,10 @@ def taubin_smooth(
   """
   lead = verts.shape[:-2]
   flat = verts.reshape((-1,) + verts.shape[-2:])
+  edges = one_ring_edges(faces, verts.shape[-2])  # once, not per pass
   for _ in range(int(iterations)):
     for factor in (lam, mu):
-      flat = flat - factor * umbrella_laplacian(flat, faces)
+      flat = flat - factor * _laplacian(flat, edges)
   return flat.reshape(lead + verts.shape[-2:])
 
 

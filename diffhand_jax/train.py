@@ -20,12 +20,8 @@ from diffhand_jax import procedural_mano
 from diffhand_jax import train_step as train_step_lib
 from diffhand_jax import weights
 
-# The generic loop, under the names callers used before it had a module of its own.
-from diffhand_jax.train_loop import PreemptionFlag  # noqa: F401
 from diffhand_jax.train_loop import Task
-from diffhand_jax.train_loop import check_finite  # noqa: F401
 from diffhand_jax.train_loop import run_training
-from diffhand_jax.train_loop import skip_nonfinite_updates  # noqa: F401
 
 # The progress line's numbers after loss and lr: the error at t = T - 1 (pure noise, only the
 # image tells the hand: whether the image is used) and the gradient norm.

@@ -40,8 +40,9 @@ def _toy_problem(rng, batch=3, num_points=12, num_joints=5):
   return pred_x0, camera, batch_dict, regressor, faces
 
 
-def _loss_fn(regressor, faces):
-  """compute_losses as a jitted (pred_x0, camera, batch, aux) -> (total, terms); jit for speed."""
+def _loss_fn(regressor, faces, weights=None):
+  """compute_losses as a jitted (pred_x0, camera, batch, aux) -> (total, terms); jit for speed.
+  `weights` default to _WEIGHTS."""
 
   def loss(pred_x0, camera, batch, aux_joints=None):
     outputs = {'x0': pred_x0, 'camera': camera}
@@ -53,7 +54,7 @@ def _loss_fn(regressor, faces):
         regressor=jnp.asarray(regressor),
         faces=faces,
         vertex_scale=_SCALE,
-        weights=_WEIGHTS,
+        weights=_WEIGHTS if weights is None else weights,
     )
 
   return jax.jit(loss)
@@ -289,15 +290,7 @@ def test_laplacian_term_only_with_a_positive_weight():
   _, terms = _loss(pred_x0, camera, batch, regressor, faces)
   assert 'loss_laplacian' not in terms
   weights = dict(_WEIGHTS, laplacian_weight=2.0)
-  outputs = {'x0': jnp.asarray(pred_x0), 'camera': jnp.asarray(camera)}
-  total, terms = losses.compute_losses(
-      outputs,
-      batch,
-      regressor=jnp.asarray(regressor),
-      faces=faces,
-      vertex_scale=_SCALE,
-      weights=weights,
-  )
+  total, terms = _loss_fn(regressor, faces, weights)(pred_x0, camera, batch)
   base, _ = _loss(pred_x0, camera, batch, regressor, faces)
   np.testing.assert_allclose(
       float(total), float(base) + 2.0 * float(terms['loss_laplacian']), rtol=1e-5
